@@ -1,0 +1,1 @@
+"""Runtime: model sources, backends, the denoise loop, clips, CLI, server."""

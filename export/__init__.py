@@ -1,0 +1,1 @@
+"""Export: torch -> ONNX -> TensorRT, with a content-addressed artifact cache."""
