@@ -1,0 +1,264 @@
+"""Model sources: a diffusers-format directory, a hub id, or a built-in random preset.
+
+``random:tiny`` builds tiny versions of Riffusion's classes (seconds on a CPU);
+``random:full`` builds Riffusion v1's exact architecture (Stable Diffusion 1.5 UNet,
+CLIP ViT-L/14 text encoder, AutoencoderKL) with seeded random weights. Random
+presets carry a byte-level CLIP tokenizer generated locally, so nothing is
+downloaded unless the user names a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "riffusion/riffusion-model-v1"
+RANDOM_PRESETS = ("random:tiny", "random:full")
+VAE_SCALING = 0.18215
+
+# Riffusion v1's scheduler (its checkpoint's scheduler_config.json).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass
+class Components:
+    """The pieces of a Riffusion pipeline, in torch."""
+
+    model_id: str  # what the user named
+    content_hash: str  # sha256 of the weights and configs
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler: Any
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a diffusers-format directory (Riffusion's checkpoint layout)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+            getattr(self, name).save_pretrained(path / name)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "unet": ["diffusers", type(self.unet).__name__],
+            "vae": ["diffusers", type(self.vae).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        return path
+
+
+def load_components(model: str = DEFAULT_MODEL, *, seed: int = 0) -> Components:
+    """Components from a preset name, a directory, or a hub id (downloaded through
+    huggingface_hub's cache; a clear error when offline with no cached copy)."""
+    if model.startswith("random:"):
+        if model not in RANDOM_PRESETS:
+            raise RiffusionError(f"unknown preset {model!r}; choose one of {', '.join(RANDOM_PRESETS)}")
+        return random_components(model.split(":", 1)[1], seed=seed)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _load_directory(path, model)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise RiffusionError(
+            f"model {model!r} is not a diffusers-format directory, a hub id (owner/name) "
+            f"or one of {', '.join(RANDOM_PRESETS)}"
+        )
+    return _load_directory(_hub_snapshot(model), model)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        log.info("%s is not in the local hub cache; downloading", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise RiffusionError(
+            f"model {repo_id!r} is not in the local cache and could not be downloaded "
+            f"({type(exc).__name__}); fetch it where there is network with "
+            f"`hf download {repo_id}` or pass a local diffusers-format directory"
+        ) from exc
+
+
+def _load_directory(path: Path, model_id: str) -> Components:
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [
+        name
+        for name in ("model_index.json", "tokenizer", "text_encoder", "unet", "vae", "scheduler")
+        if not (path / name).exists()
+    ]
+    if missing:
+        raise RiffusionError(f"model directory {str(path)!r} lacks {', '.join(missing)}")
+    try:
+        return Components(
+            model_id=model_id,
+            content_hash=directory_hash(path),
+            tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet").eval(),
+            vae=AutoencoderKL.from_pretrained(path / "vae").eval(),
+            scheduler=PNDMScheduler.from_pretrained(path / "scheduler"),
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise RiffusionError(f"cannot load model directory {str(path)!r}: {exc}") from exc
+
+
+def directory_hash(path: Path) -> str:
+    """sha256 over every file's relative path and content."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def state_hash(*modules: Any, extra: str = "") -> str:
+    """sha256 over the modules' configs and weights."""
+    digest = hashlib.sha256(extra.encode())
+    for module in modules:
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def random_components(size: str, *, seed: int = 0) -> Components:
+    """Seeded random weights in Riffusion's classes; ``size`` is ``tiny`` or ``full``."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = byte_level_tokenizer()
+    if size == "tiny":
+        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+        unet = dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=16,
+            sample_size=16,
+        )
+        vae = dict(
+            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=128
+        )
+    elif size == "full":
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        unet = dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            sample_size=64,
+        )
+        vae = dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512
+        )
+    else:
+        raise RiffusionError(f"unknown random preset size {size!r}; choose tiny or full")
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=text["hidden_size"],
+                **text,
+            )
+        ).eval()
+        unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet).eval()
+        vae_model = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=VAE_SCALING,
+            **vae,
+        ).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = PNDMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "trained_betas"})
+    name = f"random:{size}"
+    return Components(
+        model_id=name,
+        content_hash=state_hash(text_encoder, unet_model, vae_model, extra=f"{name}:{seed}"),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet_model,
+        vae=vae_model,
+        scheduler=scheduler,
+    )
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_level_tokenizer() -> Any:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (plain and
+    word-final) plus CLIP's special tokens, built locally; ids fit CLIP's 49408."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)

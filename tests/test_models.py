@@ -1,0 +1,73 @@
+"""Model sources: random presets, saving and loading a diffusers-format directory, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from riffusion_engine.engine.models import VAE_SCALING, load_components  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_components("random:tiny")
+
+
+def test_tiny_preset_is_seeded_and_riffusion_shaped(tiny) -> None:
+    again = load_components("random:tiny")
+    assert again.content_hash == tiny.content_hash
+    assert load_components("random:tiny", seed=1).content_hash != tiny.content_hash
+    assert tiny.vae.config.scaling_factor == VAE_SCALING
+    assert tiny.vae.config.latent_channels == 4
+    assert type(tiny.scheduler).__name__ == "PNDMScheduler"
+    ids = tiny.tokenizer("a funky beat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and int(ids[0, 0]) == tiny.tokenizer.bos_token_id
+    with torch.no_grad():
+        latents = torch.randn(1, 4, 8, 8)
+        assert tiny.vae.decode(latents).sample.shape == (1, 3, 64, 64)  # 8x, as Riffusion's VAE
+        hidden = tiny.text_encoder(ids)[0]
+        out = tiny.unet(torch.cat([latents] * 2), 10, encoder_hidden_states=torch.cat([hidden] * 2)).sample
+    assert out.shape == (2, 4, 8, 8)
+
+
+def test_saved_preset_loads_through_the_directory_path(tiny, tmp_path: Path) -> None:
+    tiny.save(tmp_path / "model")
+    loaded = load_components(str(tmp_path / "model"))
+    assert loaded.model_id == str(tmp_path / "model")
+    for name in ("text_encoder", "unet", "vae"):
+        ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.tokenizer("a funky beat").input_ids == tiny.tokenizer("a funky beat").input_ids
+    assert loaded.scheduler.config.steps_offset == 1
+    assert load_components(str(tmp_path / "model")).content_hash == loaded.content_hash
+
+
+def test_bad_model_sources(tmp_path: Path) -> None:
+    with pytest.raises(RiffusionError, match="unknown preset"):
+        load_components("random:huge")
+    with pytest.raises(RiffusionError, match="not a diffusers-format directory"):
+        load_components(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RiffusionError, match=r"lacks model_index\.json"):
+        load_components(str(tmp_path / "empty"))
+
+
+def test_offline_hub_id_without_cache_is_one_clear_error(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(RiffusionError, match="not in the local cache"):
+        load_components("nobody/no-such-model")
+
+
+@pytest.mark.slow
+def test_full_preset_has_riffusion_v1_architecture() -> None:
+    full = load_components("random:full")
+    assert tuple(full.unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert full.unet.config.cross_attention_dim == 768
+    assert full.text_encoder.config.hidden_size == 768 and full.text_encoder.config.num_hidden_layers == 12
+    assert sum(p.numel() for p in full.unet.parameters()) == pytest.approx(859.5e6, rel=0.01)
