@@ -9,13 +9,7 @@ import numpy as np
 from . import xp as xpm
 from .audio import normalize_like_riffusion, prepare_audio, spectrogram_from_waveform
 from .griffin_lim import GriffinLimOptions, waveform_from_mel
-from .image import (
-    check_image_size,
-    image_from_spectrogram,
-    params_from_image,
-    pixels_from_image,
-    spectrogram_from_pixels,
-)
+from .image import image_from_spectrogram, spectrogram_from_image
 from .params import SpectrogramParams
 from .xp import Device
 
@@ -52,9 +46,5 @@ def audio_from_image(
 ) -> tuple[np.ndarray, int]:
     """int16 audio ``(channels, samples)`` and its sample rate from a spectrogram
     image; parameters and max value from its EXIF unless ``params`` is given."""
-    params, max_value = params_from_image(image, params)
-    pixels = pixels_from_image(image)
-    check_image_size(pixels.shape, params)
-    xp = xpm.get_xp(device)
-    mel = spectrogram_from_pixels(xp.asarray(pixels), params, max_value=max_value, xp=xp)
+    mel, params = spectrogram_from_image(image, params, xp=xpm.get_xp(device))
     return audio_from_spectrogram(mel, params, options, device=device), params.sample_rate
