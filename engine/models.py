@@ -22,7 +22,6 @@ from riffusion_engine.kernels.errors import RiffusionError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "riffusion/riffusion-model-v1"
-RANDOM_PRESETS = ("random:tiny", "random:full")
 VAE_SCALING = 0.18215
 
 # Riffusion v1's scheduler (its checkpoint's scheduler_config.json).
@@ -36,6 +35,43 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+
+
+# (text encoder, UNet, VAE) configuration of each random preset. "full" is Riffusion
+# v1's architecture: Stable Diffusion 1.5's UNet, CLIP ViT-L/14's text encoder, its VAE.
+_PRESET_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "tiny": (
+        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=16,
+            sample_size=16,
+        ),
+        dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=128),
+    ),
+    "full": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            sample_size=64,
+        ),
+        dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512
+        ),
+    ),
+}
+RANDOM_PRESETS = tuple(f"random:{size}" for size in _PRESET_CONFIGS)
 
 
 @dataclass
@@ -161,39 +197,10 @@ def random_components(size: str, *, seed: int = 0) -> Components:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if size not in _PRESET_CONFIGS:
+        raise RiffusionError(f"unknown random preset size {size!r}; choose {' or '.join(_PRESET_CONFIGS)}")
+    text, unet, vae = _PRESET_CONFIGS[size]
     tokenizer = byte_level_tokenizer()
-    if size == "tiny":
-        text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-        unet = dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=16,
-            sample_size=16,
-        )
-        vae = dict(
-            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=16, sample_size=128
-        )
-    elif size == "full":
-        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        unet = dict(
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-            sample_size=64,
-        )
-        vae = dict(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512
-        )
-    else:
-        raise RiffusionError(f"unknown random preset size {size!r}; choose tiny or full")
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
