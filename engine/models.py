@@ -79,7 +79,7 @@ class Components:
     """The pieces of a Riffusion pipeline, in torch."""
 
     model_id: str  # what the user named
-    content_hash: str  # sha256 of the weights and configs
+    content_hash: str  # sha256 of the source: its files, or a preset's description (source_hash)
     tokenizer: Any
     text_encoder: Any
     unet: Any
@@ -110,19 +110,45 @@ class Components:
 def load_components(model: str = DEFAULT_MODEL, *, seed: int = 0) -> Components:
     """Components from a preset name, a directory, or a hub id (downloaded through
     huggingface_hub's cache; a clear error when offline with no cached copy)."""
+    kind, where = resolve_source(model)
+    if kind == "preset":
+        return random_components(where, seed=seed)
+    return _load_directory(Path(where), model)
+
+
+def resolve_source(model: str) -> tuple[str, str]:
+    """``("preset", size)`` or ``("directory", path)``; a hub id resolves to its local snapshot."""
     if model.startswith("random:"):
         if model not in RANDOM_PRESETS:
             raise RiffusionError(f"unknown preset {model!r}; choose one of {', '.join(RANDOM_PRESETS)}")
-        return random_components(model.split(":", 1)[1], seed=seed)
+        return "preset", model.split(":", 1)[1]
     path = Path(model).expanduser()
     if path.is_dir():
-        return _load_directory(path, model)
+        return "directory", str(path)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise RiffusionError(
             f"model {model!r} is not a diffusers-format directory, a hub id (owner/name) "
             f"or one of {', '.join(RANDOM_PRESETS)}"
         )
-    return _load_directory(_hub_snapshot(model), model)
+    return "directory", str(_hub_snapshot(model))
+
+
+def source_hash(model: str, *, seed: int = 0) -> str:
+    """The content hash of a model source without loading it: the files of a directory
+    or hub snapshot; for a random preset, its configuration, seed and the versions of
+    the libraries that draw its weights."""
+    kind, where = resolve_source(model)
+    if kind == "directory":
+        return directory_hash(Path(where))
+    from importlib.metadata import version
+
+    description = {
+        "preset": where,
+        "seed": seed,
+        "configs": _PRESET_CONFIGS[where],
+        "versions": [version(name) for name in ("torch", "diffusers", "transformers")],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -179,18 +205,6 @@ def directory_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def state_hash(*modules: Any, extra: str = "") -> str:
-    """sha256 over the modules' configs and weights."""
-    digest = hashlib.sha256(extra.encode())
-    for module in modules:
-        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def random_components(size: str, *, seed: int = 0) -> Components:
     """Seeded random weights in Riffusion's classes; ``size`` is ``tiny`` or ``full``."""
     import torch
@@ -232,7 +246,7 @@ def random_components(size: str, *, seed: int = 0) -> Components:
     name = f"random:{size}"
     return Components(
         model_id=name,
-        content_hash=state_hash(text_encoder, unet_model, vae_model, extra=f"{name}:{seed}"),
+        content_hash=source_hash(name, seed=seed),
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         unet=unet_model,

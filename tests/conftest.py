@@ -29,3 +29,12 @@ def short_music(params: SpectrogramParams) -> np.ndarray:
 @pytest.fixture(scope="session")
 def music_mel(music: np.ndarray, params: SpectrogramParams) -> np.ndarray:
     return spectrogram_from_waveform(music, params)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """random:tiny's components (torch), built once."""
+    pytest.importorskip("torch")
+    from riffusion_engine.engine.models import load_components
+
+    return load_components("random:tiny")
