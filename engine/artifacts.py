@@ -1,0 +1,132 @@
+"""Export directories as the runtime reads them: the manifest and its integrity check.
+
+An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx``, ...;
+``*.onnx.data`` for external weights; ``*.plan`` for TensorRT engines) and a
+``manifest.json`` written last. The manifest's schema (``format`` 1)::
+
+    format          1
+    cache_key       sha256 over every field that decides the artifacts' content (below)
+    key_fields      those fields: model content hash, target, precision, opset, fusion,
+                    shape profile, stages, tool versions, GPU (TensorRT builds)
+    model           {"id": what the user named, "content_hash": sha256 of the source}
+    target          "onnx" | "tensorrt"
+    precision       "fp32" | "fp16" (requested; each stage records what it got)
+    opset           ONNX opset
+    profile         {"height", "width", "max_width", "max_batch", "static"}
+    tools           {"torch", "onnx", "onnxruntime", "diffusers", "transformers", "tensorrt"}
+    gpu             {"name", "compute_capability"} or null
+    stages          {name: {"precision", "fallback" (why fp16 was refused, or null),
+                            "fusions" ({op: count}), "spec" (inputs/outputs, dims with
+                            min/opt/max), "files" ({file: {"sha256", "bytes"}}),
+                            "verification" ({output: {"max_abs", "max_rel", "tolerance",
+                            "provider"}}), "seconds"}}
+    created         ISO 8601 time of writing
+
+The runtime only reads this module; it never imports the exporter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+TOOLS = ("torch", "onnx", "onnxruntime", "diffusers", "transformers", "tensorrt")
+
+
+class ArtifactError(RiffusionError):
+    """An export directory that is missing, incomplete or corrupt."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    """sha256 of the fields in canonical JSON."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str | None]:
+    """Installed versions (None where not installed); onnxruntime-gpu counts as onnxruntime."""
+    found: dict[str, str | None] = {}
+    for name in names:
+        candidates = (name, "onnxruntime-gpu") if name == "onnxruntime" else (name,)
+        found[name] = None
+        for candidate in candidates:
+            try:
+                found[name] = version(candidate)
+                break
+            except PackageNotFoundError:
+                continue
+    return found
+
+
+def gpu_info() -> dict[str, str] | None:
+    """The CUDA GPU torch sees (name, compute capability), or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of an export directory; ArtifactError if there is none or it is unreadable."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{str(directory)!r} is not a complete export directory: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {str(path)!r}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{str(path)!r} is not a format-{FORMAT} manifest")
+    return manifest
+
+
+def damaged_files(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> list[str]:
+    """Stage files that are missing or whose size or sha256 differs from the manifest."""
+    directory = Path(directory)
+    damaged = []
+    for stage in manifest["stages"].values():
+        for name, record in stage["files"].items():
+            path = directory / name
+            if (
+                not path.is_file()
+                or path.stat().st_size != record["bytes"]
+                or sha256_file(path) != record["sha256"]
+            ):
+                damaged.append(name)
+    return damaged
+
+
+def load_manifest(directory: str | os.PathLike[str], *, check_files: bool = True) -> dict[str, Any]:
+    """The manifest, after checking every stage file against its recorded hash."""
+    manifest = read_manifest(directory)
+    if check_files:
+        damaged = damaged_files(directory, manifest)
+        if damaged:
+            raise ArtifactError(
+                f"export {str(directory)!r} is damaged: {', '.join(damaged)} missing or changed since "
+                f"export (sha256 mismatch); export again"
+            )
+    return manifest

@@ -1,0 +1,334 @@
+"""The export step: a model source -> a verified export directory, cached by key.
+
+``export(config, output)`` loads the model, exports each stage to ONNX (optionally
+fused and fp16) and, for ``target="tensorrt"``, builds an engine from each ONNX file;
+every artifact is verified against the torch stage. The directory's ``manifest.json``
+(schema in ``riffusion_engine.engine.artifacts``) records hashes, versions, errors and
+the cache key. Exporting again with the same key, into a directory whose files still
+match their hashes, does nothing; otherwise the directory is rebuilt in a temporary
+sibling and renamed into place under a file lock, so an interrupted export never leaves
+a complete-looking directory and two exports at once do not mix their files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+from riffusion_engine.engine import artifacts
+from riffusion_engine.engine.models import DEFAULT_MODEL, load_components, source_hash
+from riffusion_engine.kernels.errors import RiffusionError
+from tqdm.auto import tqdm
+
+from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
+from .verify import TOLERANCE, Reference, all_finite, onnxruntime_runner, torch_references, verify_stage
+
+log = logging.getLogger(__name__)
+
+Target = Literal["onnx", "tensorrt"]
+Precision = Literal["fp32", "fp16"]
+TARGETS: tuple[Target, ...] = ("onnx", "tensorrt")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+MIN_OPSET = 17
+# Stages that stay fp32 when fp16 overflows on their sample inputs (the VAE's activations
+# are the ones known to exceed fp16's range).
+FP16_FALLBACK_STAGES = ("vae_decoder", "vae_encoder")
+TIMING_CACHE = "timing.cache"
+# The torch component each stage runs.
+_COMPONENT = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export, and how."""
+
+    model: str = DEFAULT_MODEL  # random preset, diffusers-format directory or hub id
+    target: Target = "onnx"  # ONNX files, or ONNX files plus TensorRT engines
+    precision: Precision = "fp32"  # fp16: ONNX Runtime fp16 graphs, or TensorRT fp16 kernels
+    profile: ShapeProfile = field(default_factory=ShapeProfile)  # sizes and batch
+    opset: int = MIN_OPSET  # ONNX opset
+    fuse: bool = True  # ONNX Runtime transformer fusions (ONNX target; TensorRT fuses itself)
+    stages: tuple[str, ...] = STAGES  # which stages to export
+    seed: int = 0  # weight seed of random presets
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise RiffusionError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.precision not in PRECISIONS:
+            raise RiffusionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.opset < MIN_OPSET:
+            raise RiffusionError(f"opset must be {MIN_OPSET} or newer, got {self.opset}")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise RiffusionError(f"stages must be distinct names from {', '.join(STAGES)}, got {self.stages}")
+
+    @property
+    def fused(self) -> bool:
+        return self.fuse and self.target == "onnx"
+
+    @property
+    def optimized(self) -> bool:
+        """Whether the ONNX files go through the optimizer (fusions and/or fp16 conversion)."""
+        return self.target == "onnx" and (self.fuse or self.precision == "fp16")
+
+
+@dataclass
+class ExportResult:
+    directory: Path  # the export directory
+    manifest: dict[str, Any]  # its manifest
+    cache_hit: bool  # True when nothing had to be built
+
+
+def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bool = True) -> ExportResult:
+    """Export ``config.model`` into ``output`` (or reuse it when its key matches)."""
+    output = Path(output)
+    if config.target == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+
+        require_tensorrt()
+        if artifacts.gpu_info() is None:
+            raise RiffusionError("TensorRT engines are built on an NVIDIA GPU, and torch sees none here")
+    _check_output(output)
+    cuda = config.fused and _cuda_onnxruntime()
+    key_fields = {
+        "format": artifacts.FORMAT,
+        "model": source_hash(config.model, seed=config.seed),
+        "target": config.target,
+        "precision": config.precision,
+        "opset": config.opset,
+        "fused": config.fused,
+        "profile": config.profile.to_dict(),
+        "stages": list(config.stages),
+        "tools": artifacts.tool_versions(),
+        "gpu": artifacts.gpu_info() if config.target == "tensorrt" or cuda else None,
+    }
+    key = artifacts.cache_key(key_fields)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output.parent / f".{output.name}.lock")):
+        cached = _cached(output, key)
+        if cached is not None:
+            log.info("cache hit: %s already holds this export (key %s)", output, key[:12])
+            return ExportResult(output, cached, cache_hit=True)
+        for stale in output.parent.glob(f".{output.name}.tmp-*"):
+            log.info("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        try:
+            timing = output / TIMING_CACHE
+            if timing.is_file():
+                shutil.copy2(timing, work / TIMING_CACHE)
+            manifest = _build(config, work, key, key_fields, cuda=cuda, progress=progress)
+            _replace(work, output)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(output, manifest, cache_hit=False)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise RiffusionError(f"output {str(output)!r} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / artifacts.MANIFEST).exists():
+        raise RiffusionError(
+            f"output {str(output)!r} is a non-empty directory without a {artifacts.MANIFEST}; "
+            "choose a new or empty directory (an export replaces its directory)"
+        )
+
+
+def _cached(output: Path, key: str) -> dict[str, Any] | None:
+    """The manifest of a complete, intact export under ``key`` in ``output``, or None."""
+    try:
+        manifest = artifacts.read_manifest(output)
+    except artifacts.ArtifactError:
+        return None
+    if manifest.get("cache_key") != key:
+        log.info("%s holds an export with another key; exporting again", output)
+        return None
+    damaged = artifacts.damaged_files(output, manifest)
+    if damaged:
+        log.warning(
+            "%s: %s changed since export (sha256 mismatch); exporting again", output, ", ".join(damaged)
+        )
+        return None
+    return manifest
+
+
+def _replace(work: Path, output: Path) -> None:
+    """Move the finished ``work`` directory to ``output``, replacing any previous export."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(output, old)
+    os.rename(work, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _cuda_onnxruntime() -> bool:
+    """Whether ONNX Runtime can run CUDA here (then the CUDA-only fusions apply)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and artifacts.gpu_info() is not None
+
+
+def _build(
+    config: ExportConfig, work: Path, key: str, key_fields: dict[str, Any], *, cuda: bool, progress: bool
+) -> dict[str, Any]:
+    log.info("loading %s", config.model)
+    components = load_components(config.model, seed=config.seed)
+    specs = stage_specs(ModelDims.of(components), config.profile)
+    scratch = work / "scratch"
+    scratch.mkdir()
+    stages = {}
+    for index, name in enumerate(config.stages):
+        # Torch weights no later stage needs are dropped once their references are
+        # computed: at full size this keeps the UNet's 3.4 GB out of the ONNX optimizer's peak.
+        later = {_COMPONENT[s] for s in config.stages[index + 1 :]}
+        release = _COMPONENT[name] if _COMPONENT[name] not in later else None
+        steps = ["export", "verify"]
+        if config.optimized:
+            steps.insert(1, "optimize")
+        if config.target == "tensorrt":
+            steps += ["engine", "verify engine"]
+        with tqdm(total=len(steps), desc=f"{name:<12}", unit="step", disable=not progress, leave=True) as bar:
+            stages[name] = _export_stage(
+                config, components, specs[name], work, scratch, bar, cuda=cuda, release=release
+            )
+    shutil.rmtree(scratch)
+    manifest = {
+        "format": artifacts.FORMAT,
+        "cache_key": key,
+        "key_fields": key_fields,
+        "model": {"id": config.model, "content_hash": key_fields["model"]},
+        "target": config.target,
+        "precision": config.precision,
+        "opset": config.opset,
+        "profile": config.profile.to_dict(),
+        "tools": key_fields["tools"],
+        "gpu": artifacts.gpu_info(),
+        "stages": stages,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    # Written last: a directory with a manifest is a complete export.
+    (work / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _export_stage(
+    config: ExportConfig,
+    components: Any,
+    spec: StageSpec,
+    work: Path,
+    scratch: Path,
+    bar: Any,
+    *,
+    cuda: bool,
+    release: str | None,
+) -> dict[str, Any]:
+    from riffusion_engine.engine.stages import stage_module
+
+    from .onnx_export import export_stage, optimize
+
+    start = time.perf_counter()
+    module = stage_module(components, spec.name)
+    final = work / f"{spec.name}.onnx"
+    plain = scratch / f"{spec.name}.onnx" if config.optimized else final
+
+    def step(label: str) -> None:
+        bar.set_postfix_str(label)
+
+    step("export")
+    export_stage(module, spec, plain, opset=config.opset)
+    references = torch_references(module, spec)
+    del module
+    if release is not None:
+        setattr(components, release, None)
+        gc.collect()
+    bar.update()
+    precision: Precision = config.precision if config.target == "onnx" else "fp32"
+    fallback = None
+    fusions: dict[str, int] = {}
+    provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+    if config.optimized:
+        step("optimize")
+        fusions = optimize(plain, spec, final, fuse=config.fuse, fp16=precision == "fp16", cuda=cuda)
+        if precision == "fp16" and spec.name in FP16_FALLBACK_STAGES:
+            run, _session = onnxruntime_runner(final, spec.output_names, provider=provider)
+            if not all_finite(run, spec):
+                fallback = "fp16 outputs had inf/NaN on the sample inputs"
+                log.warning("%s: %s; keeping this stage in fp32", spec.name, fallback)
+                _remove_onnx(final)
+                precision = "fp32"
+                fusions = optimize(plain, spec, final, fuse=config.fuse, fp16=False, cuda=cuda)
+        bar.update()
+    step("verify")
+    run, _session = onnxruntime_runner(final, spec.output_names, provider=provider)
+    verification = {
+        "onnx": verify_stage(
+            run, spec, references, tolerance=TOLERANCE[precision], runtime=f"onnxruntime {provider}"
+        )
+    }
+    del run, _session
+    bar.update()
+    if config.target == "tensorrt":
+        precision, fallback, verification["tensorrt"] = _build_engine(
+            config, spec, references, work, final, step
+        )
+        bar.update(2)
+    files = sorted(p.name for p in work.iterdir() if p.name.split(".")[0] == spec.name and p.is_file())
+    seconds = round(time.perf_counter() - start, 2)
+    worst = max(e["max_rel"] for report in verification.values() for e in report.values())
+    log.info("%s: %s, verified (max relative error %.2e) in %.1f s", spec.name, precision, worst, seconds)
+    return {
+        "precision": precision,
+        "fallback": fallback,
+        "fusions": fusions,
+        "spec": spec.to_dict(),
+        "files": {f: artifacts.file_record(work / f) for f in files},
+        "verification": verification,
+        "seconds": seconds,
+    }
+
+
+def _build_engine(
+    config: ExportConfig, spec: StageSpec, references: list[Reference], work: Path, onnx_path: Path, step: Any
+) -> tuple[Precision, str | None, dict[str, Any]]:
+    from .tensorrt_build import EngineOptions, build_engine, engine_runner
+
+    precision: Precision = config.precision
+    fallback = None
+    engine = work / f"{spec.name}.plan"
+    timing = work / TIMING_CACHE
+    step("engine")
+    build_engine(onnx_path, spec, engine, EngineOptions(fp16=precision == "fp16", timing_cache=timing))
+    run, runner = engine_runner(engine, spec.output_names)
+    try:
+        if precision == "fp16" and spec.name in FP16_FALLBACK_STAGES and not all_finite(run, spec):
+            fallback = "fp16 engine outputs had inf/NaN on the sample inputs"
+            log.warning("%s: %s; rebuilding this stage in fp32", spec.name, fallback)
+            runner.deactivate()
+            precision = "fp32"
+            build_engine(onnx_path, spec, engine, EngineOptions(fp16=False, timing_cache=timing))
+            run, runner = engine_runner(engine, spec.output_names)
+        step("verify engine")
+        report = verify_stage(run, spec, references, tolerance=TOLERANCE[precision], runtime="tensorrt")
+    finally:
+        with contextlib.suppress(Exception):
+            runner.deactivate()
+    return precision, fallback, report
+
+
+def _remove_onnx(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)

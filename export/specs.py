@@ -1,0 +1,268 @@
+"""Stage specs: each stage's tensors declared once.
+
+A :class:`StageSpec` gives a stage's input and output names, dtypes and shapes, whose
+dynamic dimensions (:class:`Dim`) carry min/opt/max sizes. ONNX export takes its
+dynamic axes and sample inputs from here, verification its inputs, TensorRT its
+optimization profiles, and the manifest records the specs for the runtime's buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from riffusion_engine.kernels.errors import RiffusionError
+
+STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+Which = Literal["min", "opt", "max"]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension: its name in the ONNX graph and its profile sizes."""
+
+    name: str  # symbolic name (batch, latent_height, ...)
+    min: int  # smallest size a TensorRT profile accepts
+    opt: int  # size TensorRT tunes for; the size of the sample inputs
+    max: int  # largest size a TensorRT profile accepts
+    base: str | None = None  # the dimension this one is a multiple of (height of latent_height)
+    factor: int = 1  # size = factor x base's size
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise RiffusionError(f"dimension {self.name}: need 1 <= min <= opt <= max, got {self}")
+
+    def size(self, which: Which) -> int:
+        return {"min": self.min, "opt": self.opt, "max": self.max}[which]
+
+    def scaled(self, name: str, factor: int) -> Dim:
+        """The dimension ``factor`` times this one."""
+        sizes = (self.min * factor, self.opt * factor, self.max * factor)
+        return Dim(name, *sizes, base=self.name, factor=factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "opt": self.opt, "max": self.max, "base": self.base, "factor": self.factor}
+
+
+Sample = Literal["normal", "image", "tokens", "timestep"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor."""
+
+    name: str  # ONNX input/output name
+    dtype: Literal["float32", "int32"]  # element type at the stage boundary
+    shape: tuple[int | Dim, ...]  # fixed sizes and dynamic dimensions
+    sample: Sample = "normal"  # how sample inputs are drawn (inputs only)
+    high: int = 0  # exclusive upper bound of token ids (sample == "tokens")
+
+    def size(self, which: Which) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else d.size(which) for d in self.shape)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {axis: d.name for axis, d in enumerate(self.shape) if isinstance(d, Dim)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": [d if isinstance(d, int) else d.name for d in self.shape],
+            **{which: list(self.size(which)) for which in ("min", "opt", "max")},
+        }
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the chain: its inputs and outputs."""
+
+    name: str  # one of STAGES
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    model_type: str = field(default="", compare=False)  # ONNX Runtime optimizer's model type
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def input_shapes(self, which: Which) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.size(which) for t in self.inputs}
+
+    def sample_inputs(self, *, which: Which = "opt", seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic inputs at the ``which`` sizes, drawn as each input declares."""
+        rng = np.random.default_rng(seed)
+        return {t.name: _draw(t, t.size(which), rng) for t in self.inputs}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Names, dtypes and shapes of the inputs and outputs; ``dims`` gives each dynamic
+        dimension's sizes and, for a derived one, its base and factor, from which the
+        runtime sizes output buffers."""
+        tensors = (*self.inputs, *self.outputs)
+        dims = {d.name: d.to_dict() for t in tensors for d in t.shape if isinstance(d, Dim)}
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "dims": dims,
+        }
+
+
+def _draw(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if spec.sample == "tokens":
+        # (batch, tokens): start token, random ids, end token, padding, as a tokenizer pads.
+        ids = rng.integers(0, spec.high - 2, size=shape)
+        ids[:, 0] = spec.high - 2
+        lengths = rng.integers(2, shape[1] + 1, size=shape[0])
+        for row, length in enumerate(lengths):
+            ids[row, length - 1 :] = spec.high - 1
+        return ids.astype(np.int32)
+    if spec.sample == "timestep":
+        return rng.uniform(0, 999, size=shape).round().astype(np.float32)
+    if spec.sample == "image":
+        return rng.uniform(-1, 1, size=shape).astype(np.float32)
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a model that the stage shapes depend on."""
+
+    tokens: int  # text encoder's sequence length (77)
+    vocab: int  # token ids are below this
+    text_hidden: int  # text embedding width (768 for CLIP ViT-L/14)
+    latent_channels: int  # 4
+    vae_factor: int  # image pixels per latent pixel (8)
+    unet_factor: int  # the UNet's total downsampling; latent sizes are multiples of it
+
+    @classmethod
+    def of(cls, components: Any) -> ModelDims:
+        text, unet, vae = components.text_encoder.config, components.unet.config, components.vae.config
+        if unet.cross_attention_dim != text.hidden_size:
+            raise RiffusionError(
+                f"UNet cross-attention width {unet.cross_attention_dim} does not match the text "
+                f"encoder's hidden size {text.hidden_size}"
+            )
+        return cls(
+            tokens=text.max_position_embeddings,
+            vocab=text.vocab_size,
+            text_hidden=text.hidden_size,
+            latent_channels=vae.latent_channels,
+            vae_factor=2 ** (len(vae.block_out_channels) - 1),
+            unet_factor=2 ** (len(unet.block_out_channels) - 1),
+        )
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sizes the exported UNet accepts are multiples of this."""
+        return self.vae_factor * self.unet_factor
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The image sizes and batch an export is built for."""
+
+    height: int = 512  # image height in pixels (Riffusion: 512 mel bins)
+    width: int = 512  # image width in pixels (512 = 5.12 s); the optimized width
+    max_width: int | None = None  # widest image accepted (longer clips); None = width
+    max_batch: int = 4  # most clips per call (the UNet sees twice this with guidance)
+    static: bool = False  # one shape only (batch max_batch, width width): CUDA graphs
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "max_batch"):
+            if getattr(self, name) < 1:
+                raise RiffusionError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_width is not None and self.max_width < self.width:
+            raise RiffusionError(f"max_width {self.max_width} is smaller than width {self.width}")
+        if self.static and self.max_width not in (None, self.width):
+            raise RiffusionError("a static profile has one width: leave max_width unset")
+
+    @property
+    def widest(self) -> int:
+        return self.width if self.max_width is None else self.max_width
+
+    def check(self, dims: ModelDims) -> None:
+        multiple = dims.pixel_multiple
+        for name in ("height", "width", "max_width"):
+            value = getattr(self, name)
+            if value is not None and value % multiple:
+                raise RiffusionError(f"{name} {value} is not a multiple of {multiple} pixels for this model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "height": self.height,
+            "width": self.width,
+            "max_width": self.widest,
+            "max_batch": self.max_batch,
+            "static": self.static,
+        }
+
+
+def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
+    """The four stage specs of a model under a shape profile.
+
+    Batch: 1..max_batch clips, optimized for one; the text encoder and UNet see up to two
+    rows per clip (unconditional and conditional; one when a single prompt is encoded or
+    guidance is off), optimized for two. Height is fixed at the profile's height; width
+    runs from the smaller of width and 256 pixels up to max_width. A static profile
+    collapses every range to one size: max_batch clips of width pixels. Image sizes are
+    derived from latent sizes (factor 8), so the runtime can size the VAE's outputs.
+    """
+    profile.check(dims)
+    f = dims.vae_factor
+    if profile.static:
+        clips = Dim("batch", profile.max_batch, profile.max_batch, profile.max_batch)
+        rows = Dim("batch", 2 * profile.max_batch, 2 * profile.max_batch, 2 * profile.max_batch)
+        widths = (profile.width,) * 3
+    else:
+        clips = Dim("batch", 1, 1, profile.max_batch)
+        rows = Dim("batch", 1, 2, 2 * profile.max_batch)
+        widths = (min(profile.width, max(256, dims.pixel_multiple)), profile.width, profile.widest)
+    lh = Dim("latent_height", *(profile.height // f,) * 3)
+    lw = Dim("latent_width", *(w // f for w in widths))
+    height, width = lh.scaled("height", f), lw.scaled("width", f)
+    c = dims.latent_channels
+
+    def latent(name: str, batch: Dim, sample: Sample = "normal") -> TensorSpec:
+        return TensorSpec(name, "float32", (batch, c, lh, lw), sample)
+
+    def image(name: str, batch: Dim) -> TensorSpec:
+        return TensorSpec(name, "float32", (batch, 3, height, width), "image")
+
+    embeddings = TensorSpec("text_embeddings", "float32", (rows, dims.tokens, dims.text_hidden))
+    return {
+        "text_encoder": StageSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", (rows, dims.tokens), "tokens", high=dims.vocab),),
+            outputs=(embeddings,),
+            model_type="clip",
+        ),
+        "unet": StageSpec(
+            "unet",
+            inputs=(
+                latent("sample", rows),
+                TensorSpec("timestep", "float32", (rows,), "timestep"),
+                TensorSpec("encoder_hidden_states", "float32", embeddings.shape),
+            ),
+            outputs=(latent("noise_pred", rows),),
+            model_type="unet",
+        ),
+        "vae_decoder": StageSpec(
+            "vae_decoder",
+            inputs=(latent("latent", clips),),
+            outputs=(image("image", clips),),
+            model_type="vae",
+        ),
+        "vae_encoder": StageSpec(
+            "vae_encoder",
+            inputs=(image("image", clips), latent("noise", clips)),
+            outputs=(latent("latent", clips),),
+            model_type="vae",
+        ),
+    }

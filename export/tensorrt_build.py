@@ -1,0 +1,98 @@
+"""ONNX -> TensorRT engine for one stage, through polygraphy.
+
+The optimization profile comes from the stage spec (min/opt/max of every input); a
+static profile has min = opt = max, which lets the runtime capture CUDA graphs. The
+timing cache (kernel timings TensorRT measured) is loaded before a build and written
+back after, so later builds on the same GPU are faster. TensorRT is an optional extra:
+it is imported only here, only when a build is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+from .specs import StageSpec
+from .verify import Runner
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'riffusion-engine[tensorrt]' on a machine with an NVIDIA GPU and CUDA 12"
+
+
+def require_tensorrt() -> Any:
+    """The tensorrt module, or one clear error saying what to install."""
+    try:
+        import polygraphy  # noqa: F401
+        import tensorrt
+    except ImportError as exc:
+        raise RiffusionError(f"TensorRT is not installed ({exc.name} missing): {INSTALL}") from exc
+    return tensorrt
+
+
+def optimization_profile(spec: StageSpec) -> Any:
+    """A polygraphy Profile with every input's min/opt/max shape from the spec."""
+    from polygraphy.backend.trt import Profile
+
+    profile = Profile()
+    for tensor in spec.inputs:
+        profile.add(tensor.name, min=tensor.size("min"), opt=tensor.size("opt"), max=tensor.size("max"))
+    return profile
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine is built."""
+
+    fp16: bool  # allow half-precision kernels (weights and activations)
+    timing_cache: Path  # loaded if present, updated after the build
+    optimization_level: int = 3  # TensorRT builder optimization level, 0..5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:
+            raise RiffusionError(f"optimization_level must be in 0..5, got {self.optimization_level}")
+
+    def create_config(self, spec: StageSpec) -> Any:
+        """polygraphy's CreateConfig for ``spec`` (plain Python until a build calls it)."""
+        from polygraphy.backend.trt import CreateConfig
+
+        return CreateConfig(
+            fp16=self.fp16,
+            tf32=True,
+            profiles=[optimization_profile(spec)],
+            load_timing_cache=str(self.timing_cache) if self.timing_cache.is_file() else None,
+            builder_optimization_level=self.optimization_level,
+        )
+
+
+def build_engine(onnx_path: Path, spec: StageSpec, engine_path: Path, options: EngineOptions) -> None:
+    """Parse ``onnx_path``, build an engine with the spec's profile, write ``engine_path``."""
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import engine_from_network, network_from_onnx_path, save_engine
+
+    network = network_from_onnx_path(str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])
+    engine = engine_from_network(
+        network, config=options.create_config(spec), save_timing_cache=str(options.timing_cache)
+    )
+    save_engine(engine, path=str(engine_path))
+
+
+def engine_runner(engine_path: Path, output_names: list[str]) -> tuple[Runner, Any]:
+    """A runner over a TensorRT engine giving ``output_names`` (and the activated polygraphy
+    runner, to deactivate)."""
+    require_tensorrt()
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+    runner.activate()
+
+    def run(feed: dict[str, Any]) -> list[Any]:
+        outputs = runner.infer(feed_dict=feed)
+        return [outputs[name] for name in output_names]
+
+    return run, runner

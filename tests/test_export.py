@@ -1,0 +1,400 @@
+"""The export step on random:tiny: ONNX parity with torch, the manifest, the cache,
+interrupted and concurrent exports, fp16, and clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from riffusion_engine.engine import artifacts  # noqa: E402
+from riffusion_engine.engine.cli import main  # noqa: E402
+from riffusion_engine.engine.models import load_components  # noqa: E402
+from riffusion_engine.engine.stages import stage_module  # noqa: E402
+from riffusion_engine.export.exporter import ExportConfig, ExportResult, export  # noqa: E402
+from riffusion_engine.export.specs import STAGES, ModelDims, ShapeProfile, stage_specs  # noqa: E402
+from riffusion_engine.export.verify import TOLERANCE, compare  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+FULL_DIMS = ModelDims(tokens=77, vocab=49408, text_hidden=768, latent_channels=4, vae_factor=8, unet_factor=8)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> tuple[Path, str]:
+    """`riffusion-engine export --model random:tiny -o DIR`, once per session."""
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    code, stdout, stderr = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_cli_export_writes_four_verified_stages(tiny_export) -> None:
+    out, stdout = tiny_export
+    manifest = artifacts.load_manifest(out)
+    assert list(manifest["stages"]) == list(STAGES)
+    for name, stage in manifest["stages"].items():
+        assert (out / f"{name}.onnx").is_file()
+        assert stage["precision"] == "fp32" and stage["fallback"] is None
+        for report in stage["verification"]["onnx"].values():
+            assert report["max_rel"] <= report["tolerance"] == TOLERANCE["fp32"]
+        assert name in stdout
+    assert "wrote" in stdout and "max rel. error" in stdout
+
+
+def test_rerun_is_a_cache_hit(tiny_export) -> None:
+    out, _ = tiny_export
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, stdout, _ = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
+    assert code == 0
+    assert "cache hit" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_manifest_records_hashes_versions_and_key(tiny_export, tiny) -> None:
+    out, _ = tiny_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in manifest["stages"].values():
+        for name, record in stage["files"].items():
+            data = (out / name).read_bytes()
+            assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest["model"] == {
+        "id": "random:tiny",
+        "content_hash": tiny.content_hash,
+    }
+    assert manifest["tools"]["torch"] == version("torch")
+    assert manifest["tools"]["onnxruntime"] == version("onnxruntime")
+    assert manifest["tools"]["onnx"] == version("onnx")
+    assert manifest["cache_key"] == artifacts.cache_key(manifest["key_fields"])
+    assert manifest["key_fields"]["model"] == manifest["model"]["content_hash"]
+    assert manifest["opset"] == 17 and manifest["target"] == "onnx"
+    assert manifest["profile"] == {
+        "height": 512,
+        "width": 512,
+        "max_width": 512,
+        "max_batch": 4,
+        "static": False,
+    }
+    assert manifest["stages"]["unet"]["fusions"].get("MultiHeadAttention", 0) > 0
+    unet_inputs = {t["name"]: t for t in manifest["stages"]["unet"]["spec"]["inputs"]}
+    assert unet_inputs["sample"]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert unet_inputs["sample"]["max"] == [8, 4, 64, 64]
+
+
+def test_onnx_files_declare_the_spec(tiny_export, tiny) -> None:
+    out, _ = tiny_export
+    specs = stage_specs(ModelDims.of(tiny), ShapeProfile())
+    for name, spec in specs.items():
+        model = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        declared = {i.name: i for i in model.graph.input}
+        for tensor in spec.inputs:
+            dims = declared[tensor.name].type.tensor_type.shape.dim
+            expected = [d if isinstance(d, int) else d.name for d in tensor.shape]
+            assert [d.dim_param or d.dim_value for d in dims] == expected
+
+
+def _inputs(
+    name: str, batch: int, height: int, width: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Inputs built here, independently of the specs, at sizes the export never traced."""
+    lh, lw = height // 8, width // 8
+    if name == "text_encoder":
+        return {"input_ids": rng.integers(0, 514, size=(batch, 77)).astype(np.int32)}
+    if name == "unet":
+        return {
+            "sample": rng.standard_normal((batch, 4, lh, lw), dtype=np.float32),
+            "timestep": np.full(batch, 321.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+        }
+    if name == "vae_decoder":
+        return {"latent": rng.standard_normal((batch, 4, lh, lw), dtype=np.float32)}
+    return {
+        "image": rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32),
+        "noise": rng.standard_normal((batch, 4, lh, lw), dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_onnx_stage_matches_torch_at_untraced_sizes(tiny_export, tiny, name: str) -> None:
+    """Batch 3 and a 768-pixel-wide clip: wrong dynamic axes would fail here."""
+    out, _ = tiny_export
+    module = stage_module(tiny, name)
+    session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    inputs = _inputs(name, 3, 512, 768, np.random.default_rng(7))
+    (actual,) = session.run(None, inputs)
+    with torch.no_grad():
+        expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+    assert compare(actual, expected, name)["max_rel"] <= TOLERANCE["fp32"]
+
+
+def _export(out: Path, **kwargs) -> ExportResult:
+    kwargs.setdefault("stages", ("vae_encoder",))
+    return export(ExportConfig(model=kwargs.pop("model", "random:tiny"), **kwargs), out, progress=False)
+
+
+def test_changed_key_exports_again(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    first = _export(out)
+    assert not first.cache_hit
+    assert _export(out).cache_hit
+    wider = _export(out, profile=ShapeProfile(max_width=1024))
+    assert not wider.cache_hit
+    assert wider.manifest["cache_key"] != first.manifest["cache_key"]
+    assert artifacts.load_manifest(out)["profile"]["max_width"] == 1024
+
+
+def test_damaged_file_is_detected_and_rebuilt(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    _export(out)
+    path = out / "vae_encoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(artifacts.ArtifactError, match=r"vae_encoder\.onnx"):
+        artifacts.load_manifest(out)
+    again = _export(out)
+    assert not again.cache_hit
+    artifacts.load_manifest(out)
+
+
+EXPORT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from riffusion_engine.export.exporter import ExportConfig, export
+    from riffusion_engine.export.specs import ShapeProfile
+    result = export(
+        ExportConfig(model="random:tiny", profile=ShapeProfile(width=int(sys.argv[2]))), sys.argv[1],
+        progress=False,
+    )
+    print("HIT" if result.cache_hit else "BUILT")
+    """
+)
+
+
+def _spawn(out: Path, width: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", EXPORT_SCRIPT, str(out), str(width)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_killed_export_leaves_the_previous_export_intact(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    previous = _export(out, stages=STAGES, profile=ShapeProfile(width=512))
+    proc = _spawn(out, 256)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".e.tmp-*/*.onnx")):  # killed in the middle of the stages
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = artifacts.load_manifest(out)  # still the complete previous export, every hash intact
+    assert manifest["cache_key"] == previous.manifest["cache_key"]
+    assert list(tmp_path.glob(".e.tmp-*")), "the killed export's work directory is left behind"
+    result = _export(out, stages=STAGES, profile=ShapeProfile(width=256))
+    assert not result.cache_hit
+    assert not list(tmp_path.glob(".e.tmp-*")), "the next export removes it"
+
+
+def test_killed_first_export_leaves_no_complete_looking_directory(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    proc = _spawn(out, 512)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".e.tmp-*/*.onnx")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(artifacts.ArtifactError, match="not a complete export"):
+        artifacts.load_manifest(out)
+
+
+def test_concurrent_exports_into_one_directory(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    procs = [_spawn(out, 256) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert sorted(stdout.strip() for stdout, _ in results) == ["BUILT", "HIT"]
+    manifest = artifacts.load_manifest(out)
+    assert manifest["profile"]["width"] == 256
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(f"{s}.onnx" for s in STAGES)])
+
+
+def test_fp16_export_of_the_tiny_model(tmp_path: Path) -> None:
+    fp32 = _export(tmp_path / "fp32", stages=("text_encoder", "unet"))
+    fp16 = _export(tmp_path / "fp16", stages=("text_encoder", "unet"), precision="fp16")
+    for name in ("text_encoder", "unet"):
+        stage = fp16.manifest["stages"][name]
+        assert stage["precision"] == "fp16"
+        model = onnx.load(str(tmp_path / "fp16" / f"{name}.onnx"))
+        kinds = {init.data_type for init in model.graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in kinds
+        assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in model.graph.input)
+        error = stage["verification"]["onnx"]
+        ((output, report),) = error.items()
+        assert report["max_rel"] <= TOLERANCE["fp16"]
+        # Half precision really is in use: it is less exact than the fp32 export.
+        assert report["max_rel"] > fp32.manifest["stages"][name]["verification"]["onnx"][output]["max_rel"]
+        size = {p: (tmp_path / p / f"{name}.onnx").stat().st_size for p in ("fp16", "fp32")}
+        assert size["fp16"] < size["fp32"]
+    assert "MultiHeadAttention" in fp16.manifest["stages"]["unet"]["fusions"]
+
+
+def test_vae_that_overflows_in_fp16_stays_fp32(tmp_path: Path, caplog) -> None:
+    components = load_components("random:tiny")
+    with torch.no_grad():
+        components.vae.decoder.conv_in.weight.mul_(3e4)  # activations far beyond fp16's 65504
+    components.save(tmp_path / "model")
+    with caplog.at_level("WARNING"):
+        result = _export(
+            tmp_path / "e", model=str(tmp_path / "model"), stages=("vae_decoder",), precision="fp16"
+        )
+    stage = result.manifest["stages"]["vae_decoder"]
+    assert stage["precision"] == "fp32"
+    assert "inf/NaN" in stage["fallback"]
+    assert "keeping this stage in fp32" in caplog.text
+    assert stage["verification"]["onnx"]["image"]["tolerance"] == TOLERANCE["fp32"]
+
+
+def test_specs_give_profiles_for_every_input() -> None:
+    specs = stage_specs(FULL_DIMS, ShapeProfile(width=512, max_width=1024, max_batch=4))
+    unet = specs["unet"]
+    assert unet.input_shapes("min") == {
+        "sample": (1, 4, 64, 32),
+        "timestep": (1,),
+        "encoder_hidden_states": (1, 77, 768),
+    }
+    assert unet.input_shapes("opt")["sample"] == (2, 4, 64, 64)
+    assert unet.input_shapes("max")["sample"] == (8, 4, 64, 128)
+    assert specs["vae_decoder"].input_shapes("max") == {"latent": (4, 4, 64, 128)}
+    assert specs["vae_encoder"].input_shapes("opt") == {"image": (1, 3, 512, 512), "noise": (1, 4, 64, 64)}
+    assert unet.dynamic_axes()["sample"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
+    decoder = specs["vae_decoder"].to_dict()
+    assert decoder["outputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    width = {"min": 256, "opt": 512, "max": 1024, "base": "latent_width", "factor": 8}
+    assert decoder["dims"]["width"] == width
+    static = stage_specs(FULL_DIMS, ShapeProfile(max_batch=1, static=True))
+    for spec in static.values():
+        assert spec.input_shapes("min") == spec.input_shapes("opt") == spec.input_shapes("max")
+    assert static["unet"].input_shapes("opt")["sample"] == (2, 4, 64, 64)
+    ids = specs["text_encoder"].sample_inputs()["input_ids"]
+    assert ids.dtype == np.int32 and ids.shape == (2, 77) and 0 <= ids.min() and ids.max() < 49408
+
+
+def test_bad_profiles_and_configs_are_clear_errors() -> None:
+    with pytest.raises(RiffusionError, match="not a multiple of 64"):
+        stage_specs(FULL_DIMS, ShapeProfile(width=520))
+    with pytest.raises(RiffusionError, match="max_width 256 is smaller"):
+        ShapeProfile(width=512, max_width=256)
+    with pytest.raises(RiffusionError, match="precision must be one of"):
+        ExportConfig(model="random:tiny", precision="int8")
+    with pytest.raises(RiffusionError, match="opset must be 17"):
+        ExportConfig(model="random:tiny", opset=13)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    code, _, err = run_cli("export", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert code == 2 and "not a diffusers-format directory" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("export", "--model", "random:tiny", "-o", str(tmp_path / "busy"))
+    assert code == 2 and "non-empty directory" in err
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as usage:
+        main(["export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--precision", "int8"])
+    assert exc.value.code == 2 and "invalid choice: 'int8'" in usage.getvalue()
+
+
+def test_tensorrt_missing_is_one_line(tmp_path: Path) -> None:
+    if _installed("tensorrt") and _installed("polygraphy"):
+        pytest.skip("TensorRT is installed here")
+    code, _, err = run_cli(
+        "export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--target", "tensorrt"
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "pip install 'riffusion-engine[tensorrt]'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_tensorrt_profiles_and_config_from_the_specs(tmp_path: Path) -> None:
+    pytest.importorskip("polygraphy")
+    from riffusion_engine.export.tensorrt_build import EngineOptions, optimization_profile
+
+    specs = stage_specs(FULL_DIMS, ShapeProfile(max_width=1024))
+    profile = optimization_profile(specs["unet"])
+    for tensor in specs["unet"].inputs:
+        shapes = profile[tensor.name]
+        assert (tuple(shapes.min), tuple(shapes.opt), tuple(shapes.max)) == (
+            tensor.size("min"),
+            tensor.size("opt"),
+            tensor.size("max"),
+        )
+    static = optimization_profile(stage_specs(FULL_DIMS, ShapeProfile(max_batch=1, static=True))["unet"])
+    assert tuple(static["sample"].min) == tuple(static["sample"].max) == (2, 4, 64, 64)
+    cache = tmp_path / "timing.cache"
+    config = EngineOptions(fp16=True, timing_cache=cache).create_config(specs["vae_decoder"])
+    assert config.fp16 and len(config.profiles) == 1 and config.timing_cache_path is None
+    cache.write_bytes(b"")
+    config = EngineOptions(fp16=True, timing_cache=cache).create_config(specs["unet"])
+    assert config.timing_cache_path == str(cache)
+    with pytest.raises(RiffusionError, match="optimization_level"):
+        EngineOptions(fp16=True, timing_cache=cache, optimization_level=9)
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_for_the_tiny_model(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt")
+    out = tmp_path / "trt"
+    result = export(
+        ExportConfig(model="random:tiny", target="tensorrt", precision="fp16"), out, progress=False
+    )
+    for name, stage in result.manifest["stages"].items():
+        assert (out / f"{name}.plan").is_file()
+        for report in stage["verification"]["tensorrt"].values():
+            assert report["max_rel"] <= report["tolerance"]
+    assert (out / "timing.cache").is_file()
+    assert result.manifest["gpu"]["compute_capability"]
+    assert export(
+        ExportConfig(model="random:tiny", target="tensorrt", precision="fp16"), out, progress=False
+    ).cache_hit
+
+
+@pytest.mark.slow
+def test_full_architecture_exports_to_verified_fp32_onnx(tmp_path: Path) -> None:
+    result = export(ExportConfig(model="random:full"), tmp_path / "full", progress=False)
+    for stage in result.manifest["stages"].values():
+        for report in stage["verification"]["onnx"].values():
+            assert report["max_rel"] <= TOLERANCE["fp32"]
+    assert result.manifest["stages"]["unet"]["files"]["unet.onnx.data"]["bytes"] > 2**31
