@@ -8,7 +8,8 @@ An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx
     cache_key       sha256 over every field that decides the artifacts' content (below)
     key_fields      those fields: model content hash, target, precision, opset, fusion,
                     shape profile, stages, tool versions, GPU (TensorRT builds)
-    model           {"id": what the user named, "content_hash": sha256 of the source}
+    model           {"id": what the user named, "content_hash": sha256 of the source,
+                     "pixel_multiple": image sizes the exported UNet takes are multiples of it}
     target          "onnx" | "tensorrt"
     precision       "fp32" | "fp16" (requested; each stage records what it got)
     opset           ONNX opset
@@ -19,7 +20,8 @@ An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx
                             "fusions" ({op: count}), "spec" (inputs/outputs, dims with
                             min/opt/max), "files" ({file: {"sha256", "bytes"}}),
                             "verification" ({output: {"max_abs", "max_rel", "tolerance",
-                            "provider"}}), "seconds"}}
+                            "runtime"}}), "seconds"}}
+    support_files   {path: {"sha256", "bytes"}}: tokenizer/ and scheduler/ for the runtime
     created         ISO 8601 time of writing
 
 The runtime only reads this module; it never imports the exporter.
@@ -104,18 +106,19 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def damaged_files(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> list[str]:
-    """Stage files that are missing or whose size or sha256 differs from the manifest."""
+    """Stage and support files that are missing or whose size or sha256 differs from the manifest."""
     directory = Path(directory)
     damaged = []
-    for stage in manifest["stages"].values():
-        for name, record in stage["files"].items():
-            path = directory / name
-            if (
-                not path.is_file()
-                or path.stat().st_size != record["bytes"]
-                or sha256_file(path) != record["sha256"]
-            ):
-                damaged.append(name)
+    records = [f for stage in manifest["stages"].values() for f in stage["files"].items()]
+    records += list(manifest.get("support_files", {}).items())
+    for name, record in records:
+        path = directory / name
+        if (
+            not path.is_file()
+            or path.stat().st_size != record["bytes"]
+            or sha256_file(path) != record["sha256"]
+        ):
+            damaged.append(name)
     return damaged
 
 

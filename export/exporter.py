@@ -187,7 +187,8 @@ def _build(
 ) -> dict[str, Any]:
     log.info("loading %s", config.model)
     components = load_components(config.model, seed=config.seed)
-    specs = stage_specs(ModelDims.of(components), config.profile)
+    dims = ModelDims.of(components)
+    specs = stage_specs(dims, config.profile)
     scratch = work / "scratch"
     scratch.mkdir()
     stages = {}
@@ -206,11 +207,23 @@ def _build(
                 config, components, specs[name], work, scratch, bar, cuda=cuda, release=release
             )
     shutil.rmtree(scratch)
+    # What the runtime needs besides the stages: the tokenizer and the scheduler config.
+    components.tokenizer.save_pretrained(work / "tokenizer")
+    # The config as loaded, with diffusers' record of which values were defaults (which
+    # save_pretrained drops): other scheduler classes built from it keep their own defaults.
+    (work / "scheduler").mkdir()
+    scheduler = json.dumps(dict(components.scheduler.config), indent=2, sort_keys=True, default=str)
+    (work / "scheduler" / "scheduler_config.json").write_text(scheduler + "\n")
+    support = sorted(p for d in ("tokenizer", "scheduler") for p in (work / d).rglob("*") if p.is_file())
     manifest = {
         "format": artifacts.FORMAT,
         "cache_key": key,
         "key_fields": key_fields,
-        "model": {"id": config.model, "content_hash": key_fields["model"]},
+        "model": {
+            "id": config.model,
+            "content_hash": key_fields["model"],
+            "pixel_multiple": dims.pixel_multiple,
+        },
         "target": config.target,
         "precision": config.precision,
         "opset": config.opset,
@@ -218,6 +231,7 @@ def _build(
         "tools": key_fields["tools"],
         "gpu": artifacts.gpu_info(),
         "stages": stages,
+        "support_files": {str(p.relative_to(work)): artifacts.file_record(p) for p in support},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # Written last: a directory with a manifest is a complete export.

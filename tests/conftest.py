@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 from riffusion_engine.kernels import SpectrogramParams
@@ -38,3 +42,24 @@ def tiny():
     from riffusion_engine.engine.models import load_components
 
     return load_components("random:tiny")
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``riffusion-engine ARGV`` in this process: exit code, stdout, stderr."""
+    from riffusion_engine.engine.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> tuple[Path, str]:
+    """`riffusion-engine export --model random:tiny -o DIR`, once per session: the
+    directory and what the command printed."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    code, stdout, stderr = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
+    assert code == 0, stderr
+    return out, stdout

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from conftest import run_cli  # noqa: E402
 from riffusion_engine.engine import artifacts  # noqa: E402
 from riffusion_engine.engine.cli import main  # noqa: E402
 from riffusion_engine.engine.models import load_components  # noqa: E402
@@ -33,22 +34,6 @@ from riffusion_engine.export.verify import TOLERANCE, compare  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 FULL_DIMS = ModelDims(tokens=77, vocab=49408, text_hidden=768, latent_channels=4, vae_factor=8, unet_factor=8)
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory) -> tuple[Path, str]:
-    """`riffusion-engine export --model random:tiny -o DIR`, once per session."""
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    code, stdout, stderr = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
-    assert code == 0, stderr
-    return out, stdout
 
 
 def test_cli_export_writes_four_verified_stages(tiny_export) -> None:
@@ -76,14 +61,14 @@ def test_rerun_is_a_cache_hit(tiny_export) -> None:
 def test_manifest_records_hashes_versions_and_key(tiny_export, tiny) -> None:
     out, _ = tiny_export
     manifest = json.loads((out / "manifest.json").read_text())
-    for stage in manifest["stages"].values():
-        for name, record in stage["files"].items():
-            data = (out / name).read_bytes()
-            assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert manifest["model"] == {
-        "id": "random:tiny",
-        "content_hash": tiny.content_hash,
-    }
+    records = [r for stage in manifest["stages"].values() for r in stage["files"].items()]
+    records += manifest["support_files"].items()
+    assert "tokenizer/tokenizer_config.json" in manifest["support_files"]
+    assert "scheduler/scheduler_config.json" in manifest["support_files"]
+    for name, record in records:
+        data = (out / name).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest["model"] == {"id": "random:tiny", "content_hash": tiny.content_hash, "pixel_multiple": 16}
     assert manifest["tools"]["torch"] == version("torch")
     assert manifest["tools"]["onnxruntime"] == version("onnxruntime")
     assert manifest["tools"]["onnx"] == version("onnx")
@@ -243,7 +228,8 @@ def test_concurrent_exports_into_one_directory(tmp_path: Path) -> None:
     assert sorted(stdout.strip() for stdout, _ in results) == ["BUILT", "HIT"]
     manifest = artifacts.load_manifest(out)
     assert manifest["profile"]["width"] == 256
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(f"{s}.onnx" for s in STAGES)])
+    expected = ["manifest.json", "scheduler", "tokenizer", *(f"{s}.onnx" for s in STAGES)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
 
 
 def test_fp16_export_of_the_tiny_model(tmp_path: Path) -> None:
