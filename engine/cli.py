@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from riffusion_engine.kernels.errors import RiffusionError
 
@@ -55,7 +56,7 @@ def _cmd_image_to_audio(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({samples.shape[-1] / rate:.2f} s, {rate} Hz) - conversion {convert_s:.2f} s")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_roundtrip(args: argparse.Namespace) -> None:
     import numpy as np
     from riffusion_engine.kernels.audio import normalize_like_riffusion, save_audio
     from riffusion_engine.kernels.convert import audio_from_image, image_from_audio
@@ -130,6 +131,191 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        default=None,
+        help="random:tiny, random:full, a diffusers-format directory or a hub id "
+        "(default: riffusion/riffusion-model-v1)",
+    )
+    source.add_argument("--artifacts", default=None, metavar="DIR", help="an export directory")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        default="auto",
+        help="auto: tensorrt on a GPU where installed, else onnxruntime (default: auto)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="of an export made on first use, or of the torch backend (fp16 on cuda) (default: fp32)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
+    )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from riffusion_engine.engine.pipeline import SCHEDULERS
+
+    p.add_argument("--steps", type=int, default=50, help="scheduler steps (default: 50)")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="(default: pndm)")
+    p.add_argument("--width", type=int, default=512, help="image width, 8-pixel multiples (512 = 5.12 s)")
+    p.add_argument("--seed-image", default=None, help="PNG to start from (width x 512)")
+    p.add_argument("--mask", default=None, help="grayscale PNG: white = regenerate, black = keep")
+
+
+def _load_engine(args: argparse.Namespace) -> Any:
+    from riffusion_engine.engine.pipeline import Engine
+
+    return Engine.load(
+        args.model,
+        artifacts=args.artifacts,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+        progress=True,
+    )
+
+
+def _open_image(path: str | None, what: str) -> Any:
+    if path is None:
+        return None
+    from riffusion_engine.kernels.image import load_image
+
+    try:
+        return load_image(path)
+    except RiffusionError as exc:
+        raise RiffusionError(f"{what}: {exc}") from exc
+
+
+def _timing_line(clip: Any) -> str:
+    t = clip.timings
+    steps = int(t.get("unet_steps", 0))
+    parts = [f"text encoder {t.get('text_encoder', 0):.2f} s"]
+    if "vae_encoder" in t:
+        parts.append(f"vae encoder {t['vae_encoder']:.2f} s")
+    parts.append(
+        f"unet {t.get('unet', 0):.2f} s ({steps} steps, {t.get('unet', 0) / max(steps, 1):.3f} s/step)"
+    )
+    parts.append(f"vae decoder {t.get('vae_decoder', 0):.2f} s")
+    parts.append(f"image->audio {t.get('image_to_audio', 0):.2f} s")
+    total = sum(v for k, v in t.items() if k != "unet_steps")
+    rtf = total / clip.duration_s
+    parts.append(f"total {total:.2f} s for {clip.duration_s:.2f} s of audio (real-time factor {rtf:.2f})")
+    return " | ".join(parts)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from riffusion_engine.engine.pipeline import PromptInput, Request
+    from riffusion_engine.kernels.audio import check_audio_output
+    from riffusion_engine.kernels.files import check_output_path
+
+    out = check_audio_output(args.output)
+    image_out = check_output_path(args.image, (".png",)) if args.image else None
+    request = Request(
+        PromptInput(args.prompt, args.seed, args.negative_prompt, args.guidance, args.denoising),
+        steps=args.steps,
+        width=args.width,
+        scheduler=args.scheduler,
+        seed_image=_open_image(args.seed_image, "seed image"),
+        mask=_open_image(args.mask, "mask"),
+    )
+    engine = _load_engine(args)
+    engine.check(request)
+    (clip,) = engine.run([request], progress=True)
+    clip.save(out)
+    if image_out:
+        clip.save(image_out)
+    print(_timing_line(clip))
+    print(f"wrote {out}" + (f" and {image_out}" if image_out else ""))
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> None:
+    import numpy as np
+    from riffusion_engine.engine.pipeline import PromptInput, Request
+    from riffusion_engine.kernels.audio import save_audio
+
+    if args.clips < 1:
+        raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_image = _open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
+    mask = _open_image(args.mask, "mask")
+    start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
+    end = PromptInput(args.end, args.end_seed, args.negative_prompt, args.guidance, args.denoising)
+    requests = [
+        Request(start, end, min(0.25 * i, 1.0), args.steps, args.width, args.scheduler, seed_image, mask)
+        for i in range(args.clips)
+    ]
+    engine = _load_engine(args)
+    for request in requests:
+        engine.check(request)
+    audio = []
+    rate = 0
+    for i, request in enumerate(requests):
+        (clip,) = engine.run([request], progress=True)
+        clip.save(out_dir / f"clip_{i:03d}.wav")
+        clip.save(out_dir / f"clip_{i:03d}.png")
+        audio.append(clip.audio)
+        rate = clip.sample_rate
+        print(f"clip {i} (alpha {request.alpha:.2f}): {_timing_line(clip)}")
+    save_audio(out_dir / "joined.wav", np.concatenate(audio, axis=-1), rate)
+    print(f"wrote {len(requests)} clips and joined.wav to {out_dir}")
+
+
+def _beat_seed_image(width: int) -> Any:
+    """A seed image of a beat the project synthesizes, ``width`` columns wide."""
+    from riffusion_engine.kernels.convert import image_from_audio
+    from riffusion_engine.kernels.params import SpectrogramParams
+    from riffusion_engine.kernels.synth import music_like
+
+    params = SpectrogramParams()
+    seconds = (width - 1) * params.step_size_ms / 1000
+    return image_from_audio(music_like(seconds, sample_rate=params.sample_rate, seed=0), params.sample_rate)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine.export.exporter import ExportConfig, export
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    result = export(ExportConfig(model="random:tiny"), out_dir / "export", progress=True)
+    export_s = time.perf_counter() - begin
+    engine = Engine.load(artifacts=out_dir / "export", backend="onnxruntime")
+    clip = engine.generate(args.prompt, seed=args.seed, steps=args.steps, progress=True)
+    clip.save(out_dir / "clip.wav")
+    clip.save(out_dir / "spectrogram.png")
+    t = clip.timings
+    rows = [("export (random:tiny -> ONNX)" + (", cached" if result.cache_hit else ""), export_s)]
+    rows += [
+        (name.replace("_", " "), t[key])
+        for key, name in (
+            ("text_encoder", "text encoder"),
+            ("unet", f"unet ({int(t['unet_steps'])} steps)"),
+            ("vae_decoder", "vae decoder"),
+            ("image_to_audio", "image -> audio"),
+        )
+    ]
+    print(f"{'stage':<34}{'seconds':>9}{'real-time factor':>18}")
+    for name, seconds in rows:
+        print(f"{name:<34}{seconds:>9.3f}{seconds / clip.duration_s:>18.3f}")
+    print(f"wrote {out_dir}/clip.wav and spectrogram.png ({clip.duration_s:.2f} s of audio)")
+    print(
+        "random:tiny has random weights: the clip is noise, not music. With the real checkpoint "
+        "(downloaded once from the Hugging Face hub):\n"
+        '  riffusion-engine generate "funky jazz saxophone" -o clip.wav --image clip.png'
+    )
 
 
 def _add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
@@ -219,19 +405,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
+        "generate",
+        help="generate a clip from a prompt",
+        description="Prompt -> spectrogram image -> audio. Runs a model source on the torch backend, or "
+        "an export directory (--artifacts) on onnxruntime / tensorrt; with a model source and a "
+        "non-torch backend the model is exported on first use into --cache-dir. The audio format "
+        "follows the extension of -o (.wav .flac .ogg .mp3).",
+    )
+    p.add_argument("prompt", help="what to generate; (word:1.3) and [word] set emphasis")
+    _add_engine_args(p)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument(
+        "--guidance", type=float, default=7.0, help="guidance scale; <= 1 turns it off (default: 7)"
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--denoising", type=float, default=0.75, help="with --seed-image: share regenerated (0..1)"
+    )
+    p.add_argument("-o", "--output", required=True, help="output audio file")
+    p.add_argument("--image", default=None, help="also write the spectrogram PNG here")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "interpolate",
+        help="a continuous sequence of clips moving from one prompt to another",
+        description="Riffusion's web-app sequence: clip i is the start and end prompts blended at "
+        "alpha = min(0.25 i, 1), all from one seed image for continuity (by default a beat the "
+        "project synthesizes). Writes clip_000.wav ... and joined.wav (and the PNGs) to DIR.",
+    )
+    p.add_argument("--start", required=True, help="start prompt (alpha 0)")
+    p.add_argument("--end", required=True, help="end prompt (alpha 1)")
+    p.add_argument("--start-seed", type=int, default=0, help="start noise seed (default: 0)")
+    p.add_argument("--end-seed", type=int, default=1, help="end noise seed (default: 1)")
+    p.add_argument("--clips", type=int, default=5, help="number of clips (default: 5)")
+    _add_engine_args(p)
+    p.add_argument("--negative-prompt", default=None, help="negative prompt of both ends")
+    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default: 7)")
+    p.add_argument("--denoising", type=float, default=0.75, help="share of the seed image regenerated")
+    _add_run_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_cmd_interpolate)
+
+    p = sub.add_parser(
         "demo",
-        help="round trip synthesized music through a spectrogram image",
+        help="offline end-to-end run on random:tiny through ONNX Runtime",
+        description="Exports random:tiny to ONNX (cached in DIR/export), generates a clip through the "
+        "onnxruntime backend and writes clip.wav, spectrogram.png and a per-stage timing table. "
+        "Random weights do not make music: this shows the machinery, offline, in seconds.",
+    )
+    p.add_argument(
+        "-o", "--output", default="riffusion-demo", help="output directory (default: riffusion-demo)"
+    )
+    p.add_argument("--prompt", default="a funky jazz beat", help="prompt (default: a funky jazz beat)")
+    p.add_argument("--steps", type=int, default=25, help="scheduler steps (default: 25)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "roundtrip",
+        help="round trip synthesized music through a spectrogram image (no model)",
         description="Synthesizes 5.11 s of music-like audio, converts it to a spectrogram image and "
         "back, and prints per-stage timings. Offline; needs no model.",
     )
     p.add_argument(
-        "-o", "--output", default="riffusion-demo", help="output directory (default: riffusion-demo)"
+        "-o",
+        "--output",
+        default="riffusion-roundtrip",
+        help="output directory (default: riffusion-roundtrip)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthesized audio")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (NumPy/SciPy) or cuda (CuPy)"
     )
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_roundtrip)
     return parser
 
 

@@ -72,9 +72,15 @@ def min_frames(params: SpectrogramParams) -> int:
 
 def image_from_spectrogram(mel: Any, params: SpectrogramParams, *, max_value: float | None = None) -> Any:
     """A PIL image with the parameters and max value in its EXIF."""
+    pixels, max_value = pixels_from_spectrogram(xpm.to_numpy(mel), params, max_value=max_value)
+    return image_from_pixels(pixels, params, max_value=max_value)
+
+
+def image_from_pixels(pixels: np.ndarray, params: SpectrogramParams, *, max_value: float) -> Any:
+    """A PIL image of RGB pixels ``(height, width, 3)`` uint8, with the parameters and
+    max value in its EXIF."""
     from PIL import Image
 
-    pixels, max_value = pixels_from_spectrogram(xpm.to_numpy(mel), params, max_value=max_value)
     image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
     exif = image.getexif()
     exif.update(params.to_exif())

@@ -83,8 +83,8 @@ def test_error_cases(tmp_path: Path, wav_22k_stereo: Path) -> None:
     assert list(tmp_path.glob(".out*")) == []  # no temporary files left behind
 
 
-def test_demo_round_trip(tmp_path: Path) -> None:
-    result = run("demo", "-o", str(tmp_path / "demo"))
+def test_roundtrip(tmp_path: Path) -> None:
+    result = run("roundtrip", "-o", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     for name in ("source.wav", "spectrogram.png", "roundtrip.wav"):
         assert (tmp_path / "demo" / name).is_file()

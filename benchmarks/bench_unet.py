@@ -1,0 +1,67 @@
+"""One UNet call with guidance (batch 2, latent 64x64), torch backend against ONNX
+Runtime backend, alternated in one process.
+
+    python benchmarks/bench_unet.py --model random:full --artifacts exports/full --runs 5
+
+``--artifacts`` is an export of the same model (``riffusion-engine export``). Prints the
+median and 90th percentile per backend, the ratio, and the largest difference between
+their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random:full", help="model source for the torch backend")
+    parser.add_argument("--artifacts", required=True, help="export directory of the same model")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per backend (default: 5)")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+
+    import torch
+    from riffusion_engine.engine.backends import OnnxRuntimeBackend, TorchBackend
+    from riffusion_engine.engine.models import load_components
+
+    components = load_components(args.model)
+    backends = {
+        "torch": TorchBackend(components),
+        "onnxruntime": OnnxRuntimeBackend(args.artifacts),
+    }
+    hidden = components.text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(2, 4, 64, 64, generator=generator),
+        "timestep": torch.tensor([500.0, 500.0]),
+        "encoder_hidden_states": torch.randn(2, 77, hidden, generator=generator),
+    }
+    outputs = {name: backend.run("unet", inputs) for name, backend in backends.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(args.runs):
+        for name, backend in backends.items():  # alternated: drift hits both
+            start = time.perf_counter()
+            backend.run("unet", inputs)
+            times[name].append(time.perf_counter() - start)
+    report = {
+        name: {"median_s": float(np.median(t)), "p90_s": float(np.percentile(t, 90)), "runs": t}
+        for name, t in times.items()
+    }
+    report["speedup_onnxruntime_vs_torch"] = report["torch"]["median_s"] / report["onnxruntime"]["median_s"]
+    report["max_abs_difference"] = float((outputs["torch"] - outputs["onnxruntime"]).abs().max())
+    for name in backends:
+        print(f"{name:<12} median {report[name]['median_s']:.3f} s  p90 {report[name]['p90_s']:.3f} s")
+    print(f"onnxruntime / torch speedup {report['speedup_onnxruntime_vs_torch']:.2f}x, "
+          f"max |difference| {report['max_abs_difference']:.2e}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Backends: one small interface, one class per runtime.
+
+A backend runs a stage (``text_encoder``, ``unet``, ``vae_decoder``, ``vae_encoder``;
+see ``engine/stages.py``) on torch tensors that live on its device and returns the
+stage's one output there, so on a GPU nothing leaves the device between stages:
+
+- ``torch``: eager PyTorch from a model source, the reference-exact path;
+- ``onnxruntime``: ONNX files from an export directory, on the CPU, CUDA or TensorRT
+  execution provider, with IO binding (inputs and outputs bound to torch tensors'
+  memory, no copies);
+- ``tensorrt``: native engines from an export directory, device buffers as torch CUDA
+  tensors, CUDA graphs when the export's profile is static.
+
+Heavy imports happen inside the backend that needs them; a backend that cannot run here
+raises one RiffusionError saying what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+from . import artifacts
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+Device = Literal["cpu", "cuda"]
+Provider = Literal["cpu", "cuda", "tensorrt"]
+
+
+class Backend(ABC):
+    """Runs the chain's stages on one device."""
+
+    name: str
+    device: Device
+
+    @abstractmethod
+    def run(self, stage: str, inputs: dict[str, Any]) -> Any:
+        """The stage's output tensor for ``inputs`` (name -> torch tensor on the device)."""
+
+    def torch_device(self) -> Any:
+        import torch
+
+        return torch.device(self.device)
+
+
+def check_device(device: str) -> Device:
+    if device not in ("cpu", "cuda"):
+        raise RiffusionError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RiffusionError("device cuda: torch sees no CUDA GPU (a CPU build of torch, or no GPU)")
+    return device  # type: ignore[return-value]
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch on the stage modules, fp32 (the reference) or fp16 on CUDA."""
+
+    name = "torch"
+
+    def __init__(self, components: Any, *, device: str = "cpu", fp16: bool = False) -> None:
+        import torch
+
+        from .stages import STAGE_NAMES, stage_module
+
+        self.device = check_device(device)
+        if fp16 and self.device != "cuda":
+            raise RiffusionError("the torch backend runs fp16 on cuda only")
+        dtype = torch.float16 if fp16 else torch.float32
+        self.dtype = dtype
+        self.modules = {
+            name: stage_module(components, name).to(device=self.device, dtype=dtype) for name in STAGE_NAMES
+        }
+
+    def run(self, stage: str, inputs: dict[str, Any]) -> Any:
+        import torch
+
+        cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            return self.modules[stage](**cast).float()
+
+
+class ExportBackend(Backend):
+    """Shared by the backends that run an export directory: the manifest and the
+    sizing of output buffers from the stage specs it records."""
+
+    def __init__(self, directory: str | Path, *, device: str) -> None:
+        self.directory = Path(directory)
+        self.device = check_device(device)
+        self.manifest = artifacts.load_manifest(self.directory)
+
+    def spec(self, stage: str) -> dict[str, Any]:
+        if stage not in self.manifest["stages"]:
+            raise RiffusionError(f"export {str(self.directory)!r} has no {stage} stage")
+        return self.manifest["stages"][stage]["spec"]
+
+    def output_shape(self, stage: str, inputs: dict[str, Any]) -> tuple[int, ...]:
+        """The output's shape, from the inputs' sizes and the spec's dimension table."""
+        spec = self.spec(stage)
+        sizes: dict[str, int] = {}
+        for tensor in spec["inputs"]:
+            for dim, size in zip(tensor["shape"], inputs[tensor["name"]].shape, strict=True):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+        (output,) = spec["outputs"]
+        shape = []
+        for dim in output["shape"]:
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim in sizes:
+                shape.append(sizes[dim])
+            else:
+                entry = spec["dims"][dim]
+                shape.append(sizes[entry["base"]] * entry["factor"])
+        return tuple(shape)
+
+    def check_inputs(self, stage: str, inputs: dict[str, Any]) -> None:
+        spec = self.spec(stage)
+        names = [t["name"] for t in spec["inputs"]]
+        if sorted(inputs) != sorted(names):
+            raise RiffusionError(f"stage {stage} takes {', '.join(names)}, got {', '.join(inputs)}")
+
+
+class OnnxRuntimeBackend(ExportBackend):
+    """ONNX Runtime with IO binding on an export directory."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        device: str = "cpu",
+        provider: Provider | None = None,
+        threads: int = 0,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RiffusionError(
+                "the onnxruntime backend needs ONNX Runtime: pip install 'riffusion-engine[models]' "
+                "(or onnxruntime-gpu for CUDA)"
+            ) from exc
+        super().__init__(directory, device=device)
+        provider = provider or ("cuda" if self.device == "cuda" else "cpu")
+        names = {
+            "cpu": ["CPUExecutionProvider"],
+            "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        }[provider]
+        missing = [p for p in names if p not in ort.get_available_providers()]
+        if missing:
+            raise RiffusionError(
+                f"ONNX Runtime here lacks {', '.join(missing)}: pip install onnxruntime-gpu "
+                "(the gpu extra) on a machine with CUDA"
+            )
+        if provider != "cpu" and self.device != "cuda":
+            raise RiffusionError(f"the {provider} execution provider needs --device cuda")
+        self.providers = names
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.log_severity_level = 3
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self._ort = ort
+        self._sessions: dict[str, Any] = {}
+
+    def session(self, stage: str) -> Any:
+        if stage not in self._sessions:
+            self.spec(stage)
+            path = self.directory / f"{stage}.onnx"
+            self._sessions[stage] = self._ort.InferenceSession(
+                str(path), self.options, providers=self.providers
+            )
+        return self._sessions[stage]
+
+    def run(self, stage: str, inputs: dict[str, Any]) -> Any:
+        import numpy as np
+        import torch
+
+        self.check_inputs(stage, inputs)
+        session = self.session(stage)
+        binding = session.io_binding()
+        device_id = inputs[next(iter(inputs))].device.index or 0
+        kept = []  # the bound tensors must outlive the run
+        for name, tensor in inputs.items():
+            tensor = tensor.to(self.torch_device()).contiguous()
+            kept.append(tensor)
+            dtype = {torch.float32: np.float32, torch.int32: np.int32}[tensor.dtype]
+            binding.bind_input(name, self.device, device_id, dtype, tuple(tensor.shape), tensor.data_ptr())
+        (output,) = self.spec(stage)["outputs"]
+        out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device=self.torch_device())
+        binding.bind_output(
+            output["name"], self.device, device_id, np.float32, tuple(out.shape), out.data_ptr()
+        )
+        session.run_with_iobinding(binding)
+        return out
+
+
+class TensorRTBackend(ExportBackend):
+    """TensorRT engines (``<stage>.plan``) on device buffers; CUDA graphs for static profiles."""
+
+    name = "tensorrt"
+
+    def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
+        if device != "cuda":
+            raise RiffusionError("the tensorrt backend runs on --device cuda")
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise RiffusionError(
+                "the tensorrt backend needs TensorRT: pip install 'riffusion-engine[tensorrt]'"
+            ) from exc
+        super().__init__(directory, device=device)
+        if self.manifest["target"] != "tensorrt":
+            raise RiffusionError(
+                f"export {str(self.directory)!r} has no TensorRT engines; export with --target tensorrt"
+            )
+        import torch
+
+        self._trt = trt
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engines: dict[str, tuple[Any, Any]] = {}
+        self._stream = torch.cuda.Stream()
+        self.static = bool(self.manifest["profile"]["static"])
+        self._graphs: dict[str, tuple[Any, dict[str, Any], Any]] = {}
+
+    def _context(self, stage: str) -> Any:
+        if stage not in self._engines:
+            self.spec(stage)
+            engine = self._runtime.deserialize_cuda_engine((self.directory / f"{stage}.plan").read_bytes())
+            if engine is None:
+                raise RiffusionError(f"TensorRT cannot load {stage}.plan (built by another TensorRT or GPU?)")
+            self._engines[stage] = (engine, engine.create_execution_context())
+        return self._engines[stage][1]
+
+    def run(self, stage: str, inputs: dict[str, Any]) -> Any:
+        import torch
+
+        self.check_inputs(stage, inputs)
+        if self.static:
+            return self._run_graph(stage, inputs)
+        context = self._context(stage)
+        out = self._bind(stage, context, {k: v.contiguous() for k, v in inputs.items()})
+        with torch.cuda.stream(self._stream):
+            if not context.execute_async_v3(self._stream.cuda_stream):
+                raise RiffusionError(f"TensorRT failed to run {stage}")
+        self._stream.synchronize()
+        return out
+
+    def _bind(self, stage: str, context: Any, inputs: dict[str, Any]) -> Any:
+        import torch
+
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        (output,) = self.spec(stage)["outputs"]
+        out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(output["name"], out.data_ptr())
+        return out
+
+    def _run_graph(self, stage: str, inputs: dict[str, Any]) -> Any:
+        """Static shapes: capture the engine's launch in a CUDA graph once, then copy
+        inputs into its buffers and replay it."""
+        import torch
+
+        if stage not in self._graphs:
+            context = self._context(stage)
+            buffers = {k: v.clone().contiguous() for k, v in inputs.items()}
+            out = self._bind(stage, context, buffers)
+            with torch.cuda.stream(self._stream):
+                context.execute_async_v3(self._stream.cuda_stream)  # warm-up outside the capture
+                self._stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self._stream):
+                    context.execute_async_v3(self._stream.cuda_stream)
+            self._graphs[stage] = (graph, buffers, out)
+        graph, buffers, out = self._graphs[stage]
+        for name, tensor in inputs.items():
+            if tuple(tensor.shape) != tuple(buffers[name].shape):
+                raise RiffusionError(
+                    f"{stage}: input {name} has shape {tuple(tensor.shape)}; this static export takes "
+                    f"{tuple(buffers[name].shape)}"
+                )
+            buffers[name].copy_(tensor)
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone()
+
+
+def create_backend(
+    name: str,
+    *,
+    components: Any = None,
+    directory: str | Path | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> Backend:
+    """The backend ``name`` (``auto``: see ``auto_backend``) over ``components`` (torch)
+    or an export ``directory`` (the others)."""
+    if name == "auto":
+        name = auto_backend(device)
+    if name not in BACKENDS:
+        raise RiffusionError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    if name == "torch":
+        if components is None:
+            raise RiffusionError(
+                "the torch backend runs from a model source (--model), not an export directory"
+            )
+        return TorchBackend(components, device=device, **options)
+    if directory is None:
+        raise RiffusionError(f"the {name} backend runs from an export directory")
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(directory, device=device, **options)
+    return TensorRTBackend(directory, device=device, **options)
+
+
+def auto_backend(device: str) -> str:
+    """TensorRT on a GPU where it is installed, else ONNX Runtime (fastest measured on
+    this project's CPU benchmarks), else torch."""
+    import importlib.util
+
+    if device == "cuda" and importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    return "torch"

@@ -1,0 +1,125 @@
+"""Building an Engine: from a model source (torch, or exported on first use) or an
+export directory (ONNX Runtime, TensorRT)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+from .backends import BACKENDS, auto_backend, create_backend
+from .models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """Where exports made on first use live: $XDG_CACHE_HOME/riffusion-engine/exports."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "riffusion-engine" / "exports"
+
+
+def load_engine(
+    engine_class: Any,
+    model: str | None,
+    *,
+    artifacts: str | Path | None,
+    backend: str,
+    device: str,
+    precision: str,
+    cache_dir: str | Path | None,
+    seed: int,
+    progress: bool,
+    **options: Any,
+) -> Any:
+    from .pipeline import ModelShape
+
+    if backend == "auto":
+        backend = auto_backend(device)
+    if backend not in BACKENDS:
+        raise RiffusionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
+    if model is not None and artifacts is not None:
+        raise RiffusionError("give a model source or an export directory, not both")
+    if backend == "torch":
+        if artifacts is not None:
+            raise RiffusionError("the torch backend runs from a model source (--model), not an export")
+        from .models import load_components
+
+        components = load_components(model or DEFAULT_MODEL, seed=seed)
+        runner = create_backend("torch", components=components, device=device, fp16=precision == "fp16")
+        vae = components.vae.config
+        shape = ModelShape(
+            latent_channels=components.unet.config.in_channels,
+            vae_factor=2 ** (len(vae.block_out_channels) - 1),
+            pixel_multiple=8,  # diffusers' UNet takes any latent size
+        )
+        return engine_class(runner, components.tokenizer, dict(components.scheduler.config), shape)
+    if artifacts is None:
+        artifacts = export_on_first_use(
+            model or DEFAULT_MODEL,
+            backend=backend,
+            precision=precision,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
+        )
+    runner = create_backend(backend, directory=artifacts, device=device, **options)
+    return engine_from_export(engine_class, runner, Path(artifacts))
+
+
+def engine_from_export(engine_class: Any, runner: Any, directory: Path) -> Any:
+    """An engine over a backend that runs ``directory``: its tokenizer, scheduler config
+    and sizes come from the directory and its manifest."""
+    from transformers import CLIPTokenizer
+
+    from .pipeline import ModelShape
+
+    manifest = runner.manifest
+    missing = [s for s in ("text_encoder", "unet", "vae_decoder") if s not in manifest["stages"]]
+    if missing:
+        raise RiffusionError(f"export {str(directory)!r} lacks the {', '.join(missing)} stage(s)")
+    unet = manifest["stages"]["unet"]["spec"]
+    decoder = manifest["stages"]["vae_decoder"]["spec"]
+    (sample,) = [t for t in unet["inputs"] if t["name"] == "sample"]
+    shape = ModelShape(
+        latent_channels=sample["shape"][1],
+        vae_factor=decoder["dims"]["height"]["factor"],
+        pixel_multiple=manifest["model"]["pixel_multiple"],
+        height=manifest["profile"]["height"],
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    return engine_class(runner, tokenizer, scheduler_config, shape)
+
+
+def export_on_first_use(
+    model: str,
+    *,
+    backend: str,
+    precision: str,
+    cache_dir: str | Path | None,
+    seed: int,
+    progress: bool,
+) -> Path:
+    """The export directory for ``model`` in the cache, exported now unless an export
+    with a matching key is already there."""
+    # The one place the runtime reaches for the exporter, and only when asked to.
+    from riffusion_engine.export.exporter import ExportConfig, export
+
+    target = "tensorrt" if backend == "tensorrt" else "onnx"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
+    digest = hashlib.sha256(json.dumps([model, seed, target, precision]).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{target}-{precision}-{digest}"
+    result = export(
+        ExportConfig(model=model, target=target, precision=precision, seed=seed),  # type: ignore[arg-type]
+        directory,
+        progress=progress,
+    )
+    log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
+    return directory

@@ -1,0 +1,550 @@
+"""The chain: prompts -> text embeddings -> denoising loop -> VAE -> spectrogram -> audio.
+
+One loop serves every mode Riffusion has; the modes are parameters:
+
+- text to clip: pure noise, all the scheduler's steps;
+- interpolation: a start and an end :class:`PromptInput` blended at ``alpha`` — text
+  embeddings (negative prompts included), guidance and denoising linearly, the two
+  seeds' noise by spherical interpolation;
+- seed image: VAE-encode it (the posterior sampled with the start seed, scaled by
+  0.18215), noise it to step ``int(steps * denoising)`` from the end and denoise from
+  there, as diffusers' img2img does;
+- mask: a grayscale image downsampled 8x to latent size, white = regenerate,
+  black = keep; after each step the kept regions are reset to the seed image's latents
+  noised to the level the latents are now at (un-noised after the last step), as
+  diffusers' legacy inpainting does.
+
+Requests that share a shape, step count and scheduler run as one batch (one UNet call
+per step for all of them, unconditional and conditional rows together); each result
+equals the same request run alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from riffusion_engine.kernels.errors import RiffusionError
+from riffusion_engine.kernels.griffin_lim import GriffinLimOptions
+from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
+
+from .backends import Backend
+from .prompts import Tokens, apply_weights, tokenize
+
+log = logging.getLogger(__name__)
+
+# name -> (diffusers class, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+}
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+IMAGE_MODES = ("L", "P", "RGB", "RGBA")
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One end of a Riffusion request (its ``start`` or ``end``)."""
+
+    prompt: str  # what to generate; (word:1.3) and [word] set emphasis
+    seed: int = 0  # seed of the noise (and of the seed image's posterior sample)
+    negative_prompt: str | None = None  # what to steer away from
+    guidance: float = 7.0  # classifier-free guidance scale; <= 1 turns guidance off
+    denoising: float = 0.75  # with a seed image: share of the steps run, 0..1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise RiffusionError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise RiffusionError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if not math.isfinite(self.denoising) or not 0 <= self.denoising <= 1:
+            raise RiffusionError(f"denoising must be in [0, 1], got {self.denoising!r}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one clip depends on."""
+
+    start: PromptInput  # the prompt input (alpha 0)
+    end: PromptInput | None = None  # interpolate towards this one (alpha 1)
+    alpha: float = 0.0  # position between start and end, 0..1
+    steps: int = 50  # scheduler steps (a seed image runs int(steps * denoising) of them)
+    width: int = 512  # image width in pixels (512 = 5.12 s)
+    scheduler: str = "pndm"  # one of SCHEDULERS
+    seed_image: Any = None  # PIL image, width x 512, to start from
+    mask: Any = None  # PIL grayscale image, same size: white = regenerate, black = keep
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha) or not 0 <= self.alpha <= 1:
+            raise RiffusionError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise RiffusionError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
+        if not isinstance(self.width, int) or self.width < 8 or self.width % 8:
+            raise RiffusionError(f"width must be a positive multiple of 8 pixels, got {self.width!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise RiffusionError(
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+            )
+        if self.mask is not None and self.seed_image is None:
+            raise RiffusionError("a mask needs a seed image (it says which parts of it to keep)")
+
+    @property
+    def blend(self) -> PromptInput:
+        """Guidance and denoising at alpha (the other fields are the start's)."""
+        if self.end is None:
+            return self.start
+        a = self.alpha
+        return replace(
+            self.start,
+            guidance=(1 - a) * self.start.guidance + a * self.end.guidance,
+            denoising=(1 - a) * self.start.denoising + a * self.end.denoising,
+        )
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one batch."""
+        first = _first_step(self.steps, self.blend.denoising) if self.seed_image is not None else 0
+        return (self.steps, self.width, self.scheduler, self.seed_image is not None, first)
+
+
+@dataclass
+class Clip:
+    """A generated clip: audio, its spectrogram image and where the time went."""
+
+    audio: np.ndarray  # (channels, samples) int16
+    sample_rate: int  # Hz
+    image: Any  # PIL spectrogram image, parameters and max value in its EXIF
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.shape[-1] / self.sample_rate
+
+    def save(self, path: str | Path) -> Path:
+        """Audio by extension (.wav .flac .ogg .mp3), or the image (.png)."""
+        from riffusion_engine.kernels.audio import AUDIO_FORMATS, save_audio
+        from riffusion_engine.kernels.image import save_image
+
+        path = Path(path)
+        if path.suffix.lower() == ".png":
+            return save_image(self.image, path)
+        if path.suffix.lower() in AUDIO_FORMATS:
+            return save_audio(path, self.audio, self.sample_rate)
+        raise RiffusionError(f"cannot save a clip as {path.suffix!r}; use .png or {', '.join(AUDIO_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the chain needs to know about the model's sizes."""
+
+    latent_channels: int  # 4
+    vae_factor: int  # image pixels per latent pixel (8)
+    pixel_multiple: int  # image sizes the backend takes are multiples of this
+    height: int = 512  # image height (mel bins)
+
+
+def _first_step(steps: int, denoising: float) -> int:
+    """diffusers' img2img: the index of the first of the steps a seed image runs."""
+    return max(steps - min(int(steps * denoising), steps), 0)
+
+
+def slerp(alpha: float, a: Any, b: Any, *, dot_threshold: float = 0.9995) -> Any:
+    """Spherical interpolation of two noise tensors; linear when nearly parallel."""
+    import torch
+
+    dot = torch.sum(a * b) / (torch.linalg.norm(a) * torch.linalg.norm(b))
+    if torch.abs(dot) > dot_threshold:
+        return (1 - alpha) * a + alpha * b
+    theta = torch.acos(dot)
+    sin = torch.sin(theta)
+    return torch.sin((1 - alpha) * theta) / sin * a + torch.sin(alpha * theta) / sin * b
+
+
+class Engine:
+    """Riffusion on a backend: requests in, clips out."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Any,
+        scheduler_config: dict[str, Any],
+        shape: ModelShape,
+        *,
+        params: SpectrogramParams | None = None,
+        griffin_lim: GriffinLimOptions | None = None,
+        cache_size: int = 256,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.shape = shape
+        self.params = params or SpectrogramParams()
+        self.griffin_lim = griffin_lim or GriffinLimOptions()
+        self.cache_size = cache_size
+        self._embeddings: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        if self.params.num_frequencies != shape.height:
+            raise RiffusionError(
+                f"the spectrogram has {self.params.num_frequencies} mel bins; images are {shape.height} tall"
+            )
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        artifacts: str | Path | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **options: Any,
+    ) -> Engine:
+        """An engine from a model source (the torch backend, or exported on first use
+        into ``cache_dir`` for the others) or from an export directory."""
+        from .loading import load_engine
+
+        return load_engine(
+            cls,
+            model,
+            artifacts=artifacts,
+            backend=backend,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
+            **options,
+        )
+
+    # -- public API ---------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        steps: int = 50,
+        guidance: float = 7.0,
+        width: int = 512,
+        scheduler: str = "pndm",
+        seed_image: Any = None,
+        denoising: float = 0.75,
+        mask: Any = None,
+        progress: bool = False,
+    ) -> Clip:
+        """One clip from a prompt (optionally from a seed image and a mask)."""
+        start = PromptInput(prompt, seed, negative_prompt, guidance, denoising)
+        request = Request(
+            start, steps=steps, width=width, scheduler=scheduler, seed_image=seed_image, mask=mask
+        )
+        return self.run([request], progress=progress)[0]
+
+    def riffuse(
+        self,
+        start: PromptInput,
+        end: PromptInput | None = None,
+        alpha: float = 0.0,
+        *,
+        steps: int = 50,
+        width: int = 512,
+        scheduler: str = "pndm",
+        seed_image: Any = None,
+        mask: Any = None,
+        progress: bool = False,
+    ) -> Clip:
+        """Riffusion's interpolation form: ``start`` and ``end`` blended at ``alpha``."""
+        request = Request(start, end, alpha, steps, width, scheduler, seed_image, mask)
+        return self.run([request], progress=progress)[0]
+
+    def run(self, requests: Sequence[Request], *, progress: bool = False) -> list[Clip]:
+        """Clips for requests that share a batch key (see Request.batch_key)."""
+        timings: dict[str, float] = {}
+        images = self.images(requests, progress=progress, timings=timings)
+        return [self._clip(image, dict(timings)) for image in images]
+
+    def images(
+        self,
+        requests: Sequence[Request],
+        *,
+        progress: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> Any:
+        """The decoded spectrogram images ``(batch, height, width, 3)`` float in [0, 1]
+        (a torch tensor on the backend's device)."""
+        timings = {} if timings is None else timings
+        if not requests:
+            raise RiffusionError("no requests")
+        keys = {r.batch_key() for r in requests}
+        if len(keys) != 1:
+            raise RiffusionError(
+                "requests in one batch must share steps, width, scheduler and seed-image step"
+            )
+        for request in requests:
+            self.check(request)
+        latents = self.denoise(list(requests), progress=progress, timings=timings)
+        with _timer(timings, "vae_decoder", self.backend):
+            image = self.backend.run("vae_decoder", {"latent": latents})
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def check(self, request: Request) -> None:
+        """Raise RiffusionError for a request this engine cannot run, before any compute."""
+        multiple = self.shape.pixel_multiple
+        if request.width % multiple:
+            raise RiffusionError(
+                f"width {request.width} is not a multiple of {multiple} pixels, which this "
+                f"{self.backend.name} backend's model takes"
+            )
+        for name in ("seed_image", "mask"):
+            image = getattr(request, name)
+            if image is None:
+                continue
+            if not hasattr(image, "size") or not hasattr(image, "mode"):
+                raise RiffusionError(f"{name} must be a PIL image, got {type(image).__name__}")
+            modes = GRAYSCALE_MODES if name == "mask" else IMAGE_MODES
+            if image.mode not in modes:
+                raise RiffusionError(f"{name} has mode {image.mode}; use one of {', '.join(modes)}")
+            if tuple(image.size) != (request.width, self.shape.height):
+                raise RiffusionError(
+                    f"{name} is {image.size[0]}x{image.size[1]}; this clip is "
+                    f"{request.width}x{self.shape.height}"
+                )
+        for end in (request.start, request.end):
+            if end is not None:
+                self._tokens(end.prompt, allow_empty=False, what="prompt")
+                if end.negative_prompt is not None:
+                    self._tokens(end.negative_prompt, allow_empty=True, what="negative prompt")
+
+    # -- the chain ----------------------------------------------------------------
+
+    def _tokens(self, text: str, *, allow_empty: bool, what: str) -> Tokens:
+        return tokenize(self.tokenizer, text, allow_empty=allow_empty, what=what)
+
+    def encode(self, texts: Sequence[str], *, negative: bool = False) -> Any:
+        """Text embeddings ``(len(texts), tokens, hidden)``, cached by text."""
+        import torch
+
+        missing = [t for t in dict.fromkeys(texts) if (t, negative) not in self._embeddings]
+        if missing:
+            what = "negative prompt" if negative else "prompt"
+            tokens = [self._tokens(t, allow_empty=negative, what=what) for t in missing]
+            ids = torch.from_numpy(np.stack([t.ids for t in tokens])).to(self.backend.torch_device())
+            embeddings = self.backend.run("text_encoder", {"input_ids": ids})
+            for text, token, embedding in zip(missing, tokens, embeddings, strict=True):
+                if token.weighted:
+                    weights = torch.from_numpy(token.weights).to(embedding.device)
+                    embedding = apply_weights(embedding[None], weights[None])[0]
+                self._embeddings[(text, negative)] = embedding
+                while len(self._embeddings) > self.cache_size:
+                    self._embeddings.popitem(last=False)
+        for text in texts:
+            self._embeddings.move_to_end((text, negative))
+        return torch.stack([self._embeddings[(t, negative)] for t in texts])
+
+    def _embeddings_at_alpha(self, requests: list[Request], *, negative: bool) -> Any:
+        import torch
+
+        def text(p: PromptInput) -> str:
+            return (p.negative_prompt or "") if negative else p.prompt
+
+        start = self.encode([text(r.start) for r in requests], negative=negative)
+        if all(r.end is None for r in requests):
+            return start
+        end = self.encode([text(r.end or r.start) for r in requests], negative=negative)
+        alpha = self._column([r.alpha if r.end is not None else 0.0 for r in requests], start.ndim)
+        return torch.lerp(start, end, alpha)  # exactly start at 0 and end at 1
+
+    def _column(self, values: Sequence[float], ndim: int) -> Any:
+        import torch
+
+        shape = (len(values),) + (1,) * (ndim - 1)
+        return torch.tensor(values, dtype=torch.float32, device=self.backend.torch_device()).reshape(shape)
+
+    def make_scheduler(self, name: str) -> Any:
+        import diffusers
+
+        class_name, overrides = SCHEDULERS[name]
+        # The whole config, bookkeeping keys included: from_config uses them to let another
+        # scheduler class keep its own defaults where the checkpoint's class used defaults.
+        cls = getattr(diffusers, class_name)
+        scheduler = cls.from_config({**self.scheduler_config, **overrides})
+        # diffusers' Stable Diffusion pipelines correct two legacy settings of SD 1.x
+        # configs when they are built; so does the engine, to run the same schedule.
+        fixes = {}
+        if getattr(scheduler.config, "steps_offset", 1) != 1:
+            fixes["steps_offset"] = 1
+        if getattr(scheduler.config, "clip_sample", False) is True:
+            fixes["clip_sample"] = False
+        return cls.from_config(scheduler.config, **fixes) if fixes else scheduler
+
+    def _noise(self, requests: list[Request], shape: tuple[int, ...]) -> tuple[Any, Any, list[Any]]:
+        """Per request: the posterior draws for a seed image, the slerped noise, and the
+        start seed's generator (drawn in that order from it, as diffusers does)."""
+        import torch
+
+        generators, eps, noise = [], [], []
+        for request in requests:
+            generator = torch.Generator("cpu").manual_seed(request.start.seed)
+            if request.seed_image is not None:
+                eps.append(torch.randn(shape, generator=generator))
+            a = torch.randn(shape, generator=generator)
+            if request.end is not None and request.alpha > 0:
+                b = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.end.seed))
+                a = slerp(request.alpha, a, b)
+            noise.append(a)
+            generators.append(generator)
+        device = self.backend.torch_device()
+        eps_batch = torch.stack(eps).to(device) if eps else None
+        return eps_batch, torch.stack(noise).to(device), generators
+
+    def denoise(
+        self, requests: Sequence[Request], *, progress: bool = False, timings: dict[str, float] | None = None
+    ) -> Any:
+        """The final latents ``(batch, 4, h, w)`` of requests that share a batch key."""
+        import torch
+        from tqdm.auto import tqdm
+
+        requests = list(requests)
+        timings = {} if timings is None else timings
+        first = requests[0]
+        device = self.backend.torch_device()
+        latent_shape = (
+            self.shape.latent_channels,
+            self.shape.height // self.shape.vae_factor,
+            first.width // self.shape.vae_factor,
+        )
+        blends = [r.blend for r in requests]
+        guidance = [b.guidance for b in blends]
+        cfg = any(g > 1 for g in guidance)
+        with _timer(timings, "text_encoder", self.backend):
+            cond = self._embeddings_at_alpha(requests, negative=False)
+            embeddings = (
+                torch.cat([self._embeddings_at_alpha(requests, negative=True), cond]) if cfg else cond
+            )
+
+        scheduler = self.make_scheduler(first.scheduler)
+        scheduler.set_timesteps(first.steps, device=device)
+        timesteps = scheduler.timesteps
+        eps, noise, generators = self._noise(requests, latent_shape)
+        init = mask = None
+        if first.seed_image is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            start = _first_step(first.steps, blends[0].denoising) * scheduler.order
+            timesteps = timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            image = _image_batch([r.seed_image for r in requests]).to(device)
+            with _timer(timings, "vae_encoder", self.backend):
+                init = self.backend.run("vae_encoder", {"image": image, "noise": eps})
+            if len(timesteps):
+                latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(requests)))
+            else:
+                latents = init
+            if any(r.mask is not None for r in requests):
+                mask = torch.stack([_mask_tensor(r.mask, latent_shape) for r in requests]).to(device)
+
+        step_kwargs = {}
+        step_parameters = inspect.signature(scheduler.step).parameters
+        if "generator" in step_parameters:  # ancestral samplers draw per request, seeded
+            step_kwargs["generator"] = generators[0] if len(requests) == 1 else generators
+        scale = self._column(guidance, 4)
+        unet_seconds = 0.0
+        bar = tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)
+        for i, t in enumerate(bar):
+            rows = torch.cat([latents] * 2) if cfg else latents
+            rows = scheduler.scale_model_input(rows, t)
+            timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
+            begin = time.perf_counter()
+            predicted = self.backend.run(
+                "unet", {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
+            )
+            unet_seconds += time.perf_counter() - begin
+            if cfg:
+                uncond, text = predicted.chunk(2)
+                predicted = uncond + scale * (text - uncond)
+            latents = scheduler.step(predicted, t, latents, **step_kwargs, return_dict=False)[0]
+            if mask is not None:
+                if i + 1 < len(timesteps):
+                    level = timesteps[i + 1 : i + 2].repeat(len(requests))
+                    kept = scheduler.add_noise(init, noise, level)
+                else:
+                    kept = init
+                # Requests without a mask regenerate everywhere.
+                latents = kept * (1 - mask) + latents * mask
+        timings["unet"] = timings.get("unet", 0.0) + unet_seconds
+        timings["unet_steps"] = len(timesteps)
+        return latents
+
+    def _clip(self, image: Any, timings: dict[str, float]) -> Clip:
+        """Pixels -> spectrogram -> audio, on the backend's device."""
+        import torch
+        from riffusion_engine.kernels import xp as xpm
+        from riffusion_engine.kernels.convert import audio_from_spectrogram
+        from riffusion_engine.kernels.image import image_from_pixels, spectrogram_from_pixels
+
+        begin = time.perf_counter()
+        pixels = (image * 255).round().to(torch.uint8)  # (height, width, 3), as diffusers rounds
+        xp = xpm.get_xp(self.backend.device)
+        mel = spectrogram_from_pixels(
+            xpm.as_array(pixels, xp), self.params, max_value=DEFAULT_MAX_VALUE, xp=xp
+        )
+        audio = audio_from_spectrogram(mel, self.params, self.griffin_lim, device=self.backend.device)
+        timings["image_to_audio"] = time.perf_counter() - begin
+        picture = image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
+        return Clip(audio=audio, sample_rate=self.params.sample_rate, image=picture, timings=timings)
+
+
+def _image_batch(images: list[Any]) -> Any:
+    """PIL images -> ``(batch, 3, height, width)`` float in [-1, 1], as diffusers
+    preprocesses them (a channels-last view of the pixels, which the torch backend's
+    convolutions see exactly as diffusers' do)."""
+    import torch
+
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
+    return torch.from_numpy(pixels * 2 - 1).permute(0, 3, 1, 2)
+
+
+def _mask_tensor(mask: Any, latent_shape: tuple[int, int, int]) -> Any:
+    """A grayscale PIL mask -> ``(channels, h, w)`` in [0, 1], 1 = regenerate; no mask =
+    regenerate everywhere. Downsampled to latent size by nearest neighbour, as Riffusion does."""
+    import torch
+    from PIL import Image
+
+    channels, height, width = latent_shape
+    if mask is None:
+        return torch.ones(latent_shape)
+    small = mask.convert("L").resize((width, height), resample=Image.NEAREST)
+    values = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+    return values.expand(channels, height, width).contiguous()
+
+
+class _timer:
+    """Adds the block's wall time to ``timings[name]``, after the device finishes."""
+
+    def __init__(self, timings: dict[str, float], name: str, backend: Backend) -> None:
+        self.timings, self.name, self.backend = timings, name, backend
+
+    def __enter__(self) -> None:
+        self.begin = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.backend.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.begin

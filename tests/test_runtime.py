@@ -1,0 +1,389 @@
+"""The runtime on random:tiny: parity with diffusers' pipelines, Riffusion's modes,
+determinism, batching, backends and bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+
+from conftest import run_cli  # noqa: E402
+from PIL import Image  # noqa: E402
+from riffusion_engine.engine import artifacts  # noqa: E402
+from riffusion_engine.engine.pipeline import SCHEDULERS, Engine, PromptInput, Request, slerp  # noqa: E402
+from riffusion_engine.engine.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+# The onnxruntime backend against diffusers in fp32 (max |difference| of [0, 1] images):
+# observed about 2e-6 on random:tiny; generous for other CPUs' kernels.
+ONNX_IMAGE_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="session")
+def torch_engine() -> Engine:
+    return Engine.load("random:tiny", backend="torch")
+
+
+@pytest.fixture(scope="session")
+def ort_engine(tiny_export) -> Engine:
+    return Engine.load(artifacts=tiny_export[0], backend="onnxruntime")
+
+
+def reference_pipeline(tiny, kind: str = "text", scheduler: str = "pndm"):
+    """diffusers' own pipeline over the same components."""
+    class_name, overrides = SCHEDULERS[scheduler]
+    sched = getattr(diffusers, class_name).from_config({**dict(tiny.scheduler.config), **overrides})
+    cls = diffusers.StableDiffusionPipeline if kind == "text" else diffusers.StableDiffusionImg2ImgPipeline
+    pipe = cls(
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=tiny.unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(engine: Engine, *requests: Request) -> np.ndarray:
+    return engine.images(list(requests)).cpu().numpy()
+
+
+@pytest.fixture(scope="session")
+def seed_image() -> Image.Image:
+    pixels = np.random.default_rng(5).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_torch_backend_equals_diffusers_text_to_clip(tiny, torch_engine, scheduler: str) -> None:
+    steps = 8
+    expected = reference_pipeline(tiny, scheduler=scheduler)(
+        "a funky beat",
+        negative_prompt="noise",
+        num_inference_steps=steps,
+        guidance_scale=7.0,
+        height=512,
+        width=512,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images
+    request = Request(PromptInput("a funky beat", 3, "noise", 7.0), steps=steps, scheduler=scheduler)
+    assert np.abs(images(torch_engine, request) - expected).max() <= 1e-5
+
+
+def test_torch_backend_equals_diffusers_img2img(tiny, torch_engine, seed_image) -> None:
+    expected = reference_pipeline(tiny, "img2img")(
+        "jazz",
+        image=seed_image,
+        strength=0.6,
+        num_inference_steps=10,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(4),
+        output_type="np",
+    ).images
+    request = Request(PromptInput("jazz", 4, None, 5.0, 0.6), steps=10, seed_image=seed_image)
+    assert np.abs(images(torch_engine, request) - expected).max() <= 1e-5
+
+
+def test_onnxruntime_backend_agrees_with_diffusers(tiny, ort_engine, seed_image) -> None:
+    expected = reference_pipeline(tiny)(
+        "a funky beat",
+        num_inference_steps=6,
+        guidance_scale=7.0,
+        height=512,
+        width=512,
+        generator=torch.Generator("cpu").manual_seed(2),
+        output_type="np",
+    ).images
+    actual = images(ort_engine, Request(PromptInput("a funky beat", 2), steps=6))
+    assert np.abs(actual - expected).max() <= ONNX_IMAGE_TOLERANCE
+    gray = np.abs(np.round(actual * 255) - np.round(expected * 255))
+    assert (gray <= 1).mean() >= 0.99
+    expected = reference_pipeline(tiny, "img2img")(
+        "jazz",
+        image=seed_image,
+        strength=0.5,
+        num_inference_steps=6,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(4),
+        output_type="np",
+    ).images
+    actual = images(
+        ort_engine, Request(PromptInput("jazz", 4, denoising=0.5), steps=6, seed_image=seed_image)
+    )
+    assert np.abs(actual - expected).max() <= ONNX_IMAGE_TOLERANCE
+
+
+def test_interpolation_endpoints_are_the_plain_runs(torch_engine) -> None:
+    start = PromptInput("funky bass", 1, "noise", 6.0)
+    end = PromptInput("church organ", 9, "drums", 8.0)
+    steps = 5
+    for alpha, plain in ((0.0, start), (1.0, end)):
+        blended = images(torch_engine, Request(start, end, alpha, steps=steps))
+        assert np.array_equal(blended, images(torch_engine, Request(plain, steps=steps)))
+    middle = images(torch_engine, Request(start, end, 0.5, steps=steps))
+    assert not np.array_equal(middle, images(torch_engine, Request(start, steps=steps)))
+
+
+def test_slerp_keeps_the_norm_and_falls_back_to_lerp() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 64, 64, generator=generator), torch.randn(4, 64, 64, generator=generator)
+    for alpha in (0.25, 0.5, 0.75):
+        mixed = slerp(alpha, a, b)
+        assert float(torch.linalg.norm(mixed)) == pytest.approx(float(torch.linalg.norm(a)), rel=0.02)
+        # A linear blend of independent noise shrinks it (by about 1/sqrt(2) at 0.5).
+        assert float(torch.linalg.norm((1 - alpha) * a + alpha * b)) < 0.8 * float(torch.linalg.norm(a))
+    assert torch.equal(slerp(0.0, a, b), a)
+    nearly = a + 1e-4 * b
+    assert torch.allclose(slerp(0.3, a, nearly), 0.7 * a + 0.3 * nearly)
+
+
+def test_mask_keeps_the_seed_image_where_black(torch_engine, seed_image) -> None:
+    mask = np.zeros((512, 512), np.uint8)
+    mask[:, 256:] = 255  # regenerate the right half, keep the left
+    request = Request(
+        PromptInput("jazz", 6, denoising=0.8), steps=8, seed_image=seed_image, mask=Image.fromarray(mask, "L")
+    )
+    latents = torch_engine.denoise([request])
+    generator = torch.Generator("cpu").manual_seed(6)  # the posterior sample is the seed's first draw
+    eps = torch.randn((4, 64, 64), generator=generator)[None]
+    pixels = np.asarray(seed_image, dtype=np.float32)[None] / 255.0
+    image = torch.from_numpy(pixels * 2 - 1).permute(0, 3, 1, 2)
+    seed_latents = torch_engine.backend.run("vae_encoder", {"image": image, "noise": eps})
+    assert torch.equal(latents[..., :32], seed_latents[..., :32])
+    assert (latents[..., 32:] - seed_latents[..., 32:]).abs().max() > 0.1
+
+
+def test_same_inputs_give_bitwise_identical_clips(ort_engine) -> None:
+    first = ort_engine.generate("a funky beat", seed=7, steps=4)
+    second = ort_engine.generate("a funky beat", seed=7, steps=4)
+    assert np.array_equal(first.audio, second.audio)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    other = ort_engine.generate("a funky beat", seed=8, steps=4)
+    assert not np.array_equal(np.asarray(first.image), np.asarray(other.image))
+
+
+def test_negative_prompt_changes_the_output(torch_engine) -> None:
+    plain = images(torch_engine, Request(PromptInput("a funky beat", 3), steps=4))
+    negative = images(torch_engine, Request(PromptInput("a funky beat", 3, "drums"), steps=4))
+    assert np.abs(plain - negative).max() > 1e-3
+
+
+def test_a_batch_equals_its_requests_run_alone(torch_engine) -> None:
+    one = Request(PromptInput("funky bass", 1, None, 7.0), steps=4)
+    two = Request(PromptInput("church organ", 2, "drums", 3.0), steps=4)
+    batch = images(torch_engine, one, two)
+    # Not bitwise: torch's kernels block their sums by batch size (observed 5e-5).
+    for row, request in enumerate((one, two)):
+        alone = images(torch_engine, request)[0]
+        assert np.abs(batch[row] - alone).max() <= 1e-4
+        assert (np.abs(np.round(batch[row] * 255) - np.round(alone * 255)) <= 1).all()
+
+
+def test_wider_clips(torch_engine, ort_engine) -> None:
+    clip = torch_engine.generate("a funky beat", steps=2, width=520)
+    assert clip.image.size == (520, 512)
+    assert clip.duration_s == pytest.approx(5.19, abs=0.01)
+    assert ort_engine.generate("a funky beat", steps=2, width=768).image.size == (768, 512)
+    with pytest.raises(RiffusionError, match="not a multiple of 16 pixels"):
+        ort_engine.generate("a funky beat", steps=2, width=520)
+
+
+def test_clip_saves_audio_and_image(torch_engine, tmp_path: Path) -> None:
+    clip = torch_engine.generate("a funky beat", steps=2)
+    assert clip.audio.dtype == np.int16 and clip.sample_rate == 44100
+    assert {"text_encoder", "unet", "vae_decoder", "image_to_audio"} <= set(clip.timings)
+    for name in ("clip.wav", "clip.flac", "clip.mp3", "clip.png"):
+        assert clip.save(tmp_path / name).stat().st_size > 0
+    from riffusion_engine.kernels.image import load_image
+
+    exif = load_image(tmp_path / "clip.png").getexif()
+    assert exif[11000] == 44100 and exif[11080] == pytest.approx(30e6)
+    with pytest.raises(RiffusionError, match="cannot save"):
+        clip.save(tmp_path / "clip.txt")
+
+
+def test_prompt_weighting() -> None:
+    assert parse_weights("a (jazz:1.3) [bass] ((drums)) \\(literal\\)") == [
+        ("a ", 1.0),
+        ("jazz", 1.3),
+        (" ", 1.0),
+        ("bass", pytest.approx(1 / 1.1)),
+        (" ", 1.0),
+        ("drums", pytest.approx(1.21)),
+        (" (literal)", 1.0),
+    ]
+
+
+def test_weighted_prompts_scale_embeddings(tiny, torch_engine) -> None:
+    plain = tokenize(tiny.tokenizer, "jazz piano")
+    reference = tiny.tokenizer("jazz piano", padding="max_length", max_length=77, truncation=True).input_ids
+    assert plain.ids.tolist() == reference and not plain.weighted
+    weighted = tokenize(tiny.tokenizer, "(jazz:1.5) piano")
+    assert weighted.ids.tolist() == plain.ids.tolist() and weighted.weighted
+    embeddings = torch.randn(1, 77, 32)
+    scaled = apply_weights(embeddings, torch.from_numpy(weighted.weights)[None])
+    assert float(scaled.mean()) == pytest.approx(float(embeddings.mean()), rel=1e-4)
+    a = torch_engine.encode(["jazz piano"])
+    b = torch_engine.encode(["(jazz:1.5) piano"])
+    assert not torch.allclose(a, b)
+
+
+def test_long_prompt_is_truncated_with_a_warning(torch_engine, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        clip = torch_engine.generate("funky " * 40, steps=1)
+    assert "longer than 75 tokens" in caplog.text
+    assert clip.audio.size
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(steps=0), "steps must be"),
+        (dict(guidance=math.nan), "guidance must be"),
+        (dict(guidance=-1.0), "guidance must be"),
+        (dict(denoising=1.5), "denoising must be"),
+        (dict(width=500), "multiple of 8"),
+        (dict(scheduler="lms"), "unknown scheduler"),
+        (dict(mask=Image.new("L", (512, 512))), "mask needs a seed image"),
+        (dict(seed_image=Image.new("RGB", (256, 512))), "seed_image is 256x512"),
+        (dict(seed_image=Image.new("RGB", (512, 512)), mask=Image.new("F", (512, 512))), "mask has mode F"),
+        (dict(seed=-1), "seed must be"),
+    ],
+)
+def test_bad_input_is_a_clear_error(torch_engine, change: dict, message: str) -> None:
+    arguments = dict(prompt="a funky beat", steps=2) | change
+    with pytest.raises(RiffusionError, match=message):
+        torch_engine.generate(**arguments)
+
+
+def test_alpha_outside_zero_one() -> None:
+    with pytest.raises(RiffusionError, match="alpha must be in"):
+        Request(PromptInput("a"), PromptInput("b"), alpha=1.5)
+
+
+def test_backend_errors(tiny_export, tmp_path: Path) -> None:
+    with pytest.raises(RiffusionError, match="unknown backend"):
+        Engine.load("random:tiny", backend="jax")
+    with pytest.raises(RiffusionError, match="runs from a model source"):
+        Engine.load(artifacts=tiny_export[0], backend="torch")
+    with pytest.raises(RiffusionError, match="tensorrt backend runs on --device cuda"):
+        Engine.load(artifacts=tiny_export[0], backend="tensorrt")
+    with pytest.raises(RiffusionError, match="CUDA"):
+        Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
+    with pytest.raises(artifacts.ArtifactError, match="not a complete export"):
+        Engine.load(artifacts=tmp_path, backend="onnxruntime")
+
+
+def test_export_on_first_use_is_cached(tmp_path: Path) -> None:
+    engine = Engine.load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
+    (directory,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert artifacts.load_manifest(directory)["model"]["id"] == "random:tiny"
+    before = (directory / "unet.onnx").stat().st_mtime_ns
+    Engine.load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
+    assert (directory / "unet.onnx").stat().st_mtime_ns == before
+    assert engine.generate("a funky beat", steps=1).audio.size
+
+
+def test_cli_generate_on_both_backends(tiny_export, tmp_path: Path) -> None:
+    code, stdout, err = run_cli(
+        "generate", "a funky beat", "--model", "random:tiny", "--backend", "torch", "--steps", "3",
+        "-o", str(tmp_path / "torch.wav"), "--image", str(tmp_path / "torch.png"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "unet" in stdout and "real-time factor" in stdout
+    code, _, err = run_cli(
+        "generate", "a funky beat", "--artifacts", str(tiny_export[0]), "--backend", "onnxruntime",
+        "--steps", "3", "-o", str(tmp_path / "ort.wav"), "--image", str(tmp_path / "ort.png"),
+    )  # fmt: skip
+    assert code == 0, err
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("torch", "ort"))
+    assert (np.abs(a - b) <= 1).mean() >= 0.99
+
+
+def test_cli_generate_with_seed_image_and_mask(tmp_path: Path, seed_image) -> None:
+    seed_image.save(tmp_path / "seed.png")
+    Image.new("L", (512, 512), 255).save(tmp_path / "mask.png")
+    code, _, err = run_cli(
+        "generate", "jazz", "--model", "random:tiny", "--backend", "torch", "--steps", "4",
+        "--seed-image", str(tmp_path / "seed.png"), "--mask", str(tmp_path / "mask.png"),
+        "--denoising", "0.5", "-o", str(tmp_path / "out.flac"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "out.flac").stat().st_size > 0
+
+
+def test_cli_generate_bad_input_is_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["--steps", "0"], "steps must be"),
+        (["--guidance", "nan"], "guidance must be"),
+        (["--width", "500"], "multiple of 8"),
+        (["--seed-image", str(tmp_path / "missing.png")], "seed image"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(
+            "generate", "a beat", "--model", "random:tiny", "--backend", "torch",
+            "-o", str(tmp_path / "x.wav"), *extra,
+        )  # fmt: skip
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_cli_interpolate(tmp_path: Path) -> None:
+    code, stdout, err = run_cli(
+        "interpolate", "--start", "funky bass", "--end", "church organ", "--clips", "3",
+        "--model", "random:tiny", "--backend", "torch", "--steps", "4", "-o", str(tmp_path / "seq"),
+    )  # fmt: skip
+    assert code == 0, err
+    for i in range(3):
+        assert (tmp_path / "seq" / f"clip_{i:03d}.wav").is_file()
+    assert "alpha 0.50" in stdout
+    import soundfile
+
+    joined = soundfile.info(str(tmp_path / "seq" / "joined.wav"))
+    single = soundfile.info(str(tmp_path / "seq" / "clip_000.wav"))
+    assert joined.frames == 3 * single.frames
+
+
+def test_cli_demo(tmp_path: Path) -> None:
+    code, stdout, err = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
+    assert code == 0, err
+    assert (tmp_path / "demo" / "clip.wav").is_file() and (tmp_path / "demo" / "spectrogram.png").is_file()
+    assert "random weights" in stdout and "riffusion-engine generate" in stdout
+    code, stdout, _ = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
+    assert code == 0 and "cached" in stdout
+
+
+@pytest.mark.slow
+def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path) -> None:
+    from riffusion_engine.engine.models import load_components
+
+    full = load_components("random:full")
+    expected = reference_pipeline(full)(
+        "a funky beat",
+        num_inference_steps=2,
+        guidance_scale=7.0,
+        height=512,
+        width=512,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="np",
+    ).images
+    del full
+    request = Request(PromptInput("a funky beat", 1), steps=2)
+    actual = images(Engine.load("random:full", backend="torch"), request)
+    assert np.abs(actual - expected).max() <= 1e-5
+    ort = Engine.load("random:full", backend="onnxruntime", cache_dir=tmp_path)
+    actual = images(ort, request)
+    gray = np.abs(np.round(actual * 255) - np.round(expected * 255))
+    assert (gray <= 1).mean() >= 0.99
