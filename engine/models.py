@@ -107,6 +107,26 @@ class Components:
         return path
 
 
+def diffusers_pipeline(components: Components, *, img2img: bool = False, scheduler: Any = None) -> Any:
+    """diffusers' own Stable Diffusion pipeline (text-to-image, or img2img) over the
+    components: the reference the engine is checked and benchmarked against."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler if scheduler is not None else components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_components(model: str = DEFAULT_MODEL, *, seed: int = 0) -> Components:
     """Components from a preset name, a directory, or a hub id (downloaded through
     huggingface_hub's cache; a clear error when offline with no cached copy)."""

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 from conftest import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from riffusion_engine.engine import artifacts  # noqa: E402
+from riffusion_engine.engine.models import diffusers_pipeline  # noqa: E402
 from riffusion_engine.engine.pipeline import SCHEDULERS, Engine, PromptInput, Request, slerp  # noqa: E402
 from riffusion_engine.engine.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
@@ -39,19 +40,7 @@ def reference_pipeline(tiny, kind: str = "text", scheduler: str = "pndm"):
     """diffusers' own pipeline over the same components."""
     class_name, overrides = SCHEDULERS[scheduler]
     sched = getattr(diffusers, class_name).from_config({**dict(tiny.scheduler.config), **overrides})
-    cls = diffusers.StableDiffusionPipeline if kind == "text" else diffusers.StableDiffusionImg2ImgPipeline
-    pipe = cls(
-        vae=tiny.vae,
-        text_encoder=tiny.text_encoder,
-        tokenizer=tiny.tokenizer,
-        unet=tiny.unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(tiny, img2img=kind == "img2img", scheduler=sched)
 
 
 def images(engine: Engine, *requests: Request) -> np.ndarray:

@@ -1,0 +1,379 @@
+"""``riffusion-engine bench``: the engine's backends against the reference, side by side.
+
+The reference is diffusers' ``StableDiffusionPipeline`` in fp32 eager mode over the same
+components, scheduler, steps, seed and guidance, followed by the original audio
+conversion as maintained libraries implement it: the inverse mel scale as torchaudio's
+``InverseMelScale`` computes it (least squares against the filterbank, clipped at zero;
+here with NumPy and librosa's HTK filterbank), then librosa's Griffin-Lim (momentum 0.99,
+32 iterations, random initial phase) at Riffusion's full rate and FFT size. Each engine
+backend generates the same clip. After ``warmup`` rounds, the reference and the backends
+run alternated (A B C A B C ...) so that drift hits all of them.
+
+JSON schema (``schema`` 1)::
+
+    schema         1
+    config         the options of the run
+    environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {package: version}}
+    audio_seconds  length of the clip
+    peak_rss_bytes the process's peak resident memory (all runs; one process)
+    peak_gpu_bytes torch's peak CUDA allocation, or null
+    results        {"reference" | backend: {
+                      "stages": {stage: {"median_s", "p90_s", "runs": [seconds, ...]}},
+                      "real_time_factor": end-to-end median / audio seconds,
+                      "speedup": {stage: reference median / this median} (backends only),
+                      "agreement": {"max_abs_gray_levels", "share_within_one_gray_level",
+                                    "spectral_convergence", "spectral_convergence_vs_reference"}}}
+
+Stages: ``text_encoder`` (prompt and negative prompt), ``unet_step`` (one guided UNet
+call), ``vae_decoder``, ``image_to_audio``, ``end_to_end``. ``spectral_convergence`` is
+the audio's against the generated image's mel spectrogram (lower is better);
+``spectral_convergence_vs_reference`` against the reference audio's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from riffusion_engine.kernels.errors import RiffusionError
+
+from .backends import BACKENDS
+
+log = logging.getLogger(__name__)
+
+STAGES = ("text_encoder", "unet_step", "vae_decoder", "image_to_audio", "end_to_end")
+SCHEMA = 1
+PROMPT = "funky jazz saxophone"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure."""
+
+    model: str = "random:full"  # model source (random presets need no download)
+    backends: tuple[str, ...] = ("torch", "onnxruntime")  # engine backends to measure
+    precision: str = "fp32"  # engine precision (the reference is always fp32)
+    steps: int = 10  # scheduler steps (PNDM, Riffusion's)
+    runs: int = 3  # timed rounds
+    warmup: int = 1  # untimed rounds first
+    device: str = "cpu"  # cpu or cuda
+    guidance: float = 7.0  # guidance scale
+    seed: int = 0  # noise seed
+    cache_dir: str | None = None  # where exports made on first use go
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise RiffusionError(
+                f"backends must be among {', '.join(BACKENDS)}, got {', '.join(self.backends)}"
+            )
+        if self.steps < 1 or self.runs < 1 or self.warmup < 0:
+            raise RiffusionError("steps and runs must be at least 1, warmup at least 0")
+
+
+class _Timer:
+    """Wall time of a module's forward calls, through forward hooks."""
+
+    def __init__(self, module: Any, sync: Callable[[], None]) -> None:
+        self.calls: list[float] = []
+        self._sync = sync
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *args: Any) -> None:
+        self._begin = time.perf_counter()
+
+    def _post(self, *args: Any) -> None:
+        self._sync()
+        self.calls.append(time.perf_counter() - self._begin)
+
+    def take(self) -> list[float]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class Reference:
+    """diffusers' pipeline plus the original audio conversion (librosa)."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        import torch
+
+        from .models import diffusers_pipeline, load_components
+
+        self.config = config
+        self.pipe = diffusers_pipeline(load_components(config.model, seed=0)).to(config.device)
+        sync = torch.cuda.synchronize if config.device == "cuda" else (lambda: None)
+        self.timers = {
+            "text_encoder": _Timer(self.pipe.text_encoder, sync),
+            "unet_step": _Timer(self.pipe.unet, sync),
+            "vae_decoder": _Timer(self.pipe.vae.decoder, sync),
+        }
+        self._torch = torch
+
+    def run(self) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """Per-stage seconds, the image pixels (uint8) and the audio (int16)."""
+        start = time.perf_counter()
+        image = self.pipe(
+            PROMPT,
+            negative_prompt="",
+            num_inference_steps=self.config.steps,
+            guidance_scale=self.config.guidance,
+            height=512,
+            width=512,
+            generator=self._torch.Generator("cpu").manual_seed(self.config.seed),
+            output_type="np",
+        ).images[0]
+        pixels = (image * 255).round().astype(np.uint8)
+        begin_audio = time.perf_counter()
+        audio = reference_audio(pixels)
+        end = time.perf_counter()
+        seconds = {
+            "text_encoder": sum(self.timers["text_encoder"].take()),
+            "unet_step": float(np.mean(self.timers["unet_step"].take())),
+            "vae_decoder": sum(self.timers["vae_decoder"].take()),
+            "image_to_audio": end - begin_audio,
+            "end_to_end": end - start,
+        }
+        return seconds, pixels, audio
+
+
+def reference_audio(pixels: np.ndarray) -> np.ndarray:
+    """The original image -> audio algorithm through librosa (int16, Riffusion's loudness)."""
+    try:
+        import librosa
+    except ImportError as exc:
+        raise RiffusionError("the reference audio conversion needs librosa: pip install librosa") from exc
+    from riffusion_engine.kernels.audio import normalize_like_riffusion
+    from riffusion_engine.kernels.image import spectrogram_from_pixels
+    from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
+
+    params = SpectrogramParams()
+    mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)[0].astype(np.float64)
+    # torchaudio's InverseMelScale: the least-squares solve against the filterbank, clipped
+    # at zero. (librosa's own NNLS inverse would need about 80 GiB at this FFT size.)
+    basis = librosa.filters.mel(
+        sr=params.sample_rate,
+        n_fft=params.n_fft,
+        n_mels=params.num_frequencies,
+        fmin=params.min_frequency,
+        fmax=params.max_frequency,
+        htk=True,
+        norm=None,
+    ).astype(np.float64)  # (mels, bins)
+    linear = np.maximum(np.linalg.lstsq(basis, mel, rcond=None)[0], 0)  # (bins, frames)
+    waveform = librosa.griffinlim(
+        linear,
+        n_iter=params.num_griffin_lim_iters,
+        hop_length=params.hop_length,
+        win_length=params.win_length,
+        window="hann",
+        center=True,
+        momentum=0.99,
+        init="random",
+        random_state=0,
+    )
+    return normalize_like_riffusion(waveform[None].astype(np.float32))
+
+
+def environment() -> dict[str, Any]:
+    from .artifacts import gpu_info, tool_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = tool_versions(
+        (*("torch", "onnx", "onnxruntime", "diffusers", "transformers"), "numpy", "scipy")
+    )
+    versions["librosa"] = tool_versions(("librosa",))["librosa"]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu_info(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    return {
+        stage: {
+            "median_s": float(np.median([r[stage] for r in runs])),
+            "p90_s": float(np.percentile([r[stage] for r in runs], 90)),
+            "runs": [r[stage] for r in runs],
+        }
+        for stage in STAGES
+    }
+
+
+def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Measure and return the report (schema in the module docstring)."""
+    import torch
+    from riffusion_engine.kernels.audio import spectrogram_from_waveform
+    from riffusion_engine.kernels.metrics import spectral_convergence
+    from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
+    from tqdm.auto import tqdm
+
+    from .pipeline import Engine
+
+    params = SpectrogramParams()
+    # Exported backends first: an export on first use peaks at several times the model's
+    # size, so it runs before the reference and the torch backend hold their copies.
+    order = sorted(config.backends, key=lambda name: name == "torch")
+    loaded = {
+        name: Engine.load(
+            config.model,
+            backend=name,
+            device=config.device,
+            precision=config.precision,
+            cache_dir=config.cache_dir,
+            progress=progress,
+        )
+        for name in order
+    }
+    engines = {name: loaded[name] for name in config.backends}
+    reference = Reference(config)
+    runs: dict[str, list[dict[str, float]]] = {"reference": [], **{name: [] for name in engines}}
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    rounds = config.warmup + config.runs
+    with tqdm(total=rounds * (1 + len(engines)), desc="bench", unit="run", disable=not progress) as bar:
+        for round_index in range(rounds):
+            seconds, pixels, audio = reference.run()
+            outputs["reference"] = (pixels, audio)
+            if round_index >= config.warmup:
+                runs["reference"].append(seconds)
+            bar.update()
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                clip = engine.generate(PROMPT, seed=config.seed, steps=config.steps, guidance=config.guidance)
+                total = time.perf_counter() - start
+                t = clip.timings
+                if round_index >= config.warmup:
+                    runs[name].append(
+                        {
+                            "text_encoder": t["text_encoder"],
+                            "unet_step": t["unet"] / t["unet_steps"],
+                            "vae_decoder": t["vae_decoder"],
+                            "image_to_audio": t["image_to_audio"],
+                            "end_to_end": total,
+                        }
+                    )
+                outputs[name] = (np.asarray(clip.image), clip.audio)
+                bar.update()
+
+    audio_seconds = outputs["reference"][1].shape[-1] / params.sample_rate
+    ref_pixels, ref_audio = outputs["reference"]
+    ref_audio_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
+
+    def agreement(name: str) -> dict[str, float]:
+        pixels, audio = outputs[name]
+        from riffusion_engine.kernels.image import spectrogram_from_pixels
+
+        mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)
+        gray = np.abs(pixels.astype(int) - ref_pixels.astype(int))
+        return {
+            "max_abs_gray_levels": int(gray.max()),
+            "share_within_one_gray_level": float((gray <= 1).mean()),
+            "spectral_convergence": spectral_convergence(audio.astype(np.float32), mel, params),
+            "spectral_convergence_vs_reference": spectral_convergence(
+                audio.astype(np.float32), ref_audio_mel, params
+            ),
+        }
+
+    results: dict[str, Any] = {}
+    for name, measured in runs.items():
+        stages = _summary(measured)
+        entry: dict[str, Any] = {
+            "stages": stages,
+            "real_time_factor": stages["end_to_end"]["median_s"] / audio_seconds,
+            "agreement": agreement(name),
+        }
+        if name != "reference":
+            entry["speedup"] = {
+                s: results["reference"]["stages"][s]["median_s"] / stages[s]["median_s"] for s in STAGES
+            }
+        results[name] = entry
+    peak_gpu = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
+    return {
+        "schema": SCHEMA,
+        "config": asdict(config),
+        "environment": environment(),
+        "audio_seconds": audio_seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": peak_gpu,
+        "results": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a terminal table: median (p90) seconds and speedup per stage."""
+    names = list(report["results"])
+    lines = [f"{'stage':<16}" + "".join(f"{n:>26}" for n in names)]
+    for stage in STAGES:
+        cells = []
+        for name in names:
+            entry = report["results"][name]
+            s = entry["stages"][stage]
+            speed = f" {entry['speedup'][stage]:.2f}x" if "speedup" in entry else ""
+            cells.append(f"{s['median_s']:.3f} ({s['p90_s']:.3f}){speed}")
+        lines.append(f"{stage:<16}" + "".join(f"{c:>26}" for c in cells))
+    lines.append(
+        f"{'real-time factor':<16}"
+        + "".join(f"{report['results'][n]['real_time_factor']:>26.3f}" for n in names)
+    )
+    for key, label in (
+        ("share_within_one_gray_level", "within 1 gray"),
+        ("spectral_convergence", "spectral conv."),
+        ("spectral_convergence_vs_reference", "SC vs reference"),
+    ):
+        lines.append(
+            f"{label:<16}" + "".join(f"{report['results'][n]['agreement'][key]:>26.4f}" for n in names)
+        )
+    lines.append(
+        f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; {report['audio_seconds']:.2f} s of audio"
+    )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """A PNG bar chart of per-stage median times, the reference beside each backend."""
+    from PIL import Image, ImageDraw
+    from riffusion_engine.kernels.files import atomic_path
+
+    names = list(report["results"])
+    colors = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    row, bar_h, left, width = 20 + 18 * len(names), 16, 150, 900
+    image = Image.new("RGB", (width, 40 + row * len(STAGES) + 20 * len(names)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), f"median seconds per stage ({report['config']['model']})", fill="black")
+    for i, stage in enumerate(STAGES):
+        top = 40 + i * row
+        draw.text((10, top + 4), stage, fill="black")
+        longest = max(report["results"][n]["stages"][stage]["median_s"] for n in names) or 1.0
+        for j, name in enumerate(names):
+            seconds = report["results"][name]["stages"][stage]["median_s"]
+            length = int((width - left - 120) * seconds / longest)
+            y = top + j * 18
+            draw.rectangle((left, y, left + max(length, 1), y + bar_h - 2), fill=colors[j % len(colors)])
+            draw.text((left + length + 6, y + 2), f"{seconds:.3f} s", fill="black")
+    legend = 40 + row * len(STAGES)
+    for j, name in enumerate(names):
+        draw.rectangle((left, legend + j * 20, left + 14, legend + j * 20 + 14), fill=colors[j % len(colors)])
+        draw.text((left + 20, legend + j * 20 + 2), name, fill="black")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

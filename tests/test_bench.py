@@ -1,0 +1,60 @@
+"""`riffusion-engine bench` at the smallest size: it runs, and its JSON follows the schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("librosa")
+
+from conftest import run_cli
+from PIL import Image
+from riffusion_engine.engine.bench import STAGES, BenchConfig
+from riffusion_engine.kernels import RiffusionError
+
+
+def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
+    code, stdout, err = run_cli(
+        "bench", "--model", "random:tiny", "--steps", "1", "--runs", "2", "--warmup", "0",
+        "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "out.json"),
+        "--plot", str(tmp_path / "out.png"),
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["schema"] == 1
+    assert report["config"]["model"] == "random:tiny" and report["config"]["steps"] == 1
+    assert {"cpu", "cores", "gpu", "python", "platform", "versions"} <= set(report["environment"])
+    assert report["environment"]["versions"]["diffusers"]
+    assert report["audio_seconds"] == pytest.approx(5.11, abs=0.01)
+    assert report["peak_rss_bytes"] > 0
+    assert list(report["results"]) == ["reference", "torch", "onnxruntime"]
+    for name, entry in report["results"].items():
+        assert set(entry["stages"]) == set(STAGES)
+        for stage in entry["stages"].values():
+            assert len(stage["runs"]) == 2 and 0 < stage["median_s"] <= stage["p90_s"] + 1e-12
+        assert entry["real_time_factor"] > 0
+        agreement = entry["agreement"]
+        assert 0 <= agreement["spectral_convergence"] < 1
+        if name == "reference":
+            assert agreement["max_abs_gray_levels"] == 0
+            assert "speedup" not in entry
+        else:
+            assert set(entry["speedup"]) == set(STAGES)
+    # The torch backend is diffusers' computation: the same image.
+    assert report["results"]["torch"]["agreement"]["max_abs_gray_levels"] == 0
+    assert report["results"]["onnxruntime"]["agreement"]["share_within_one_gray_level"] >= 0.99
+    assert "unet_step" in stdout and "real-time factor" in stdout
+    with Image.open(tmp_path / "out.png") as chart:
+        assert chart.format == "PNG" and chart.width > 0
+
+
+def test_bench_config_errors() -> None:
+    with pytest.raises(RiffusionError, match="backends must be among"):
+        BenchConfig(backends=("jax",))
+    with pytest.raises(RiffusionError, match="at least 1"):
+        BenchConfig(runs=0)
