@@ -299,7 +299,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     t = clip.timings
     rows = [("export (random:tiny -> ONNX)" + (", cached" if result.cache_hit else ""), export_s)]
     rows += [
-        (name.replace("_", " "), t[key])
+        (name, t[key])
         for key, name in (
             ("text_encoder", "text encoder"),
             ("unet", f"unet ({int(t['unet_steps'])} steps)"),
