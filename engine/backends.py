@@ -305,10 +305,7 @@ def create_backend(
 ) -> Backend:
     """The backend ``name`` (``auto``: see ``auto_backend``) over ``components`` (torch)
     or an export ``directory`` (the others)."""
-    if name == "auto":
-        name = auto_backend(device)
-    if name not in BACKENDS:
-        raise RiffusionError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    name = resolve_backend(name, device)
     if name == "torch":
         if components is None:
             raise RiffusionError(
@@ -320,6 +317,15 @@ def create_backend(
     if name == "onnxruntime":
         return OnnxRuntimeBackend(directory, device=device, **options)
     return TensorRTBackend(directory, device=device, **options)
+
+
+def resolve_backend(name: str, device: str) -> str:
+    """``name`` checked against BACKENDS, with ``auto`` replaced by ``auto_backend``'s choice."""
+    if name == "auto":
+        name = auto_backend(device)
+    if name not in BACKENDS:
+        raise RiffusionError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    return name
 
 
 def auto_backend(device: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from riffusion_engine.kernels.errors import RiffusionError
 
-from .backends import BACKENDS, auto_backend, create_backend
+from .backends import create_backend, resolve_backend
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,7 @@ def load_engine(
 ) -> Any:
     from .pipeline import ModelShape
 
-    if backend == "auto":
-        backend = auto_backend(device)
-    if backend not in BACKENDS:
-        raise RiffusionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
+    backend = resolve_backend(backend, device)
     if model is not None and artifacts is not None:
         raise RiffusionError("give a model source or an export directory, not both")
     if backend == "torch":

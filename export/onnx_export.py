@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ def export_stage(module: Any, spec: StageSpec, path: Path, *, opset: int) -> Non
         )
     onnx.shape_inference.infer_shapes_path(str(raw), str(raw))
     save_model(onnx.load(str(raw)), path)
-    _remove_tree(raw.parent)
+    shutil.rmtree(raw.parent, ignore_errors=True)
 
 
 def save_model(model: Any, path: Path) -> None:
@@ -121,12 +122,6 @@ def optimize(
         large = proto_too_large(model.model)
         model.save_model_to_file(str(path), use_external_data_format=large, all_tensors_to_one_file=True)
     return fusions
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
