@@ -347,6 +347,38 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {plot_out}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from riffusion_engine.engine.server import ServerConfig, serve
+    except ImportError as exc:
+        raise RiffusionError(
+            f"the server needs the serve extra ({exc.name} is missing): pip install 'riffusion-engine[serve]'"
+        ) from None
+
+    config = ServerConfig(
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        max_steps=args.max_steps,
+        max_body_bytes=args.max_body_kb * 1024,
+        seed_images=Path(args.seed_images) if args.seed_images else None,
+    )
+    engine = _load_engine(args)
+    model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
+    print(
+        f"serving {model} ({engine.backend.name}, {engine.backend.device}) on http://{args.host}:{args.port}"
+    )
+    serve(
+        engine,
+        config,
+        host=args.host,
+        port=args.port,
+        model=model,
+        log_level="info" if args.verbose else "warning",
+    )
+
+
 def _add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
     p.add_argument("input", help=input_help)
     p.add_argument("-o", "--output", required=True, help=output_help)
@@ -497,6 +529,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the report here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a bar chart of the stages here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve Riffusion's HTTP API (POST /run_inference/)",
+        description="Riffusion's inference API on FastAPI + uvicorn: the original's request and "
+        "response, seed images and masks under the original's ids, requests batched within a "
+        "window, a bounded queue (503 + Retry-After when full), a per-request timeout (504), "
+        "GET /health, GET /metrics (Prometheus) and /docs. Ctrl-C finishes the requests in flight.",
+    )
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3013, help="port (default: 3013)")
+    p.add_argument("--max-batch", type=int, default=4, help="most requests per UNet batch (default: 4)")
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=20.0,
+        help="how long a request waits for company (default: 20)",
+    )
+    p.add_argument("--max-queue", type=int, default=32, help="most requests waiting or running (default: 32)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds before a request answers 504 (default: 300)"
+    )
+    p.add_argument("--max-steps", type=int, default=100, help="largest num_inference_steps (default: 100)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (default: 64)")
+    p.add_argument(
+        "--seed-images", default=None, metavar="DIR", help="extra seed images and masks: DIR/ID.png"
+    )
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "demo",

@@ -89,6 +89,7 @@ def engine_from_export(engine_class: Any, runner: Any, directory: Path) -> Any:
         vae_factor=decoder["dims"]["height"]["factor"],
         pixel_multiple=manifest["model"]["pixel_multiple"],
         height=manifest["profile"]["height"],
+        max_batch=manifest["profile"]["max_batch"],
     )
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())

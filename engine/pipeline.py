@@ -24,9 +24,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 IMAGE_MODES = ("L", "P", "RGB", "RGBA")
+
+
+class Cancelled(RiffusionError):
+    """A run stopped early because its ``should_stop`` callback asked it to."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class ModelShape:
     vae_factor: int  # image pixels per latent pixel (8)
     pixel_multiple: int  # image sizes the backend takes are multiples of this
     height: int = 512  # image height (mel bins)
+    max_batch: int | None = None  # most clips per call the backend takes (None: any)
 
 
 def _first_step(steps: int, denoising: float) -> int:
@@ -194,6 +200,7 @@ class Engine:
         self.griffin_lim = griffin_lim or GriffinLimOptions()
         self.cache_size = cache_size
         self._embeddings: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        self._tokenizer_lock = threading.Lock()
         if self.params.num_frequencies != shape.height:
             raise RiffusionError(
                 f"the spectrogram has {self.params.num_frequencies} mel bins; images are {shape.height} tall"
@@ -271,10 +278,19 @@ class Engine:
         request = Request(start, end, alpha, steps, width, scheduler, seed_image, mask)
         return self.run([request], progress=progress)[0]
 
-    def run(self, requests: Sequence[Request], *, progress: bool = False) -> list[Clip]:
-        """Clips for requests that share a batch key (see Request.batch_key)."""
+    def run(
+        self,
+        requests: Sequence[Request],
+        *,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Clip]:
+        """Clips for requests that share a batch key (see Request.batch_key).
+
+        ``should_stop`` is asked before every UNet step; when it answers true the run
+        raises Cancelled (a server drops a batch whose requests all timed out)."""
         timings: dict[str, float] = {}
-        images = self.images(requests, progress=progress, timings=timings)
+        images = self.images(requests, progress=progress, timings=timings, should_stop=should_stop)
         return [self._clip(image, dict(timings)) for image in images]
 
     def images(
@@ -283,6 +299,7 @@ class Engine:
         *,
         progress: bool = False,
         timings: dict[str, float] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Any:
         """The decoded spectrogram images ``(batch, height, width, 3)`` float in [0, 1]
         (a torch tensor on the backend's device)."""
@@ -294,9 +311,14 @@ class Engine:
             raise RiffusionError(
                 "requests in one batch must share steps, width, scheduler and seed-image step"
             )
+        if self.shape.max_batch is not None and len(requests) > self.shape.max_batch:
+            raise RiffusionError(
+                f"{len(requests)} clips in one batch; this {self.backend.name} backend's model takes "
+                f"at most {self.shape.max_batch}"
+            )
         for request in requests:
             self.check(request)
-        latents = self.denoise(list(requests), progress=progress, timings=timings)
+        latents = self.denoise(list(requests), progress=progress, timings=timings, should_stop=should_stop)
         with _timer(timings, "vae_decoder", self.backend):
             image = self.backend.run("vae_decoder", {"latent": latents})
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
@@ -325,14 +347,21 @@ class Engine:
                 )
         for end in (request.start, request.end):
             if end is not None:
-                self._tokens(end.prompt, allow_empty=False, what="prompt")
+                self.check_text(end.prompt)
                 if end.negative_prompt is not None:
-                    self._tokens(end.negative_prompt, allow_empty=True, what="negative prompt")
+                    self.check_text(end.negative_prompt, negative=True)
+
+    def check_text(self, text: str, *, negative: bool = False, what: str | None = None) -> None:
+        """Raise RiffusionError (saying ``what`` it is) for a prompt this engine cannot encode."""
+        what = what or ("negative prompt" if negative else "prompt")
+        self._tokens(text, allow_empty=negative, what=what)
 
     # -- the chain ----------------------------------------------------------------
 
     def _tokens(self, text: str, *, allow_empty: bool, what: str) -> Tokens:
-        return tokenize(self.tokenizer, text, allow_empty=allow_empty, what=what)
+        # Fast tokenizers refuse concurrent calls: a server checks requests while a batch runs.
+        with self._tokenizer_lock:
+            return tokenize(self.tokenizer, text, allow_empty=allow_empty, what=what)
 
     def encode(self, texts: Sequence[str], *, negative: bool = False) -> Any:
         """Text embeddings ``(len(texts), tokens, hidden)``, cached by text."""
@@ -412,7 +441,12 @@ class Engine:
         return eps_batch, torch.stack(noise).to(device), generators
 
     def denoise(
-        self, requests: Sequence[Request], *, progress: bool = False, timings: dict[str, float] | None = None
+        self,
+        requests: Sequence[Request],
+        *,
+        progress: bool = False,
+        timings: dict[str, float] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Any:
         """The final latents ``(batch, 4, h, w)`` of requests that share a batch key."""
         import torch
@@ -466,6 +500,8 @@ class Engine:
         unet_seconds = 0.0
         bar = tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)
         for i, t in enumerate(bar):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"stopped before step {i + 1} of {len(timesteps)}")
             rows = torch.cat([latents] * 2) if cfg else latents
             rows = scheduler.scale_model_input(rows, t)
             timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()

@@ -99,6 +99,23 @@ def check_audio_output(path: str | os.PathLike[str]) -> Path:
     return check_output_path(path, AUDIO_FORMATS)
 
 
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    """int16 ``(channels, samples)`` as the bytes of a file of format ``fmt`` (an extension)."""
+    import io
+
+    import soundfile
+
+    key = "." + fmt.lower().lstrip(".")
+    if key not in AUDIO_FORMATS:
+        raise RiffusionError(f"audio format {fmt!r}: use one of {', '.join(AUDIO_FORMATS)}")
+    container, subtype = AUDIO_FORMATS[key]
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, np.ascontiguousarray(np.atleast_2d(samples).T), sample_rate, format=container, subtype=subtype
+    )
+    return buffer.getvalue()
+
+
 def save_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int) -> Path:
     """Write int16 ``(channels, samples)`` in the format the extension names, atomically."""
     import soundfile

@@ -44,6 +44,15 @@ def tiny():
     return load_components("random:tiny")
 
 
+@pytest.fixture(scope="session")
+def torch_engine():
+    """An Engine over random:tiny on the torch backend, built once."""
+    pytest.importorskip("torch")
+    from riffusion_engine.engine.pipeline import Engine
+
+    return Engine.load("random:tiny", backend="torch")
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """``riffusion-engine ARGV`` in this process: exit code, stdout, stderr."""
     from riffusion_engine.engine.cli import main

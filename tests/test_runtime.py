@@ -27,11 +27,6 @@ ONNX_IMAGE_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="session")
-def torch_engine() -> Engine:
-    return Engine.load("random:tiny", backend="torch")
-
-
-@pytest.fixture(scope="session")
 def ort_engine(tiny_export) -> Engine:
     return Engine.load(artifacts=tiny_export[0], backend="onnxruntime")
 

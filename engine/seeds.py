@@ -1,0 +1,130 @@
+"""Seed images and masks under the ids Riffusion's web app sends.
+
+The seed images are spectrograms of audio this project synthesizes
+(:mod:`riffusion_engine.kernels.synth`); the masks are shapes drawn here. Masks are
+grayscale, white = regenerate and black = keep (gray = partly: the share of each
+step's update that is kept), as :class:`~riffusion_engine.engine.pipeline.Request`
+reads them. A directory of ``ID.png`` files adds ids or replaces built-in ones.
+
+Ids are looked up in a table, never joined into a path, so an id such as ``../x``
+cannot name a file outside the directory.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from riffusion_engine.kernels import synth
+from riffusion_engine.kernels.errors import RiffusionError
+from riffusion_engine.kernels.params import SpectrogramParams
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SIZE = 512  # the built-ins are 512 x 512: 5.12 s
+
+# id -> the audio it is the spectrogram of: (duration seconds, sample rate) -> (1, samples)
+SEED_AUDIO: dict[str, Callable[[float, int], np.ndarray]] = {
+    "og_beat": lambda seconds, rate: synth.drum_beat(seconds, sample_rate=rate),
+    "agile": lambda seconds, rate: synth.arpeggio(seconds, sample_rate=rate),
+    "marim": lambda seconds, rate: synth.marimba(seconds, sample_rate=rate),
+    "motorway": lambda seconds, rate: synth.traffic(seconds, sample_rate=rate),
+    "vibes": lambda seconds, rate: synth.vibraphone(seconds, sample_rate=rate),
+}
+
+
+def _rows(top: float, value: float) -> np.ndarray:
+    """A column profile (top row first): ``value`` over the top ``top`` share, 0 below."""
+    return np.where(np.arange(SIZE) < round(top * SIZE), value, 0.0)
+
+
+def _gradient(top_value: float, bottom_value: float = 0.0) -> np.ndarray:
+    return np.linspace(top_value, bottom_value, SIZE)
+
+
+def _beat_lines(value: float, *, bpm: float = 94.0, width_px: int = 6) -> np.ndarray:
+    """``value`` everywhere but black columns on og_beat's eighth notes, so its hits are kept."""
+    mask = np.full((SIZE, SIZE), value)
+    step_px = 30.0 / bpm * 100  # columns per eighth note (one column per 10 ms)
+    for start in np.arange(0.0, SIZE, step_px):
+        mask[:, round(start) : round(start) + width_px] = 0.0
+    return mask
+
+
+# id -> regeneration strength per pixel (rows = high frequencies first), 0..1
+MASKS: dict[str, Callable[[], np.ndarray]] = {
+    "mask_beat_lines_80": lambda: _beat_lines(0.80),
+    "mask_gradient_dark": lambda: _gradient(0.35),
+    "mask_gradient_top_70": lambda: _gradient(0.70),
+    "mask_gradient_top_fifth_75": lambda: np.maximum(_rows(0.2, 0.75), _gradient(0.75) * 0.5),
+    "mask_top_third_75": lambda: _rows(1 / 3, 0.75),
+    "mask_top_third_95": lambda: _rows(1 / 3, 0.95),
+}
+
+
+def seed_image(seed_id: str, params: SpectrogramParams | None = None) -> Any:
+    """The built-in seed image ``seed_id`` (512 x 512 RGB, parameters in its EXIF)."""
+    from riffusion_engine.kernels.convert import image_from_audio
+
+    params = params or SpectrogramParams()
+    seconds = (SIZE - 1) * params.step_size_ms / 1000  # centred frames: SIZE columns
+    audio = SEED_AUDIO[seed_id](seconds, params.sample_rate)
+    return image_from_audio(audio, params.sample_rate, params).convert("RGB")
+
+
+def mask_image(mask_id: str) -> Any:
+    """The built-in mask ``mask_id`` (512 x 512, mode L)."""
+    from PIL import Image
+
+    strength = np.broadcast_to(MASKS[mask_id]().reshape(SIZE, -1), (SIZE, SIZE))
+    return Image.fromarray(np.round(strength * 255).astype(np.uint8), mode="L")
+
+
+class SeedLibrary:
+    """Seed images and masks by id: the built-ins, made on first use and kept, and the
+    ``ID.png`` files of ``directory`` (read on each use, so files can be replaced)."""
+
+    def __init__(self, directory: str | Path | None = None, params: SpectrogramParams | None = None) -> None:
+        self.params = params or SpectrogramParams()
+        self.files: dict[str, Path] = {}
+        if directory is not None:
+            directory = Path(directory)
+            if not directory.is_dir():
+                raise RiffusionError(f"seed image directory {str(directory)!r} does not exist")
+            self.files = {
+                p.stem: p
+                for p in sorted(directory.glob("*.png"))
+                if ID_PATTERN.fullmatch(p.stem) and p.is_file()
+            }
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        return sorted({*SEED_AUDIO, *MASKS, *self.files})
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, str) and image_id in self.ids()
+
+    def get(self, image_id: str, *, field: str = "seed_image_id") -> Any:
+        """The image ``image_id`` (a PIL image); RiffusionError naming ``field`` for an unknown id."""
+        from PIL import Image, UnidentifiedImageError
+
+        if image_id in self.files:
+            try:
+                with Image.open(self.files[image_id]) as image:
+                    image.load()
+                    return image
+            except (OSError, UnidentifiedImageError) as exc:
+                raise RiffusionError(f"{field}: {image_id!r} is not a readable PNG ({exc})") from exc
+        if image_id in SEED_AUDIO or image_id in MASKS:
+            with self._lock:
+                if image_id not in self._built:
+                    self._built[image_id] = (
+                        seed_image(image_id, self.params) if image_id in SEED_AUDIO else mask_image(image_id)
+                    )
+                return self._built[image_id].copy()
+        shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+        raise RiffusionError(f"{field}: unknown id {shown!r}; known ids: {', '.join(self.ids())}")

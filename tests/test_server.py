@@ -1,0 +1,500 @@
+"""The HTTP server on random:tiny: a real uvicorn server on a loopback port and a real
+HTTP client. The oracle for every answer is the engine run directly on the request
+the original API describes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from PIL import Image  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
+from riffusion_engine.engine.server import Batcher, ServerConfig, create_app  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+from riffusion_engine.kernels.params import SpectrogramParams  # noqa: E402
+
+# The request Riffusion's web app sends (its field order, its values), cheap on random:tiny:
+# 4 steps at denoising 0.5 run 2 UNet steps.
+ORIGINAL = {
+    "alpha": 0.25,
+    "num_inference_steps": 4,
+    "seed_image_id": "og_beat",
+    "mask_image_id": None,
+    "start": {"prompt": "church bells on sunday", "seed": 42, "denoising": 0.5, "guidance": 7.0},
+    "end": {"prompt": "jazz with piano", "seed": 123, "denoising": 0.5, "guidance": 7.0},
+}
+
+
+@contextlib.contextmanager
+def running(engine: Engine, **options) -> Iterator[str]:
+    """A real server for ``engine`` on a free loopback port; yields its base URL."""
+    app = create_app(engine, ServerConfig(**options))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(torch_engine) -> Iterator[str]:
+    with running(torch_engine, max_steps=8, max_body_bytes=4096, batch_window_ms=0) as url:
+        yield url
+
+
+def engine_request(body: dict) -> Request:
+    """What the original API means by ``body``, built by hand from the built-in images."""
+
+    def end(e: dict) -> PromptInput:
+        return PromptInput(e["prompt"], e["seed"], e.get("negative_prompt"), e["guidance"], e["denoising"])
+
+    mask = mask_image(body["mask_image_id"]) if body.get("mask_image_id") else None
+    return Request(
+        end(body["start"]),
+        end(body["end"]),
+        body["alpha"],
+        body["num_inference_steps"],
+        512,
+        seed_image=seed_image(body["seed_image_id"]),
+        mask=mask,
+    )
+
+
+def data_url(value: str, mime: str) -> bytes:
+    prefix = f"data:{mime};base64,"
+    assert value.startswith(prefix), value[:40]
+    return base64.b64decode(value[len(prefix) :], validate=True)
+
+
+def post(url: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + "/run_inference/", content=content, timeout=120, **kwargs)
+
+
+# -- the original's request and response --------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/run_inference/", "/run_inference"])
+def test_the_original_request_gets_a_well_formed_answer(server, path: str) -> None:
+    import soundfile
+
+    # As the web app sends it: a JSON string, Content-Type text/plain.
+    answer = httpx.post(
+        server + path,
+        content=json.dumps(ORIGINAL),
+        headers={"Content-Type": "text/plain;charset=UTF-8"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"image", "audio", "duration_s"}
+    image = Image.open(io.BytesIO(data_url(body["image"], "image/jpeg")))
+    assert (image.format, image.size) == ("JPEG", (512, 512))
+    assert image.getexif()[11000] == 44100  # Riffusion's parameters travel with the image
+    audio, rate = soundfile.read(io.BytesIO(data_url(body["audio"], "audio/mpeg")))
+    assert rate == 44100
+    assert body["duration_s"] == pytest.approx(5.11, abs=0.01)
+    # MP3 frames pad the end; the audio is at least as long and at most one frame longer.
+    assert 0 <= len(audio) / rate - body["duration_s"] < 0.1
+    assert np.abs(audio).max() > 0.1
+
+
+def test_the_answer_is_the_engine_run_on_the_request_the_body_describes(server, torch_engine) -> None:
+    import soundfile
+
+    body = {**ORIGINAL, "alpha": 0.6, "mask_image_id": "mask_top_third_75", "format": "wav"}
+    answer = post(server, body)
+    assert answer.status_code == 200, answer.text
+    audio, rate = soundfile.read(io.BytesIO(data_url(answer.json()["audio"], "audio/wav")), dtype="int16")
+    (expected,) = torch_engine.run([engine_request(body)])
+    assert rate == expected.sample_rate
+    np.testing.assert_array_equal(audio, expected.audio[0])
+    image = Image.open(io.BytesIO(data_url(answer.json()["image"], "image/jpeg")))
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(jpeg(expected.image)))
+
+
+def jpeg(image: Image.Image) -> Image.Image:
+    """``image`` after a JPEG round trip (PIL's defaults, as the original server saves)."""
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG")
+    return Image.open(encoded)
+
+
+def test_flac_answers(server) -> None:
+    import soundfile
+
+    answer = post(server, {**ORIGINAL, "format": "flac"})
+    assert answer.status_code == 200, answer.text
+    audio, rate = soundfile.read(io.BytesIO(data_url(answer.json()["audio"], "audio/flac")))
+    assert len(audio) / rate == pytest.approx(answer.json()["duration_s"])
+
+
+def test_health_metrics_and_openapi(server) -> None:
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and health["backend"] == "torch"
+    assert {"og_beat", "agile", "marim", "motorway", "vibes", "mask_beat_lines_80"} <= set(
+        health["image_ids"]
+    )
+    post(server, {**ORIGINAL, "alpha": 2})
+    metrics = httpx.get(server + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in (
+        'riffusion_requests_total{status="422"}',
+        "riffusion_request_seconds_bucket",
+        "riffusion_queue_depth",
+        "riffusion_batch_size_bucket",
+    ):
+        assert name in metrics.text
+    schema = httpx.get(server + "/openapi.json").json()
+    body = schema["paths"]["/run_inference/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"alpha", "num_inference_steps", "seed_image_id", "mask_image_id", "start", "end"} <= set(
+        body["properties"]
+    )
+    assert set(body["required"]) == {"alpha", "start", "end"}
+    assert {"prompt", "seed"} <= set(body["properties"]["start"]["required"])
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+def _with(path: str, value) -> dict:
+    body = json.loads(json.dumps(ORIGINAL))
+    *parents, last = path.split(".")
+    node = body
+    for key in parents:
+        node = node[key]
+    if value is _with:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (_with("alpha", 1.5), 422, "alpha"),
+        (_with("alpha", "0.5"), 422, "alpha"),
+        (_with("alpha", _with), 422, "alpha"),
+        (_with("start.denoising", -0.1), 422, "start.denoising"),
+        (_with("end.guidance", 1e9), 422, "end.guidance"),
+        (_with("start.seed", "1"), 422, "start.seed"),
+        (_with("start.seed", -1), 422, "start.seed"),
+        (_with("start.seed", True), 422, "start.seed"),
+        (_with("end", _with), 422, "end"),
+        (_with("start.prompt", ""), 422, "start.prompt"),
+        (_with("end.negative_prompt", 3), 422, "end.negative_prompt"),
+        (_with("num_inference_steps", 0), 422, "num_inference_steps"),
+        (_with("num_inference_steps", 9), 422, "num_inference_steps"),  # the server's max is 8
+        (_with("num_inference_steps", 2.5), 422, "num_inference_steps"),
+        (_with("seed_image_id", "../og_beat"), 422, "seed_image_id"),
+        (_with("mask_image_id", "/etc/passwd"), 422, "mask_image_id"),
+        (_with("seed_image_id", "no_such_beat"), 400, "seed_image_id"),
+        (_with("mask_image_id", "og_beat_mask"), 400, "mask_image_id"),
+        (_with("format", "aiff"), 422, "format"),
+        ([ORIGINAL], 422, "body"),
+        (b'{"alpha": 0.5,', 400, "JSON"),
+        (b"\xff\xfe\x00garbage", 400, "JSON"),
+        (b"", 400, "JSON"),
+        (json.dumps({**ORIGINAL, "pad": "x" * 5000}).encode(), 413, "body"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(server, body, status: int, field: str) -> None:
+    answer = post(server, body)
+    assert answer.status_code == status, answer.text
+    assert field in answer.json()["detail"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_paths = st.sampled_from(
+    [
+        "alpha",
+        "num_inference_steps",
+        "seed_image_id",
+        "mask_image_id",
+        "format",
+        "start",
+        "end",
+        *(
+            f"{e}.{k}"
+            for e in ("start", "end")
+            for k in ("prompt", "seed", "negative_prompt", "denoising", "guidance")
+        ),
+    ]
+)
+_bodies = st.one_of(
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.tuples(_paths, _json | st.just(_with)).map(lambda pv: json.dumps(_with(*pv)).encode()),
+    st.binary(max_size=200),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies)
+def test_fuzzed_bodies_never_get_a_500(server, body: bytes) -> None:
+    answer = post(server, body)
+    assert answer.status_code in (200, 400, 413, 422), answer.text
+    if answer.status_code != 200:
+        assert isinstance(answer.json()["detail"], str)
+
+
+# -- batching, the queue, timeouts, failures ----------------------------------------
+
+
+def _requests(n: int) -> list[dict]:
+    return [
+        {
+            **ORIGINAL,
+            "alpha": i / n,
+            "format": "wav",
+            "mask_image_id": "mask_top_third_75" if i % 2 else None,
+            "start": {**ORIGINAL["start"], "seed": 1000 + i},
+        }
+        for i in range(n)
+    ]
+
+
+def test_a_batch_gives_each_request_what_it_gets_alone(torch_engine) -> None:
+    config = ServerConfig(max_batch=3, batch_window_ms=2000)
+    batcher = Batcher(torch_engine, config)
+    batcher.start()
+    try:
+        requests = [engine_request(b) for b in _requests(3)]
+        jobs = [batcher.submit(r) for r in requests]
+        clips = [job.future.result(120) for job in jobs]
+    finally:
+        batcher.close()
+    assert batcher.metrics.batch_size._sum.get() == 3  # one batch of three
+    for request, clip in zip(requests, clips, strict=True):
+        (alone,) = torch_engine.run([request])
+        # Not bitwise: torch's kernels block their sums by batch size (see test_runtime).
+        assert np.abs(np.asarray(clip.image, float) - np.asarray(alone.image, float)).max() <= 1
+
+
+def test_many_clients_get_200_or_503_none_lost_or_mixed_up(torch_engine) -> None:
+    bodies = _requests(12)
+    answers: list[httpx.Response | None] = [None] * len(bodies)
+    with running(torch_engine, max_batch=4, batch_window_ms=300, max_queue=6) as url:
+        barrier = threading.Barrier(len(bodies))
+
+        def client(i: int) -> None:
+            barrier.wait()
+            answers[i] = post(url, bodies[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        metrics = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/health").json()["queue_depth"] == 0
+    assert all(a is not None for a in answers)
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, [a.text for a in answers if a.status_code not in (200, 503)]
+    assert 6 <= statuses.count(200) < len(bodies)
+    for a in answers:
+        if a.status_code == 503:
+            assert int(a.headers["Retry-After"]) >= 1
+    assert "riffusion_batch_size_bucket" in metrics
+    sizes = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if family.name == "riffusion_batch_size"
+    }
+    assert sizes["riffusion_batch_size_sum"] > sizes["riffusion_batch_size_count"]  # some batched
+    images = {}
+    for body, answer in zip(bodies, answers, strict=True):
+        if answer.status_code == 200:
+            encoded = data_url(answer.json()["image"], "image/jpeg")
+            images[body["start"]["seed"]] = np.asarray(Image.open(io.BytesIO(encoded)), float)
+            (alone,) = torch_engine.run([engine_request(body)])
+            assert np.abs(images[body["start"]["seed"]] - np.asarray(jpeg(alone.image), float)).mean() < 0.5
+    seeds = sorted(images)
+    for a, b in itertools.pairwise(seeds):
+        assert np.abs(images[a] - images[b]).mean() > 2  # distinct requests, distinct answers
+
+
+def test_a_request_over_its_timeout_gets_504_and_frees_its_slot(torch_engine) -> None:
+    # A 2-step request takes about 1 s here; a 40-step one about 20 s.
+    with running(torch_engine, timeout_s=4, max_steps=40, max_queue=1) as url:
+        slow = {**ORIGINAL, "num_inference_steps": 40, "start": {**ORIGINAL["start"], "denoising": 1.0}}
+        begin = time.monotonic()
+        answer = post(url, slow)
+        assert answer.status_code == 504, answer.text
+        assert "timeout" in answer.json()["detail"]
+        assert time.monotonic() - begin < 10
+        assert httpx.get(url + "/health").json()["queue_depth"] == 0
+        # The slot is free at once (max_queue 1), and the abandoned batch stops at its next step.
+        begin = time.monotonic()
+        answer = post(url, {**ORIGINAL, "num_inference_steps": 2})
+        assert answer.status_code == 200, answer.text
+        assert time.monotonic() - begin < 4
+
+
+class ExplodingEngine(Engine):
+    """The engine, failing any batch that holds the prompt "explode"."""
+
+    def images(self, requests, **kwargs):
+        if any(r.start.prompt == "explode" for r in requests):
+            raise RuntimeError("the engine failed")
+        return super().images(requests, **kwargs)
+
+
+def test_an_exception_fails_only_its_own_request(torch_engine) -> None:
+    engine = ExplodingEngine(
+        torch_engine.backend, torch_engine.tokenizer, torch_engine.scheduler_config, torch_engine.shape
+    )
+    bad = {**ORIGINAL, "start": {**ORIGINAL["start"], "prompt": "explode"}}
+    answers = {}
+    with running(engine, max_batch=2, batch_window_ms=2000) as url:
+        threads = [
+            threading.Thread(target=lambda k=k, b=b: answers.__setitem__(k, post(url, b)))
+            for k, b in (("bad", bad), ("good", ORIGINAL))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert post(url, ORIGINAL).status_code == 200  # the server is still up
+    assert answers["good"].status_code == 200
+    assert answers["bad"].status_code == 500
+    assert "the engine failed" in answers["bad"].json()["detail"]
+
+
+def test_server_options_are_checked(torch_engine, tiny_export) -> None:
+    with pytest.raises(RiffusionError, match="max_batch"):
+        ServerConfig(max_batch=0)
+    with pytest.raises(RiffusionError, match="timeout_s"):
+        ServerConfig(timeout_s=float("nan"))
+    exported = Engine.load(artifacts=tiny_export[0], backend="onnxruntime")
+    with pytest.raises(RiffusionError, match="export with a larger --max-batch"):
+        create_app(exported, ServerConfig(max_batch=exported.shape.max_batch + 1))
+
+
+def test_shutdown_finishes_the_request_in_flight(tmp_path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "riffusion_engine.engine.cli", "serve", "--model", "random:tiny"]
+    command += ["--backend", "torch", "--port", str(port), "--max-steps", "20"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "server did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        answers = []
+        slow = {**ORIGINAL, "num_inference_steps": 8, "start": {**ORIGINAL["start"], "denoising": 1.0}}
+        client = threading.Thread(target=lambda: answers.append(post(url, slow)))
+        client.start()
+        while httpx.get(url + "/health").json()["queue_depth"] == 0:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        client.join(120)
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert process.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+
+
+def test_serve_cli_rejects_bad_options() -> None:
+    from conftest import run_cli
+
+    code, _, err = run_cli("serve", "--model", "random:tiny", "--backend", "torch", "--max-queue", "0")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "max_queue" in err
+
+
+# -- seed images and masks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed_id", list(SEED_AUDIO))
+def test_seed_images_are_spectrograms_of_their_audio(seed_id: str) -> None:
+    from riffusion_engine.kernels.convert import image_from_audio
+
+    params = SpectrogramParams()
+    image = seed_image(seed_id)
+    assert (image.size, image.mode) == ((512, 512), "RGB")
+    audio = SEED_AUDIO[seed_id](5.11, params.sample_rate)
+    expected = image_from_audio(audio, params.sample_rate, params).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+    assert np.asarray(image).std() > 10  # not blank
+
+
+@pytest.mark.parametrize(("mask_id", "value"), [("mask_top_third_75", 0.75), ("mask_top_third_95", 0.95)])
+def test_top_third_masks_regenerate_the_top_third_only(mask_id: str, value: float) -> None:
+    pixels = np.asarray(mask_image(mask_id))
+    assert (pixels[:170] == round(255 * value)).all()
+    assert (pixels[171:] == 0).all()
+
+
+def test_every_mask_is_a_grayscale_strength_map() -> None:
+    for mask_id in MASKS:
+        image = mask_image(mask_id)
+        assert (image.size, image.mode) == ((512, 512), "L")
+        pixels = np.asarray(image)
+        assert pixels.max() > 0 and pixels.min() < 255
+
+
+def test_a_directory_adds_and_overrides_ids(tmp_path: Path) -> None:
+    Image.new("RGB", (512, 512), (10, 20, 30)).save(tmp_path / "og_beat.png")
+    Image.new("L", (512, 512), 200).save(tmp_path / "my_mask.png")
+    (tmp_path / "bad name.png").write_bytes(b"not a png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    library = SeedLibrary(tmp_path)
+    assert "my_mask" in library and "og_beat" in library and "bad name" not in library
+    assert np.asarray(library.get("og_beat"))[0, 0].tolist() == [10, 20, 30]
+    assert np.asarray(library.get("my_mask"))[0, 0] == 200
+    with pytest.raises(RiffusionError, match="not a readable PNG"):
+        library.get("broken")
+    with pytest.raises(RiffusionError, match="unknown id"):
+        library.get("../og_beat")
+    with pytest.raises(RiffusionError, match="does not exist"):
+        SeedLibrary(tmp_path / "missing")
+    assert os.path.exists(tmp_path / "og_beat.png")
