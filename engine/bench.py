@@ -13,7 +13,7 @@ JSON schema (``schema`` 1)::
 
     schema         1
     config         the options of the run
-    environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {package: version}}
+    environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {installed package: version}}
     audio_seconds  length of the clip
     peak_rss_bytes the process's peak resident memory (all runs; one process)
     peak_gpu_bytes torch's peak CUDA allocation, or null
@@ -194,10 +194,8 @@ def environment() -> dict[str, Any]:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    versions = tool_versions(
-        (*("torch", "onnx", "onnxruntime", "diffusers", "transformers"), "numpy", "scipy")
-    )
-    versions["librosa"] = tool_versions(("librosa",))["librosa"]
+    names = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "diffusers", "transformers")
+    versions = {k: v for k, v in tool_versions((*names, "numpy", "scipy", "librosa")).items() if v}
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -144,16 +144,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--artifacts", default=None, metavar="DIR", help="an export directory")
     p.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=("auto", "torch", "onnxruntime", "tensorrt", "openvino"),
         default="auto",
-        help="auto: tensorrt on a GPU where installed, else onnxruntime (default: auto)",
+        help="auto: tensorrt on a GPU where installed, else onnxruntime (default: auto); "
+        "openvino runs an unfused export (--no-fuse) on the CPU",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16"),
+        choices=("fp32", "fp16", "bf16"),
         default="fp32",
-        help="of an export made on first use, or of the torch backend (fp16 on cuda) (default: fp32)",
+        help="of an export made on first use, or of the torch backend (fp16 on cuda); bf16: "
+        "OpenVINO's arithmetic on an fp32 export (default: fp32)",
     )
     p.add_argument(
         "--cache-dir",
@@ -520,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends", default="torch,onnxruntime", help="comma-separated (default: torch,onnxruntime)"
     )
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="engine precision")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="engine precision (bf16: openvino)",
+    )
     p.add_argument("--steps", type=int, default=10, help="scheduler steps (default: 10)")
     p.add_argument("--runs", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")

@@ -41,6 +41,8 @@ def load_engine(
     from .pipeline import ModelShape
 
     backend = resolve_backend(backend, device)
+    if precision == "bf16" and backend != "openvino":
+        raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")
     if model is not None and artifacts is not None:
         raise RiffusionError("give a model source or an export directory, not both")
     if backend == "torch":
@@ -57,6 +59,12 @@ def load_engine(
             pixel_multiple=8,  # diffusers' UNet takes any latent size
         )
         return engine_class(runner, components.tokenizer, dict(components.scheduler.config), shape)
+    if backend == "openvino":
+        # OpenVINO compiles an unfused fp32 export; bf16 is its arithmetic, set at compile time.
+        if precision not in ("fp32", "bf16"):
+            raise RiffusionError(f"the openvino backend runs fp32 or bf16, not {precision}")
+        options.setdefault("inference_precision", precision)
+        precision = "fp32"
     if artifacts is None:
         artifacts = export_on_first_use(
             model or DEFAULT_MODEL,
@@ -111,11 +119,13 @@ def export_on_first_use(
     from riffusion_engine.export.exporter import ExportConfig, export
 
     target = "tensorrt" if backend == "tensorrt" else "onnx"
+    fuse = backend != "openvino"  # ONNX Runtime's fused operators are its own
+    flavour = target if fuse else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
-    digest = hashlib.sha256(json.dumps([model, seed, target, precision]).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{target}-{precision}-{digest}"
+    digest = hashlib.sha256(json.dumps([model, seed, flavour, precision]).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{flavour}-{precision}-{digest}"
     result = export(
-        ExportConfig(model=model, target=target, precision=precision, seed=seed),  # type: ignore[arg-type]
+        ExportConfig(model=model, target=target, precision=precision, seed=seed, fuse=fuse),  # type: ignore[arg-type]
         directory,
         progress=progress,
     )

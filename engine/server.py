@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -534,6 +534,35 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+@contextlib.contextmanager
+def background(app: FastAPI, *, host: str = "127.0.0.1", start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` on a free port of ``host`` in a background thread; yields its base URL.
+    Leaving the block shuts the server down (requests in flight finish first)."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="riffusion-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RiffusionError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
+        sock.close()
 
 
 def serve(

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
-from riffusion_engine.engine.server import Batcher, ServerConfig, create_app  # noqa: E402
+from riffusion_engine.engine.server import Batcher, ServerConfig, background, create_app  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 from riffusion_engine.kernels.params import SpectrogramParams  # noqa: E402
 
@@ -49,25 +49,9 @@ ORIGINAL = {
 }
 
 
-@contextlib.contextmanager
-def running(engine: Engine, **options) -> Iterator[str]:
-    """A real server for ``engine`` on a free loopback port; yields its base URL."""
-    app = create_app(engine, ServerConfig(**options))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
+def running(engine: Engine, **options):
+    """A real server for ``engine`` on a free loopback port (a context yielding its URL)."""
+    return background(create_app(engine, ServerConfig(**options)))
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +286,7 @@ def test_a_batch_gives_each_request_what_it_gets_alone(torch_engine) -> None:
         clips = [job.future.result(120) for job in jobs]
     finally:
         batcher.close()
-    assert batcher.metrics.batch_size._sum.get() == 3  # one batch of three
+    assert batcher.metrics.registry.get_sample_value("riffusion_batch_size_sum") == 3  # one batch of three
     for request, clip in zip(requests, clips, strict=True):
         (alone,) = torch_engine.run([request])
         # Not bitwise: torch's kernels block their sums by batch size (see test_runtime).

@@ -1,0 +1,97 @@
+"""The openvino backend on random:tiny: an unfused export made on first use, images
+against the torch backend (itself equal to diffusers), bf16 as an approximation of fp32,
+and the exports it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+from riffusion_engine.engine.pipeline import Engine, PromptInput, Request
+from riffusion_engine.kernels import RiffusionError
+
+# Observed about 3e-6 against the torch backend on random:tiny; generous for other CPUs.
+FP32_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def openvino_engine(cache) -> Engine:
+    return Engine.load("random:tiny", backend="openvino", cache_dir=cache)
+
+
+def images(engine: Engine, request: Request) -> np.ndarray:
+    return engine.images([request]).cpu().numpy()
+
+
+REQUEST = Request(PromptInput("a funky beat", 3, "noise", 7.0), steps=6)
+
+
+def test_first_use_makes_an_unfused_fp32_export(openvino_engine, cache) -> None:
+    (directory,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert "unfused" in directory.name
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["target"] == "onnx"
+    assert all(not s["fusions"] and s["precision"] == "fp32" for s in manifest["stages"].values())
+
+
+def test_openvino_equals_the_torch_backend(openvino_engine, torch_engine) -> None:
+    expected = images(torch_engine, REQUEST)
+    got = images(openvino_engine, REQUEST)
+    assert np.abs(got - expected).max() <= FP32_TOLERANCE
+    assert (np.abs(np.round(got * 255) - np.round(expected * 255)) <= 1).mean() >= 0.99
+
+
+def test_seed_image_batches_and_masks_run_through_openvino(openvino_engine, torch_engine) -> None:
+    from riffusion_engine.engine.seeds import mask_image, seed_image
+
+    requests = [
+        Request(
+            PromptInput("jazz", seed, denoising=0.6),
+            PromptInput("organ", seed + 1, denoising=0.6),
+            alpha,
+            steps=6,
+            seed_image=seed_image("og_beat"),
+            mask=mask_image("mask_top_third_75"),
+        )
+        for seed, alpha in ((1, 0.2), (5, 0.7))
+    ]
+    got = openvino_engine.images(requests).numpy()
+    expected = torch_engine.images(requests).numpy()
+    assert np.abs(got - expected).max() <= FP32_TOLERANCE
+
+
+def test_bf16_approximates_fp32(cache, openvino_engine) -> None:
+    bf16 = Engine.load("random:tiny", backend="openvino", precision="bf16", cache_dir=cache)
+    assert bf16.backend.inference_precision == "bf16"
+    fp32 = images(openvino_engine, REQUEST)
+    error = np.abs(images(bf16, REQUEST) - fp32).max()
+    # bf16 keeps 8 bits of mantissa: on a CPU with bf16 instructions the error is about
+    # 1e-2 of the [0, 1] image; elsewhere OpenVINO falls back to fp32 (error ~0).
+    assert error < 0.1
+
+
+def test_openvino_refuses_a_fused_export(tiny_export) -> None:
+    with pytest.raises(RiffusionError, match="--no-fuse"):
+        Engine.load(artifacts=tiny_export[0], backend="openvino")
+
+
+def test_precisions_are_checked(tiny_export) -> None:
+    with pytest.raises(RiffusionError, match="bf16 is the openvino backend's precision"):
+        Engine.load(artifacts=tiny_export[0], backend="onnxruntime", precision="bf16")
+    with pytest.raises(RiffusionError, match="fp32 or bf16"):
+        Engine.load("random:tiny", backend="openvino", precision="fp16")
+    with pytest.raises(RiffusionError, match="runs on --device cpu"):
+        from riffusion_engine.engine.backends import OpenVinoBackend
+
+        OpenVinoBackend(tiny_export[0], device="cuda")
