@@ -35,6 +35,20 @@ Device = Literal["cpu", "cuda"]
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
 
+def _runtime_module(module: str, title: str, extra: str, *, device: str, needs: Device) -> Any:
+    """The runtime ``module`` for the backend of that name, which runs on ``needs`` only."""
+    import importlib
+
+    if device != needs:
+        raise RiffusionError(f"the {module} backend runs on --device {needs}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RiffusionError(
+            f"the {module} backend needs {title}: pip install 'riffusion-engine[{extra}]'"
+        ) from exc
+
+
 class Backend(ABC):
     """Runs the chain's stages on one device."""
 
@@ -212,14 +226,7 @@ class TensorRTBackend(ExportBackend):
     name = "tensorrt"
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
-        if device != "cuda":
-            raise RiffusionError("the tensorrt backend runs on --device cuda")
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise RiffusionError(
-                "the tensorrt backend needs TensorRT: pip install 'riffusion-engine[tensorrt]'"
-            ) from exc
+        trt = _runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
         super().__init__(directory, device=device)
         if self.manifest["target"] != "tensorrt":
             raise RiffusionError(
@@ -316,14 +323,7 @@ class OpenVinoBackend(ExportBackend):
         inference_precision: Literal["fp32", "bf16"] = "fp32",
         threads: int = 0,
     ) -> None:
-        if device != "cpu":
-            raise RiffusionError("the openvino backend runs on --device cpu")
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise RiffusionError(
-                "the openvino backend needs OpenVINO: pip install 'riffusion-engine[openvino]'"
-            ) from exc
+        ov = _runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
         super().__init__(directory, device=device)
         if self.manifest["target"] != "onnx" or any(
             s["precision"] != "fp32" or s["fusions"] for s in self.manifest["stages"].values()
