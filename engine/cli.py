@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a clip from a prompt",
         description="Prompt -> spectrogram image -> audio. Runs a model source on the torch backend, or "
-        "an export directory (--artifacts) on onnxruntime / tensorrt; with a model source and a "
+        "an export directory (--artifacts) on onnxruntime / openvino / tensorrt; with a model source and a "
         "non-torch backend the model is exported on first use into --cache-dir. The audio format "
         "follows the extension of -o (.wav .flac .ogg .mp3).",
     )
