@@ -276,13 +276,10 @@ def _cmd_interpolate(args: argparse.Namespace) -> None:
 
 def _beat_seed_image(width: int) -> Any:
     """A seed image of a beat the project synthesizes, ``width`` columns wide."""
-    from riffusion_engine.kernels.convert import image_from_audio
-    from riffusion_engine.kernels.params import SpectrogramParams
+    from riffusion_engine.engine.seeds import image_of_audio
     from riffusion_engine.kernels.synth import music_like
 
-    params = SpectrogramParams()
-    seconds = (width - 1) * params.step_size_ms / 1000
-    return image_from_audio(music_like(seconds, sample_rate=params.sample_rate, seed=0), params.sample_rate)
+    return image_of_audio(lambda seconds, rate: music_like(seconds, sample_rate=rate, seed=0), width)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -325,6 +325,15 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """Raise RiffusionError for a request this engine cannot run, before any compute."""
+        self.check_images(request)
+        for end in (request.start, request.end):
+            if end is not None:
+                self.check_text(end.prompt)
+                if end.negative_prompt is not None:
+                    self.check_text(end.negative_prompt, negative=True)
+
+    def check_images(self, request: Request) -> None:
+        """The part of :meth:`check` that is not the prompts: width, seed image and mask."""
         multiple = self.shape.pixel_multiple
         if request.width % multiple:
             raise RiffusionError(
@@ -345,11 +354,6 @@ class Engine:
                     f"{name} is {image.size[0]}x{image.size[1]}; this clip is "
                     f"{request.width}x{self.shape.height}"
                 )
-        for end in (request.start, request.end):
-            if end is not None:
-                self.check_text(end.prompt)
-                if end.negative_prompt is not None:
-                    self.check_text(end.negative_prompt, negative=True)
 
     def check_text(self, text: str, *, negative: bool = False, what: str | None = None) -> None:
         """Raise RiffusionError (saying ``what`` it is) for a prompt this engine cannot encode."""

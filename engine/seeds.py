@@ -65,14 +65,20 @@ MASKS: dict[str, Callable[[], np.ndarray]] = {
 }
 
 
-def seed_image(seed_id: str, params: SpectrogramParams | None = None) -> Any:
-    """The built-in seed image ``seed_id`` (512 x 512 RGB, parameters in its EXIF)."""
+def image_of_audio(
+    make_audio: Callable[[float, int], np.ndarray], width: int = SIZE, params: SpectrogramParams | None = None
+) -> Any:
+    """The spectrogram image, ``width`` columns wide, of ``make_audio(seconds, sample_rate)``."""
     from riffusion_engine.kernels.convert import image_from_audio
 
     params = params or SpectrogramParams()
-    seconds = (SIZE - 1) * params.step_size_ms / 1000  # centred frames: SIZE columns
-    audio = SEED_AUDIO[seed_id](seconds, params.sample_rate)
-    return image_from_audio(audio, params.sample_rate, params).convert("RGB")
+    seconds = (width - 1) * params.step_size_ms / 1000  # centred frames: width columns
+    return image_from_audio(make_audio(seconds, params.sample_rate), params.sample_rate, params)
+
+
+def seed_image(seed_id: str, params: SpectrogramParams | None = None) -> Any:
+    """The built-in seed image ``seed_id`` (512 x 512 RGB, parameters in its EXIF)."""
+    return image_of_audio(SEED_AUDIO[seed_id], SIZE, params).convert("RGB")
 
 
 def mask_image(mask_id: str) -> Any:
@@ -108,23 +114,33 @@ class SeedLibrary:
     def __contains__(self, image_id: object) -> bool:
         return isinstance(image_id, str) and image_id in self.ids()
 
-    def get(self, image_id: str, *, field: str = "seed_image_id") -> Any:
-        """The image ``image_id`` (a PIL image); RiffusionError naming ``field`` for an unknown id."""
+    def build(self) -> None:
+        """Make the built-ins now rather than on first use."""
+        for image_id in (*SEED_AUDIO, *MASKS):
+            self._builtin(image_id)
+
+    def _builtin(self, image_id: str) -> Any:
+        with self._lock:
+            if image_id not in self._built:
+                self._built[image_id] = (
+                    seed_image(image_id, self.params) if image_id in SEED_AUDIO else mask_image(image_id)
+                )
+            return self._built[image_id]
+
+    def get(self, image_id: str, *, field: str = "seed_image_id", mode: str | None = None) -> Any:
+        """The image ``image_id`` as a new PIL image (converted to ``mode`` if given);
+        RiffusionError naming ``field`` for an unknown id."""
         from PIL import Image, UnidentifiedImageError
 
         if image_id in self.files:
             try:
                 with Image.open(self.files[image_id]) as image:
                     image.load()
-                    return image
+                    return image if mode is None else image.convert(mode)
             except (OSError, UnidentifiedImageError) as exc:
                 raise RiffusionError(f"{field}: {image_id!r} is not a readable PNG ({exc})") from exc
         if image_id in SEED_AUDIO or image_id in MASKS:
-            with self._lock:
-                if image_id not in self._built:
-                    self._built[image_id] = (
-                        seed_image(image_id, self.params) if image_id in SEED_AUDIO else mask_image(image_id)
-                    )
-                return self._built[image_id].copy()
+            built = self._builtin(image_id)
+            return built.copy() if mode is None else built.convert(mode)
         shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
         raise RiffusionError(f"{field}: unknown id {shown!r}; known ids: {', '.join(self.ids())}")

@@ -159,7 +159,7 @@ def engine_request(
 
     def image(field_name: str, image_id: str, mode: str) -> Any:
         try:
-            return seeds.get(image_id, field=field_name).convert(mode)
+            return seeds.get(image_id, field=field_name, mode=mode)
         except RiffusionError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -191,7 +191,8 @@ def engine_request(
             mask=mask,
         ),
     )
-    checked("seed_image_id" if mask is None else "mask_image_id", lambda: engine.check(request))
+    # The prompts were checked above, field by field.
+    checked("seed_image_id" if mask is None else "mask_image_id", lambda: engine.check_images(request))
     return request
 
 
@@ -438,7 +439,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(lambda: [seeds.get(i) for i in seeds.ids()])  # built-ins made once, up front
+        await asyncio.to_thread(seeds.build)  # the built-ins, made once, up front
         batcher.start()
         log.info(
             "serving %s on the %s backend (%s)",

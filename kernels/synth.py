@@ -114,11 +114,10 @@ def drum_beat(
 
 def arpeggio(duration_s: float = 5.11, *, sample_rate: int = 44100, bpm: float = 128.0) -> np.ndarray:
     """Fast sixteenth-note synth arpeggios over A minor and F major (bright, reedy tones)."""
-    t = _grid(duration_s, sample_rate)
     sixteenth = 15.0 / bpm
     patterns = ((57, 60, 64, 69), (53, 57, 60, 65))
     partials = tuple((h, 1.0 / h, 0.18 / h**0.5) for h in range(1, 8))  # saw-like, brighter decays faster
-    out = np.zeros_like(t)
+    out = np.zeros(round(duration_s * sample_rate))
     for k, start in enumerate(np.arange(0.0, duration_s, sixteenth)):
         notes = patterns[int(start / (16 * sixteenth)) % 2]
         _strike(out, sample_rate, start, _midi_hz(notes[k % 4] + 12 * (k // 4 % 2)), partials)
@@ -127,10 +126,9 @@ def arpeggio(duration_s: float = 5.11, *, sample_rate: int = 44100, bpm: float =
 
 def marimba(duration_s: float = 5.11, *, sample_rate: int = 44100, bpm: float = 100.0) -> np.ndarray:
     """A pentatonic marimba melody: a wooden bar's partials (1, 3.9, 9.2) decaying fast."""
-    t = _grid(duration_s, sample_rate)
     melody = (60, 62, 64, 67, 69, 67, 64, 62, 72, 69, 67, 64)
     partials = ((1.0, 1.0, 0.35), (3.9, 0.35, 0.08), (9.2, 0.12, 0.03))
-    out = np.zeros_like(t)
+    out = np.zeros(round(duration_s * sample_rate))
     for k, start in enumerate(np.arange(0.0, duration_s, 30.0 / bpm)):
         _strike(out, sample_rate, start, _midi_hz(melody[k % len(melody)]), partials)
     return _to_int16_scale(out)
