@@ -56,6 +56,7 @@ def reference_converter(params: SpectrogramParams) -> Converter:
         f_max=params.max_frequency,
         norm=params.mel_scale_norm,
         mel_scale=params.mel_scale_type,
+        **_original_inverse_mel_settings(torchaudio),
     )
     griffin_lim = torchaudio.transforms.GriffinLim(
         n_fft=params.n_fft,
@@ -70,10 +71,38 @@ def reference_converter(params: SpectrogramParams) -> Converter:
 
     def convert(mel: np.ndarray, seed: int) -> np.ndarray:
         torch.manual_seed(seed)
+        linear = inverse_mel(torch.from_numpy(mel))  # the SGD inverse needs autograd
         with torch.inference_mode():
-            return griffin_lim(inverse_mel(torch.from_numpy(mel))).numpy()
+            return griffin_lim(linear).numpy()
 
     return convert
+
+
+ORIGINAL_MEL_ITERS = 200  # Riffusion's SpectrogramParams.max_mel_iters
+
+
+def _original_inverse_mel_settings(torchaudio: Any) -> dict[str, Any]:
+    """The original converter's SGD settings where the installed torchaudio still
+    solves the inverse by SGD (torchaudio < 2.1); later versions solve it by
+    least squares and take none of them."""
+    import inspect
+
+    signature = inspect.signature(torchaudio.transforms.InverseMelScale)
+    if "max_iter" not in signature.parameters:
+        return {}
+    return {"max_iter": ORIGINAL_MEL_ITERS, "tolerance_loss": 1e-5, "tolerance_change": 1e-8, "sgdargs": None}
+
+
+def reference_algorithm() -> str:
+    """How the installed torchaudio inverts the mel scale (for the report)."""
+    import torchaudio
+
+    if _original_inverse_mel_settings(torchaudio):
+        return (
+            f"torchaudio {torchaudio.__version__}: InverseMelScale by SGD "
+            f"({ORIGINAL_MEL_ITERS} iterations, as the original converter) + GriffinLim"
+        )
+    return f"torchaudio {torchaudio.__version__}: InverseMelScale by least squares + GriffinLim"
 
 
 def engine_converter(params: SpectrogramParams, options: GriffinLimOptions) -> Converter:
@@ -86,10 +115,10 @@ def engine_converter(params: SpectrogramParams, options: GriffinLimOptions) -> C
 VARIANTS: dict[str, GriffinLimOptions] = {
     "engine": GriffinLimOptions(),
     "engine-plain": GriffinLimOptions.plain(),
+    "engine-random-init": GriffinLimOptions(init="random"),
     "engine-reduced-rate-only": GriffinLimOptions(reduced_rate=True, bin_stride=1),
     "engine-unpadded-only": GriffinLimOptions(reduced_rate=False, bin_stride=4),
-    "engine-48-iters": GriffinLimOptions(n_iter=48),
-    "engine-64-iters": GriffinLimOptions(n_iter=64),
+    "engine-16-iters": GriffinLimOptions(n_iter=16),
 }
 
 
@@ -177,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "audio_seconds": audio_s,
         "runs": args.runs,
         "warmup": args.warmup,
+        "reference": reference_algorithm(),
         "environment": environment(),
         "methods": results,
     }

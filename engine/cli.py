@@ -45,9 +45,10 @@ def _cmd_image_to_audio(args: argparse.Namespace) -> None:
     from riffusion_engine.kernels.image import load_image
 
     out = check_audio_output(args.output)
-    options = (GriffinLimOptions.plain if args.plain else GriffinLimOptions)(
-        n_iter=args.iters, seed=args.seed
-    )
+    changes = {"n_iter": args.iters, "seed": args.seed}
+    if args.init is not None:
+        changes["init"] = args.init
+    options = (GriffinLimOptions.plain if args.plain else GriffinLimOptions)(**changes)
     start = time.perf_counter()
     image = load_image(args.input)
     samples, rate = audio_from_image(image, options=options, device=args.device)
@@ -409,14 +410,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_io(p, "input spectrogram image (PNG; parameters read from its EXIF)", "output audio file")
     p.add_argument("--iters", type=int, default=None, help="Griffin-Lim iterations (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial phase (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random phase (all of it with --init random; only near-silent "
+        "coefficients with pghi) (default: 0)",
+    )
+    p.add_argument(
+        "--init",
+        choices=("pghi", "random"),
+        default=None,
+        help="initial phase: pghi (integrated from the magnitude's gradient; the default) or "
+        "random (the original; the default with --plain)",
+    )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (NumPy/SciPy) or cuda (CuPy)"
     )
     p.add_argument(
         "--plain",
         action="store_true",
-        help="the unmodified algorithm (full sample rate, n_fft-padded transform): slower",
+        help="the unmodified algorithm (full sample rate, n_fft-padded transform, random initial "
+        "phase): slower",
     )
     p.set_defaults(func=_cmd_image_to_audio)
 

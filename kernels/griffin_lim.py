@@ -4,12 +4,12 @@ Fast Griffin-Lim: N. Perraudin, P. Balazs, P. L. Søndergaard, "A fast
 Griffin-Lim algorithm", IEEE WASPAA 2013 (the momentum form used by torchaudio
 and librosa: ``c - momentum / (1 + momentum) * c_prev``). Griffin-Lim:
 D. Griffin, J. Lim, "Signal estimation from modified short-time Fourier
-transform", IEEE TASSP 1984.
+transform", IEEE TASSP 1984. The initial phase is random (the original) or
+integrated from the magnitude's gradient (:mod:`.phase`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -21,7 +21,10 @@ from . import mel as melm
 from . import xp as xpm
 from .errors import RiffusionError
 from .params import SpectrogramParams
+from .phase import pghi_phase, random_phase
 from .stft import StftPlan
+
+INITS = ("pghi", "random")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,11 @@ class GriffinLimOptions:
     bin_stride: int = (
         4  # iterate on every bin_stride-th bin of the n_fft grid (fft_size = n_fft / stride); 1 = plain
     )
+    init: str = "pghi"  # initial phase: "pghi" (from the magnitude's gradient) or "random" (plain)
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise RiffusionError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.n_iter is not None and self.n_iter < 0:
             raise RiffusionError(f"n_iter must be >= 0, got {self.n_iter}")
         if self.bin_stride < 1:
@@ -48,7 +54,7 @@ class GriffinLimOptions:
     @classmethod
     def plain(cls, **changes: Any) -> GriffinLimOptions:
         """The unmodified algorithm: full sample rate, n_fft-padded transform."""
-        return cls(**{"reduced_rate": False, "bin_stride": 1, **changes})
+        return cls(**{"reduced_rate": False, "bin_stride": 1, "init": "random", **changes})
 
 
 @dataclass(frozen=True)
@@ -103,21 +109,6 @@ def _fgla_step(rebuilt: Any, previous: Any, magnitude: Any, alpha: Any, eps: Any
     return update * (magnitude / (abs(update) + eps))
 
 
-@functools.lru_cache(maxsize=4)
-def random_phase(shape: tuple[int, ...], seed: int, xp: ModuleType) -> Any:
-    """Unit phasors with uniform random phase, complex64 (read-only, cached).
-
-    Drawn on the host so that CPU and GPU runs with one seed start from the
-    same point.
-    """
-    angle = np.random.default_rng(seed).random(shape, dtype=np.float32) * np.float32(2 * np.pi)
-    phasors = np.empty(shape, dtype=np.complex64)
-    phasors.real = np.cos(angle)
-    phasors.imag = np.sin(angle)
-    phasors.setflags(write=False)
-    return xp.asarray(phasors)
-
-
 def griffin_lim(
     magnitude: Any,
     *,
@@ -126,10 +117,12 @@ def griffin_lim(
     momentum: float = 0.99,
     seed: int = 0,
     length: int | None = None,
+    init: str = "pghi",
     xp: ModuleType = np,
 ) -> Any:
     """Waveform ``(..., length)`` whose STFT magnitude approximates ``magnitude``
-    ``(..., frames, plan.n_bins)`` (float32)."""
+    ``(..., frames, plan.n_bins)`` (float32), starting from the ``init`` phase
+    (``"pghi"``: integrated from the magnitude; ``"random"``: seeded uniform)."""
     if magnitude.shape[-1] != plan.n_bins:
         raise RiffusionError(f"magnitude has {magnitude.shape[-1]} bins, the STFT plan {plan.n_bins}")
     frames = magnitude.shape[-2]
@@ -140,7 +133,13 @@ def griffin_lim(
             f"{frames} frames are too few to reconstruct (need more than {plan.pad} samples)"
         )
     magnitude = magnitude.astype(xp.float32, copy=False)
-    spec = magnitude * random_phase(tuple(magnitude.shape), seed, xp)
+    if init == "pghi":
+        phase = pghi_phase(magnitude, plan, seed=seed, xp=xp)
+    elif init == "random":
+        phase = random_phase(tuple(magnitude.shape), seed, xp)
+    else:
+        raise RiffusionError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    spec = magnitude * phase
     previous = xp.zeros_like(spec)
     step = xpm.fused(_fgla_step, xp)
     alpha = np.float32(momentum / (1.0 + momentum))
@@ -183,6 +182,7 @@ def waveform_from_mel(
         n_iter=n_iter,
         momentum=options.momentum,
         seed=options.seed,
+        init=options.init,
         xp=xp,
     )
     length = params.num_samples(frames)
