@@ -1,6 +1,8 @@
 """Image -> audio for a 512x512 Riffusion spectrogram: the engine's kernels
 against the original converter's algorithm as torchaudio implements it
-(``InverseMelScale`` + ``GriffinLim``, Riffusion's settings).
+(``InverseMelScale`` + ``GriffinLim``, Riffusion's settings). With torchaudio
+< 2.1 the inverse mel is the original's 200 SGD iterations; later torchaudio
+solves it by least squares (faster and more accurate); the report names which.
 
 Both start from the same mel spectrogram (decoded once from the same image)
 and end at a float waveform; they run alternated in one process after a

@@ -48,6 +48,20 @@ def test_stereo_flag_keeps_two_channels(tmp_path: Path, wav_22k_stereo: Path) ->
     assert soundfile.info(wav).channels == 2
 
 
+def test_init_option_selects_the_initial_phase(tmp_path: Path, wav_22k_stereo: Path) -> None:
+    png = tmp_path / "clip.png"
+    assert run("audio-to-image", str(wav_22k_stereo), "-o", str(png)).returncode == 0
+    outputs = {}
+    for name, extra in (("default", ()), ("pghi", ("--init", "pghi")), ("random", ("--init", "random"))):
+        out = tmp_path / f"{name}.wav"
+        result = run("image-to-audio", str(png), "-o", str(out), "--iters", "2", *extra)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = soundfile.read(out)[0]
+    assert np.array_equal(outputs["default"], outputs["pghi"])
+    assert not np.array_equal(outputs["pghi"], outputs["random"])
+    assert run("image-to-audio", str(png), "-o", str(tmp_path / "x.wav"), "--init", "zero").returncode != 0
+
+
 def _expect_clean_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
