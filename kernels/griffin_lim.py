@@ -172,10 +172,7 @@ def waveform_from_mel(
         )
     grid = iteration_grid(params, options)
     frames = mel.shape[-1]
-    mel_t = xp.ascontiguousarray(
-        xp.swapaxes(mel.astype(xp.float32, copy=False), -1, -2)
-    )  # (ch, frames, mels)
-    linear = melm.linear_from_mel(mel_t, params, xp=xp, stride=grid.bin_stride, n_bins=grid.plan.n_bins)
+    linear = grid_magnitude(mel, params, grid, xp=xp)
     n_iter = params.num_griffin_lim_iters if options.n_iter is None else options.n_iter
     waveform = griffin_lim(
         linear,
@@ -190,6 +187,13 @@ def waveform_from_mel(
     if grid.sample_rate != params.sample_rate:
         waveform = resample(waveform, grid.sample_rate, params.sample_rate, xp=xp)
     return _fit_length(waveform, length, xp)
+
+
+def grid_magnitude(mel: Any, params: SpectrogramParams, grid: IterationGrid, *, xp: ModuleType = np) -> Any:
+    """Mel magnitudes ``(channels, num_frequencies, frames)`` -> the least-squares
+    linear magnitudes on the grid's bins, ``(channels, frames, grid.plan.n_bins)``."""
+    mel_t = xp.ascontiguousarray(xp.swapaxes(mel.astype(xp.float32, copy=False), -1, -2))  # ch, frames, mels
+    return melm.linear_from_mel(mel_t, params, xp=xp, stride=grid.bin_stride, n_bins=grid.plan.n_bins)
 
 
 def resample(x: Any, rate_in: int, rate_out: int, *, xp: ModuleType = np) -> Any:

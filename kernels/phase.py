@@ -87,10 +87,10 @@ def pghi_phase(
     a, m = plan.hop_length, plan.fft_size
     gamma = HANN_GAMMA * plan.win_length**2
     k = xp.arange(bins, dtype=xp.float32)
-    frequency = k + np.float32(m * m / (_TWO_PI * gamma)) * _central_difference(log_mag, -1, xp)  # bins
+    frequency = k + np.float32(m * m / (_TWO_PI * gamma)) * _slope(log_mag, -1, xp)  # bins
     per_hop = frequency * np.float32(_TWO_PI * a / m)  # phase advance per hop at each coefficient
     time_step = xp.remainder((per_hop[:, 1:] + per_hop[:, :-1]) * np.float32(0.5), np.float32(_TWO_PI))
-    per_bin = _central_difference(log_mag, -2, xp) * np.float32(-gamma / (a * m))
+    per_bin = _slope(log_mag, -2, xp) * np.float32(-gamma / (a * m))
     along = xp.zeros_like(per_bin)  # phase carried along frequency from bin 0
     along[..., 1:] = xp.cumsum((per_bin[..., 1:] + per_bin[..., :-1]) * np.float32(0.5), axis=-1)
 
@@ -136,14 +136,7 @@ def peak_of_each_bin(magnitude: Any, xp: ModuleType = np) -> Any:
     return (target % bins).reshape(magnitude.shape)
 
 
-def _central_difference(x: Any, axis: int, xp: ModuleType) -> Any:
-    """Derivative along ``axis`` (per sample): central inside, one-sided at the ends."""
-    x = xp.moveaxis(x, axis, -1)
-    out = xp.empty_like(x)
-    if x.shape[-1] < 2:
-        out[...] = 0
-        return xp.moveaxis(out, -1, axis)
-    out[..., 1:-1] = (x[..., 2:] - x[..., :-2]) * np.float32(0.5)
-    out[..., 0] = x[..., 1] - x[..., 0]
-    out[..., -1] = x[..., -1] - x[..., -2]
-    return xp.moveaxis(out, -1, axis)
+def _slope(x: Any, axis: int, xp: ModuleType) -> Any:
+    """Derivative along ``axis`` per sample (``xp.gradient``: central inside,
+    one-sided at the ends); zero along an axis of one sample."""
+    return xp.gradient(x, axis=axis) if x.shape[axis] > 1 else xp.zeros_like(x)
