@@ -103,11 +103,12 @@ def _reduced_rate(params: SpectrogramParams) -> int:
     return params.sample_rate
 
 
-def _fgla_step(rebuilt: Any, previous: Any, magnitude: Any, alpha: Any, eps: Any) -> Any:
+@xpm.elementwise("complex64", "complex64", "float32", ("scalar", "float32"), ("scalar", "float32"))
+def _fgla_step(rebuilt: Any, previous: Any, magnitude: Any, alpha: Any, eps: Any, *, xp: ModuleType) -> Any:
     """One fast Griffin-Lim update: the next spectrum to invert. Elementwise;
     fused into one kernel on the GPU."""
     update = rebuilt - alpha * previous
-    return update * (magnitude / (abs(update) + eps))
+    return update * (magnitude / (xp.absolute(update) + eps))
 
 
 def griffin_lim(

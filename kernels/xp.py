@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
@@ -66,7 +67,9 @@ def as_array(array: Any, xp: ModuleType, dtype: Any = None) -> Any:
         if is_cupy(xp):
             if device_of(array) != "cuda":
                 array = array.cuda()
-            out = xp.from_dlpack(array.detach().contiguous())
+            # CuPy takes a strided DLPack tensor as a strided view (dlpack.pyx), so a
+            # permuted tensor (the VAE's channels-last image) is not copied either.
+            out = xp.from_dlpack(array.detach())
         else:
             if device_of(array) == "cuda":
                 array = array.cpu()
@@ -109,18 +112,50 @@ def _workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class Elementwise:
+    """A plain elementwise function written for ``cupy.fuse``, and the argument kinds it
+    takes (a dtype name for an array, ``("scalar", dtype name)`` for a NumPy scalar), from
+    which a CPU test traces it with CuPy's fusion tracer."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+ELEMENTWISE: dict[Callable[..., Any], Elementwise] = {}
 _FUSED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def fused(fn: Callable[..., Any], xp: ModuleType) -> Callable[..., Any]:
-    """``fn`` (a plain elementwise function) fused into one kernel on the GPU.
+def elementwise(*args: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a function that :func:`fused` may fuse, with its argument kinds.
 
-    On NumPy the plain function runs as written.
-    """
-    if not is_cupy(xp):
+    The function takes its array module as the keyword ``xp`` and may use only what
+    CuPy's fusion tracer supports on its variables: arithmetic, comparison and bitwise
+    operators, ``astype``, and ``xp`` ufuncs (``xp.absolute``, ``xp.sqrt``, ...) — not
+    builtins such as ``abs()``, not NumPy's ufuncs, not ``.real``/``.imag``/indexing
+    (cupy/_core/fusion.pyx and _fusion_interface.py define no ``__abs__``,
+    ``__array_ufunc__`` or those attributes)."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        ELEMENTWISE[fn] = Elementwise(fn, args)
         return fn
+
+    return register
+
+
+def fused(fn: Callable[..., Any], xp: ModuleType) -> Callable[..., Any]:
+    """``fn`` (declared with :func:`elementwise`) fused into one kernel on the GPU.
+
+    On NumPy the plain function runs as written, with ``xp=numpy``."""
+    assert fn in ELEMENTWISE, f"{fn.__name__} is not declared @elementwise"
+    if not is_cupy(xp):
+        return functools.partial(fn, xp=np)
     if fn not in _FUSED:
-        _FUSED[fn] = xp.fuse(fn)
+
+        def bound(*args: Any) -> Any:
+            return fn(*args, xp=xp)
+
+        _FUSED[fn] = xp.fuse(kernel_name=fn.__name__)(bound)
     return _FUSED[fn]
 
 

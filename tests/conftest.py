@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -11,6 +12,31 @@ import pytest
 from riffusion_engine.kernels import SpectrogramParams
 from riffusion_engine.kernels.audio import spectrogram_from_waveform
 from riffusion_engine.kernels.synth import music_like
+
+
+@functools.cache
+def _cuda_device() -> str | None:
+    """Why the GPU tests cannot run here, or None when a CUDA device is usable."""
+    try:
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA GPU (torch sees none)"
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU"
+    except Exception as exc:
+        return f"no CUDA GPU ({type(exc).__name__})"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``gpu`` tests (``pytest -m gpu``) skip, saying why, where no CUDA device is usable."""
+    if item.get_closest_marker("gpu") is not None:
+        reason = _cuda_device()
+        if reason is not None:
+            pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
