@@ -54,6 +54,7 @@ class Backend(ABC):
 
     name: str
     device: Device
+    profile_bound = False  # True where the runtime takes only the export profile's shapes
 
     @abstractmethod
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
@@ -145,7 +146,9 @@ class ExportBackend(Backend):
 
 
 class OnnxRuntimeBackend(ExportBackend):
-    """ONNX Runtime with IO binding on an export directory."""
+    """ONNX Runtime with IO binding on an export directory, on the CPU, CUDA or TensorRT
+    execution provider (the last with the export's profile and engine caches under
+    ``trt_cache``, by default ``<export>/ort-tensorrt``)."""
 
     name = "onnxruntime"
 
@@ -156,6 +159,7 @@ class OnnxRuntimeBackend(ExportBackend):
         device: str = "cpu",
         provider: Provider | None = None,
         threads: int = 0,
+        trt_cache: str | Path | None = None,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -179,7 +183,16 @@ class OnnxRuntimeBackend(ExportBackend):
             )
         if provider != "cpu" and self.device != "cuda":
             raise RiffusionError(f"the {provider} execution provider needs --device cuda")
+        cuda_graphs = self.manifest["target"] == "onnx" and self.manifest.get("device", "cpu") == "cuda"
+        if provider == "cpu" and cuda_graphs:
+            raise RiffusionError(
+                f"export {str(self.directory)!r} was made for --device cuda (CUDA-only fused operators); "
+                "export again with --device cpu for the CPU provider"
+            )
+        self.provider = provider
+        self.profile_bound = provider == "tensorrt"  # the TensorRT provider builds for the profile
         self.providers = names
+        self.trt_cache = Path(trt_cache) if trt_cache is not None else self.directory / "ort-tensorrt"
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.log_severity_level = 3
@@ -188,13 +201,32 @@ class OnnxRuntimeBackend(ExportBackend):
         self._ort = ort
         self._sessions: dict[str, Any] = {}
 
+    def session_providers(self, stage: str) -> list[Any]:
+        """The providers list for a stage's session: the TensorRT provider gets the stage's
+        profile, fp16 and its engine and timing caches."""
+        if self.provider != "tensorrt":
+            return list(self.providers)
+        self.trt_cache.mkdir(parents=True, exist_ok=True)
+        fp16 = self.manifest["stages"][stage]["precision"] == "fp16"
+        options = tensorrt_provider_options(self.spec(stage), cache=self.trt_cache, fp16=fp16)
+        return [("TensorrtExecutionProvider", options), *self.providers[1:]]
+
     def session(self, stage: str) -> Any:
         if stage not in self._sessions:
             self.spec(stage)
             path = self.directory / f"{stage}.onnx"
-            self._sessions[stage] = self._ort.InferenceSession(
-                str(path), self.options, providers=self.providers
+            session = self._ort.InferenceSession(
+                str(path), self.options, providers=self.session_providers(stage)
             )
+            # InferenceSession falls back to the next provider when one fails to set up
+            # (printing the error): a silent CPU run is not what was asked for.
+            active = session.get_providers()
+            if not active or active[0] != self.providers[0]:
+                raise RiffusionError(
+                    f"ONNX Runtime could not set up {self.providers[0]} for {stage} (it runs on "
+                    f"{', '.join(active) or 'nothing'}); see its log above"
+                )
+            self._sessions[stage] = session
         return self._sessions[stage]
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
@@ -204,104 +236,91 @@ class OnnxRuntimeBackend(ExportBackend):
         self.check_inputs(stage, inputs)
         session = self.session(stage)
         binding = session.io_binding()
-        device_id = inputs[next(iter(inputs))].device.index or 0
         kept = []  # the bound tensors must outlive the run
         for name, tensor in inputs.items():
             tensor = tensor.to(self.torch_device()).contiguous()
             kept.append(tensor)
             dtype = {torch.float32: np.float32, torch.int32: np.int32}[tensor.dtype]
-            binding.bind_input(name, self.device, device_id, dtype, tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(
+                name, self.device, tensor.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr()
+            )
         (output,) = self.spec(stage)["outputs"]
         out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device=self.torch_device())
         binding.bind_output(
-            output["name"], self.device, device_id, np.float32, tuple(out.shape), out.data_ptr()
+            output["name"], self.device, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
         )
+        if self.device == "cuda":
+            # ONNX Runtime's CUDA and TensorRT providers run on their own (non-blocking)
+            # streams and run_with_iobinding does not wait for torch's: let torch's queued
+            # writes to the inputs finish first. The run itself synchronizes its stream
+            # before returning (run option disable_synchronize_execution_providers = 0).
+            torch.cuda.current_stream().synchronize()
         session.run_with_iobinding(binding)
         return out
 
 
+def tensorrt_provider_options(spec: dict[str, Any], *, cache: Path, fp16: bool) -> dict[str, Any]:
+    """ONNX Runtime TensorRT execution provider options for a stage (a manifest ``spec``):
+    min/opt/max shapes of every input ("name:2x4x64x64,..."), fp16, and the engine and
+    timing caches in ``cache`` so sessions do not rebuild engines at each start."""
+
+    def shapes(which: str) -> str:
+        return ",".join(f"{t['name']}:{'x'.join(str(d) for d in t[which])}" for t in spec["inputs"])
+
+    return {
+        "trt_profile_min_shapes": shapes("min"),
+        "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max"),
+        "trt_fp16_enable": fp16,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+
+
 class TensorRTBackend(ExportBackend):
-    """TensorRT engines (``<stage>.plan``) on device buffers; CUDA graphs for static profiles."""
+    """TensorRT engines (``<stage>.plan``) on device buffers; static exports pad batches
+    to their one shape and replay CUDA graphs (see ``engine/tensorrt_runtime.py``)."""
 
     name = "tensorrt"
+    profile_bound = True
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
+        from .tensorrt_runtime import CudaStreams, check_tensorrt_version
+
         trt = _runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
+        check_tensorrt_version(trt)
         super().__init__(directory, device=device)
         if self.manifest["target"] != "tensorrt":
             raise RiffusionError(
                 f"export {str(self.directory)!r} has no TensorRT engines; export with --target tensorrt"
             )
-        import torch
-
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engines: dict[str, tuple[Any, Any]] = {}
-        self._stream = torch.cuda.Stream()
+        self._engines: dict[str, Any] = {}
+        self._stages: dict[str, Any] = {}
+        self._streams = CudaStreams()
         self.static = bool(self.manifest["profile"]["static"])
-        self._graphs: dict[str, tuple[Any, dict[str, Any], Any]] = {}
 
-    def _context(self, stage: str) -> Any:
-        if stage not in self._engines:
-            self.spec(stage)
+    def _stage(self, stage: str) -> Any:
+        from .tensorrt_runtime import StageEngine
+
+        if stage not in self._stages:
+            spec = self.spec(stage)
             engine = self._runtime.deserialize_cuda_engine((self.directory / f"{stage}.plan").read_bytes())
             if engine is None:
                 raise RiffusionError(f"TensorRT cannot load {stage}.plan (built by another TensorRT or GPU?)")
-            self._engines[stage] = (engine, engine.create_execution_context())
-        return self._engines[stage][1]
+            context = engine.create_execution_context()
+            if context is None:
+                raise RiffusionError(f"TensorRT could not create an execution context for {stage}")
+            self._engines[stage] = engine  # the context needs its engine alive
+            self._stages[stage] = StageEngine(stage, context, spec, static=self.static, streams=self._streams)
+        return self._stages[stage]
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
-        import torch
-
         self.check_inputs(stage, inputs)
-        if self.static:
-            return self._run_graph(stage, inputs)
-        context = self._context(stage)
-        out = self._bind(stage, context, {k: v.contiguous() for k, v in inputs.items()})
-        with torch.cuda.stream(self._stream):
-            if not context.execute_async_v3(self._stream.cuda_stream):
-                raise RiffusionError(f"TensorRT failed to run {stage}")
-        self._stream.synchronize()
-        return out
-
-    def _bind(self, stage: str, context: Any, inputs: dict[str, Any]) -> Any:
-        import torch
-
-        for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        (output,) = self.spec(stage)["outputs"]
-        out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(output["name"], out.data_ptr())
-        return out
-
-    def _run_graph(self, stage: str, inputs: dict[str, Any]) -> Any:
-        """Static shapes: capture the engine's launch in a CUDA graph once, then copy
-        inputs into its buffers and replay it."""
-        import torch
-
-        if stage not in self._graphs:
-            context = self._context(stage)
-            buffers = {k: v.clone().contiguous() for k, v in inputs.items()}
-            out = self._bind(stage, context, buffers)
-            with torch.cuda.stream(self._stream):
-                context.execute_async_v3(self._stream.cuda_stream)  # warm-up outside the capture
-                self._stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self._stream):
-                    context.execute_async_v3(self._stream.cuda_stream)
-            self._graphs[stage] = (graph, buffers, out)
-        graph, buffers, out = self._graphs[stage]
-        for name, tensor in inputs.items():
-            if tuple(tensor.shape) != tuple(buffers[name].shape):
-                raise RiffusionError(
-                    f"{stage}: input {name} has shape {tuple(tensor.shape)}; this static export takes "
-                    f"{tuple(buffers[name].shape)}"
-                )
-            buffers[name].copy_(tensor)
-        graph.replay()
-        torch.cuda.synchronize()
-        return out.clone()
+        return self._stage(stage).run(inputs, self.output_shape(stage, inputs), self.torch_device())
 
 
 class OpenVinoBackend(ExportBackend):
@@ -399,12 +418,17 @@ def resolve_backend(name: str, device: str) -> str:
 
 
 def auto_backend(device: str) -> str:
-    """TensorRT on a GPU where it is installed, else ONNX Runtime (fastest measured on
+    """On a GPU: TensorRT where it is installed, else ONNX Runtime where it has its CUDA
+    provider (onnxruntime-gpu), else torch. On the CPU: ONNX Runtime (fastest measured on
     this project's CPU benchmarks), else torch."""
     import importlib.util
 
     if device == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         return "tensorrt"
-    if importlib.util.find_spec("onnxruntime") is not None:
-        return "onnxruntime"
-    return "torch"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch"
+    if device == "cuda":
+        import onnxruntime as ort
+
+        return "onnxruntime" if "CUDAExecutionProvider" in ort.get_available_providers() else "torch"
+    return "onnxruntime"

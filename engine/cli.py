@@ -108,6 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         opset=args.opset,
         fuse=not args.no_fuse,
         seed=args.seed,
+        device=args.device,
     )
     start = time.perf_counter()
     result = export(config, args.output, progress=not args.quiet)
@@ -147,7 +148,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("auto", "torch", "onnxruntime", "tensorrt", "openvino"),
         default="auto",
-        help="auto: tensorrt on a GPU where installed, else onnxruntime (default: auto); "
+        help="auto: tensorrt on a GPU where installed, else onnxruntime where it runs on the device "
+        "(on cuda: onnxruntime-gpu), else torch (default: auto); "
         "openvino runs an unfused export (--no-fuse) on the CPU",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
@@ -461,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "fp16"),
         default="fp32",
         help="fp16: ONNX Runtime fp16 graphs (the VAE stays fp32 if it overflows) or TensorRT fp16 kernels",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the export will run: cuda adds ONNX Runtime's CUDA-only fusions (and packed "
+        "attention in fp16) and verifies on its CUDA provider (default: cuda for --target tensorrt, "
+        "else cpu)",
     )
     p.add_argument("--height", type=int, default=512, help="image height in pixels (default: 512)")
     p.add_argument("--width", type=int, default=512, help="image width optimized for (default: 512 = 5.12 s)")

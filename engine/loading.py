@@ -69,6 +69,7 @@ def load_engine(
         artifacts = export_on_first_use(
             model or DEFAULT_MODEL,
             backend=backend,
+            device=device,
             precision=precision,
             cache_dir=cache_dir,
             seed=seed,
@@ -92,12 +93,15 @@ def engine_from_export(engine_class: Any, runner: Any, directory: Path) -> Any:
     unet = manifest["stages"]["unet"]["spec"]
     decoder = manifest["stages"]["vae_decoder"]["spec"]
     (sample,) = [t for t in unet["inputs"] if t["name"] == "sample"]
+    width = decoder["dims"]["width"]
     shape = ModelShape(
         latent_channels=sample["shape"][1],
         vae_factor=decoder["dims"]["height"]["factor"],
         pixel_multiple=manifest["model"]["pixel_multiple"],
         height=manifest["profile"]["height"],
         max_batch=manifest["profile"]["max_batch"],
+        # Runtimes that build for the profile (TensorRT) take only its widths.
+        widths=(width["min"], width["max"]) if runner.profile_bound else None,
     )
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
@@ -108,6 +112,7 @@ def export_on_first_use(
     model: str,
     *,
     backend: str,
+    device: str = "cpu",
     precision: str,
     cache_dir: str | Path | None,
     seed: int,
@@ -122,12 +127,16 @@ def export_on_first_use(
     fuse = backend != "openvino"  # ONNX Runtime's fused operators are its own
     flavour = target if fuse else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
-    digest = hashlib.sha256(json.dumps([model, seed, flavour, precision]).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{flavour}-{precision}-{digest}"
-    result = export(
-        ExportConfig(model=model, target=target, precision=precision, seed=seed, fuse=fuse),  # type: ignore[arg-type]
-        directory,
-        progress=progress,
+    digest = hashlib.sha256(json.dumps([model, seed, flavour, precision, device]).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{flavour}-{device}-{precision}-{digest}"
+    config = ExportConfig(
+        model=model,
+        target=target,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        seed=seed,
+        fuse=fuse,
+        device=device,  # type: ignore[arg-type]
     )
+    result = export(config, directory, progress=progress)
     log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
     return directory

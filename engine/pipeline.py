@@ -159,6 +159,7 @@ class ModelShape:
     pixel_multiple: int  # image sizes the backend takes are multiples of this
     height: int = 512  # image height (mel bins)
     max_batch: int | None = None  # most clips per call the backend takes (None: any)
+    widths: tuple[int, int] | None = None  # narrowest and widest image the backend takes (None: any)
 
 
 def _first_step(steps: int, denoising: float) -> int:
@@ -340,6 +341,14 @@ class Engine:
                 f"width {request.width} is not a multiple of {multiple} pixels, which this "
                 f"{self.backend.name} backend's model takes"
             )
+        if self.shape.widths is not None:
+            low, high = self.shape.widths
+            if not low <= request.width <= high:
+                allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
+                raise RiffusionError(
+                    f"width {request.width} is outside this {self.backend.name} export's profile: it "
+                    f"takes {allowed} (export with --max-width for longer clips)"
+                )
         for name in ("seed_image", "mask"):
             image = getattr(request, name)
             if image is None:

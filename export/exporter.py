@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 
 Target = Literal["onnx", "tensorrt"]
 Precision = Literal["fp32", "fp16"]
+Device = Literal["cpu", "cuda"]
 TARGETS: tuple[Target, ...] = ("onnx", "tensorrt")
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+DEVICES: tuple[Device, ...] = ("cpu", "cuda")
 MIN_OPSET = 17
 # Stages that stay fp32 when fp16 overflows on their sample inputs (the VAE's activations
 # are the ones known to exceed fp16's range).
@@ -62,10 +64,19 @@ class ExportConfig:
     fuse: bool = True  # ONNX Runtime transformer fusions (ONNX target; TensorRT fuses itself)
     stages: tuple[str, ...] = STAGES  # which stages to export
     seed: int = 0  # weight seed of random presets
+    # Where the export will run: cpu, or cuda (CUDA-only fusions; verified on ONNX Runtime's
+    # CUDA provider). None: cuda for the tensorrt target, else cpu.
+    device: Device | None = None
 
     def __post_init__(self) -> None:
+        if self.device is None:
+            object.__setattr__(self, "device", "cuda" if self.target == "tensorrt" else "cpu")
+        if self.device not in DEVICES:
+            raise RiffusionError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.target not in TARGETS:
             raise RiffusionError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.target == "tensorrt" and self.device != "cuda":
+            raise RiffusionError("the tensorrt target runs on --device cuda")
         if self.precision not in PRECISIONS:
             raise RiffusionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.opset < MIN_OPSET:
@@ -77,6 +88,13 @@ class ExportConfig:
     @property
     def fused(self) -> bool:
         return self.fuse and self.target == "onnx"
+
+    @property
+    def cuda(self) -> bool:
+        """Whether the ONNX files are made for (and verified on) ONNX Runtime's CUDA provider.
+        The tensorrt target's ONNX files are plain fp32 graphs, verified on the CPU provider
+        (TensorRT fuses itself; its engines are verified on the GPU)."""
+        return self.device == "cuda" and self.target == "onnx"
 
     @property
     def optimized(self) -> bool:
@@ -100,20 +118,10 @@ def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bo
         require_tensorrt()
         if artifacts.gpu_info() is None:
             raise RiffusionError("TensorRT engines are built on an NVIDIA GPU, and torch sees none here")
+    if config.cuda:
+        _require_cuda_onnxruntime()
     _check_output(output)
-    cuda = config.fused and _cuda_onnxruntime()
-    key_fields = {
-        "format": artifacts.FORMAT,
-        "model": source_hash(config.model, seed=config.seed),
-        "target": config.target,
-        "precision": config.precision,
-        "opset": config.opset,
-        "fused": config.fused,
-        "profile": config.profile.to_dict(),
-        "stages": list(config.stages),
-        "tools": artifacts.tool_versions(),
-        "gpu": artifacts.gpu_info() if config.target == "tensorrt" or cuda else None,
-    }
+    key_fields = cache_key_fields(config)
     key = artifacts.cache_key(key_fields)
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(output.parent / f".{output.name}.lock")):
@@ -129,11 +137,28 @@ def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bo
             timing = output / TIMING_CACHE
             if timing.is_file():
                 shutil.copy2(timing, work / TIMING_CACHE)
-            manifest = _build(config, work, key, key_fields, cuda=cuda, progress=progress)
+            manifest = _build(config, work, key, key_fields, progress=progress)
             _replace(work, output)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return ExportResult(output, manifest, cache_hit=False)
+
+
+def cache_key_fields(config: ExportConfig) -> dict[str, Any]:
+    """Every field that decides the artifacts' content; the cache key hashes them."""
+    return {
+        "format": artifacts.FORMAT,
+        "model": source_hash(config.model, seed=config.seed),
+        "target": config.target,
+        "device": config.device,
+        "precision": config.precision,
+        "opset": config.opset,
+        "fused": config.fused,
+        "profile": config.profile.to_dict(),
+        "stages": list(config.stages),
+        "tools": artifacts.tool_versions(),
+        "gpu": artifacts.gpu_info() if config.device == "cuda" else None,
+    }
 
 
 def _check_output(output: Path) -> None:
@@ -175,15 +200,21 @@ def _replace(work: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _cuda_onnxruntime() -> bool:
-    """Whether ONNX Runtime can run CUDA here (then the CUDA-only fusions apply)."""
+def _require_cuda_onnxruntime() -> None:
+    """A cuda export is verified on ONNX Runtime's CUDA provider: one clear error where it cannot run."""
     import onnxruntime as ort
 
-    return "CUDAExecutionProvider" in ort.get_available_providers() and artifacts.gpu_info() is not None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RiffusionError(
+            "an export for --device cuda is verified on ONNX Runtime's CUDA provider, which this "
+            "onnxruntime lacks: pip install 'riffusion-engine[gpu]' (onnxruntime-gpu)"
+        )
+    if artifacts.gpu_info() is None:
+        raise RiffusionError("an export for --device cuda needs a CUDA GPU, and torch sees none here")
 
 
 def _build(
-    config: ExportConfig, work: Path, key: str, key_fields: dict[str, Any], *, cuda: bool, progress: bool
+    config: ExportConfig, work: Path, key: str, key_fields: dict[str, Any], *, progress: bool
 ) -> dict[str, Any]:
     log.info("loading %s", config.model)
     components = load_components(config.model, seed=config.seed)
@@ -203,9 +234,7 @@ def _build(
         if config.target == "tensorrt":
             steps += ["engine", "verify engine"]
         with tqdm(total=len(steps), desc=f"{name:<12}", unit="step", disable=not progress, leave=True) as bar:
-            stages[name] = _export_stage(
-                config, components, specs[name], work, scratch, bar, cuda=cuda, release=release
-            )
+            stages[name] = _export_stage(config, components, specs[name], work, scratch, bar, release=release)
     shutil.rmtree(scratch)
     # What the runtime needs besides the stages: the tokenizer and the scheduler config.
     components.tokenizer.save_pretrained(work / "tokenizer")
@@ -225,6 +254,7 @@ def _build(
             "pixel_multiple": dims.pixel_multiple,
         },
         "target": config.target,
+        "device": config.device,
         "precision": config.precision,
         "opset": config.opset,
         "profile": config.profile.to_dict(),
@@ -247,7 +277,6 @@ def _export_stage(
     scratch: Path,
     bar: Any,
     *,
-    cuda: bool,
     release: str | None,
 ) -> dict[str, Any]:
     from riffusion_engine.engine.stages import stage_module
@@ -273,6 +302,7 @@ def _export_stage(
     precision: Precision = config.precision if config.target == "onnx" else "fp32"
     fallback = None
     fusions: dict[str, int] = {}
+    cuda = config.cuda
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     if config.optimized:
         step("optimize")

@@ -29,9 +29,11 @@ CUDA_ONLY_FUSIONS = (
     "enable_skip_group_norm",
     "enable_bias_splitgelu",
     "enable_bias_add",
-    "enable_packed_qkv",
-    "enable_packed_kv",
 )
+# MultiHeadAttention with packed QKV / KV inputs: CUDA only, and only in fp16 (ONNX
+# Runtime's own Stable Diffusion optimizer enables them for fp16 alone; its CUDA
+# kernels for the packed layouts are fp16 kernels on many GPUs).
+PACKED_ATTENTION_FUSIONS = ("enable_packed_qkv", "enable_packed_kv")
 
 
 def export_stage(module: Any, spec: StageSpec, path: Path, *, opset: int) -> None:
@@ -89,24 +91,36 @@ def proto_too_large(model: Any) -> bool:
     return total > PROTOBUF_LIMIT - (64 << 20)  # room for the graph itself
 
 
+def fusion_options(model_type: str, *, cuda: bool, fp16: bool) -> Any:
+    """ONNX Runtime's FusionOptions for a stage that will run on CUDA (``cuda``) or on the
+    CPU: the CUDA-only fusions only for CUDA, the packed attention layouts only for fp16
+    on CUDA."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    disabled = () if cuda else CUDA_ONLY_FUSIONS
+    if not (cuda and fp16):
+        disabled += PACKED_ATTENTION_FUSIONS
+    for flag in disabled:
+        setattr(options, flag, False)
+    return options
+
+
 def optimize(
     source: Path, spec: StageSpec, path: Path, *, fuse: bool, fp16: bool, cuda: bool
 ) -> dict[str, int]:
     """``source`` -> ``path`` through ONNX Runtime's transformer optimizer. With ``fuse``:
-    attention, layer norm and GELU fusions, and when ``cuda`` also the CUDA-only GroupNorm,
-    NHWC conv and bias-split-GELU fusions. With ``fp16``: half precision inside, fp32
-    inputs and outputs. Returns the fused operator counts."""
+    attention, layer norm and GELU fusions, and when ``cuda`` (the export's target device)
+    also the CUDA-only GroupNorm, NHWC conv and bias-split-GELU fusions (see
+    :func:`fusion_options`). With ``fp16``: half precision inside, fp32 inputs and outputs.
+    Returns the fused operator counts."""
     import onnx
-    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_model
 
     with _numpy2_num_heads(), _quiet_ort_logging():
         if fuse:
-            options = FusionOptions(spec.model_type)
-            if not cuda:
-                for flag in CUDA_ONLY_FUSIONS:
-                    setattr(options, flag, False)
+            options = fusion_options(spec.model_type, cuda=cuda, fp16=fp16)
             model = optimize_model(
                 str(source),
                 model_type=spec.model_type,

@@ -25,13 +25,15 @@ INSTALL = "pip install 'riffusion-engine[tensorrt]' on a machine with an NVIDIA 
 
 
 def require_tensorrt() -> Any:
-    """The tensorrt module, or one clear error saying what to install."""
+    """The tensorrt module (10.x), or one clear error saying what to install."""
+    from riffusion_engine.engine.tensorrt_runtime import check_tensorrt_version
+
     try:
         import polygraphy  # noqa: F401
         import tensorrt
     except ImportError as exc:
         raise RiffusionError(f"TensorRT is not installed ({exc.name} missing): {INSTALL}") from exc
-    return tensorrt
+    return check_tensorrt_version(tensorrt)
 
 
 def optimization_profile(spec: StageSpec) -> Any:
@@ -62,7 +64,7 @@ class EngineOptions:
 
         return CreateConfig(
             fp16=self.fp16,
-            tf32=True,
+            tf32=self.fp16,  # an fp32 engine computes in fp32 (TF32 would miss fp32's tolerance)
             profiles=[optimization_profile(spec)],
             load_timing_cache=str(self.timing_cache) if self.timing_cache.is_file() else None,
             builder_optimization_level=self.optimization_level,

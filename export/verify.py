@@ -111,5 +111,9 @@ def onnxruntime_runner(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the fp16 casts ORT inserts on CPU are expected
-    session = ort.InferenceSession(str(path), options, providers=[provider])
+    # The CUDA provider computes fp32 matrix products in TF32 by default: verify fp32 as fp32.
+    settings = {"use_tf32": 0} if provider == "CUDAExecutionProvider" else {}
+    session = ort.InferenceSession(str(path), options, providers=[(provider, settings)])
+    if session.get_providers()[0] != provider:  # ONNX Runtime falls back instead of failing
+        raise RiffusionError(f"ONNX Runtime could not run {provider} here (it fell back to the CPU)")
     return (lambda feed: session.run(output_names, feed)), session

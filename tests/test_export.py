@@ -28,6 +28,7 @@ from riffusion_engine.engine import artifacts  # noqa: E402
 from riffusion_engine.engine.cli import main  # noqa: E402
 from riffusion_engine.engine.models import load_components  # noqa: E402
 from riffusion_engine.engine.stages import stage_module  # noqa: E402
+from riffusion_engine.export import exporter as export_module  # noqa: E402
 from riffusion_engine.export.exporter import ExportConfig, ExportResult, export  # noqa: E402
 from riffusion_engine.export.specs import STAGES, ModelDims, ShapeProfile, stage_specs  # noqa: E402
 from riffusion_engine.export.verify import TOLERANCE, compare  # noqa: E402
@@ -252,6 +253,60 @@ def test_fp16_export_of_the_tiny_model(tmp_path: Path) -> None:
     assert "MultiHeadAttention" in fp16.manifest["stages"]["unet"]["fusions"]
 
 
+def test_fusions_follow_the_target_device_not_the_machine(tmp_path: Path, monkeypatch) -> None:
+    """An export for the CPU made on a machine where ONNX Runtime sees a GPU gets no
+    CUDA-only operator (the CPU provider could not load it), and the device is part of
+    the cache key and the manifest."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    monkeypatch.setattr(artifacts, "gpu_info", lambda: {"name": "a GPU", "compute_capability": "9.0"})
+    result = _export(tmp_path / "cpu", stages=("unet", "vae_decoder"))
+    cuda_only = {"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
+    for name, stage in result.manifest["stages"].items():
+        assert not cuda_only & set(stage["fusions"]), (name, stage["fusions"])
+        ort.InferenceSession(str(tmp_path / "cpu" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    assert result.manifest["device"] == result.manifest["key_fields"]["device"] == "cpu"
+    cpu, cuda = (
+        export_module.cache_key_fields(ExportConfig(model="random:tiny", device=d)) for d in ("cpu", "cuda")
+    )
+    assert cpu["device"] == "cpu" and cuda["device"] == "cuda"
+    assert artifacts.cache_key(cpu) != artifacts.cache_key(cuda)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_cuda_only_and_packed_attention_fusions_by_target(fp16: bool) -> None:
+    """ONNX Runtime's own Stable Diffusion optimizer: the CUDA-only fusions for CUDA, the
+    packed QKV / KV attention layouts only for fp16 CUDA (no fp32 fused kernel)."""
+    from riffusion_engine.export.onnx_export import (
+        CUDA_ONLY_FUSIONS,
+        PACKED_ATTENTION_FUSIONS,
+        fusion_options,
+    )
+
+    cpu = fusion_options("unet", cuda=False, fp16=fp16)
+    assert not any(getattr(cpu, flag) for flag in CUDA_ONLY_FUSIONS + PACKED_ATTENTION_FUSIONS)
+    cuda = fusion_options("unet", cuda=True, fp16=fp16)
+    assert all(getattr(cuda, flag) for flag in CUDA_ONLY_FUSIONS)
+    assert all(getattr(cuda, flag) == fp16 for flag in PACKED_ATTENTION_FUSIONS)
+    assert cpu.enable_attention and cuda.enable_attention
+
+
+def test_a_cuda_export_needs_onnxruntime_cuda(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and artifacts.gpu_info() is not None:
+        pytest.skip("ONNX Runtime runs CUDA here")
+    code, _, err = run_cli("export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--device", "cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "CUDA" in err and not (tmp_path / "o").exists()
+    with pytest.raises(RiffusionError, match="tensorrt target runs on --device cuda"):
+        ExportConfig(model="random:tiny", target="tensorrt", device="cpu")
+    assert ExportConfig(model="random:tiny", target="tensorrt").device == "cuda"
+    assert ExportConfig(model="random:tiny").device == "cpu"
+
+
 def test_vae_that_overflows_in_fp16_stays_fp32(tmp_path: Path, caplog) -> None:
     components = load_components("random:tiny")
     with torch.no_grad():
@@ -334,27 +389,50 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def test_tensorrt_profiles_and_config_from_the_specs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("static", [False, True])
+def test_tensorrt_profiles_cover_every_stage_input(tmp_path: Path, static: bool) -> None:
+    """Every input of every stage has a profile entry, exactly the spec's min/opt/max, and
+    the range holds what the pipeline sends: 1..2 x max_batch UNet rows (dynamic) or the
+    one static shape; no entry names a tensor the stage does not take."""
     pytest.importorskip("polygraphy")
     from riffusion_engine.export.tensorrt_build import EngineOptions, optimization_profile
 
-    specs = stage_specs(FULL_DIMS, ShapeProfile(max_width=1024))
-    profile = optimization_profile(specs["unet"])
-    for tensor in specs["unet"].inputs:
-        shapes = profile[tensor.name]
-        assert (tuple(shapes.min), tuple(shapes.opt), tuple(shapes.max)) == (
-            tensor.size("min"),
-            tensor.size("opt"),
-            tensor.size("max"),
-        )
-    static = optimization_profile(stage_specs(FULL_DIMS, ShapeProfile(max_batch=1, static=True))["unet"])
-    assert tuple(static["sample"].min) == tuple(static["sample"].max) == (2, 4, 64, 64)
+    profile_config = ShapeProfile(max_width=None if static else 1024, max_batch=3, static=static)
+    specs = stage_specs(FULL_DIMS, profile_config)
+    for name, spec in specs.items():
+        profile = optimization_profile(spec)
+        assert set(profile.keys()) == set(spec.input_names), name
+        for tensor in spec.inputs:
+            shapes = profile[tensor.name]
+            low, opt, high = (tuple(shapes.min), tuple(shapes.opt), tuple(shapes.max))
+            assert (low, opt, high) == tuple(tensor.size(w) for w in ("min", "opt", "max"))
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
+            if static:
+                assert low == high
+        config = EngineOptions(fp16=False, timing_cache=tmp_path / "t").create_config(spec)
+        assert len(config.profiles) == 1 and set(config.profiles[0].keys()) == set(spec.input_names)
+    unet = optimization_profile(specs["unet"])["sample"]
+    if static:
+        assert tuple(unet.min) == (6, 4, 64, 64)  # 2 x max_batch rows: the pipeline pads to it
+    else:
+        assert (unet.min[0], unet.max[0]) == (1, 6) and (unet.min[3], unet.max[3]) == (32, 128)
+
+
+def test_tensorrt_config_asks_for_fp16_only_when_asked(tmp_path: Path) -> None:
+    """fp16 kernels only for an fp16 build (the fp32 rebuild of a VAE that overflows asks
+    for none); TF32 only beside fp16 (an fp32 engine is verified at fp32's tolerance); the
+    timing cache is read only where one exists."""
+    pytest.importorskip("polygraphy")
+    from riffusion_engine.export.tensorrt_build import EngineOptions
+
+    spec = stage_specs(FULL_DIMS, ShapeProfile())["vae_decoder"]
     cache = tmp_path / "timing.cache"
-    config = EngineOptions(fp16=True, timing_cache=cache).create_config(specs["vae_decoder"])
-    assert config.fp16 and len(config.profiles) == 1 and config.timing_cache_path is None
+    fp32 = EngineOptions(fp16=False, timing_cache=cache).create_config(spec)
+    fp16 = EngineOptions(fp16=True, timing_cache=cache).create_config(spec)
+    assert not fp32.fp16 and not fp32.tf32 and fp16.fp16 and fp16.tf32
+    assert fp16.timing_cache_path is None
     cache.write_bytes(b"")
-    config = EngineOptions(fp16=True, timing_cache=cache).create_config(specs["unet"])
-    assert config.timing_cache_path == str(cache)
+    assert EngineOptions(fp16=True, timing_cache=cache).create_config(spec).timing_cache_path == str(cache)
     with pytest.raises(RiffusionError, match="optimization_level"):
         EngineOptions(fp16=True, timing_cache=cache, optimization_level=9)
 

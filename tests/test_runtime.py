@@ -264,10 +264,83 @@ def test_backend_errors(tiny_export, tmp_path: Path) -> None:
         Engine.load(artifacts=tiny_export[0], backend="torch")
     with pytest.raises(RiffusionError, match="tensorrt backend runs on --device cuda"):
         Engine.load(artifacts=tiny_export[0], backend="tensorrt")
-    with pytest.raises(RiffusionError, match="CUDA"):
-        Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
     with pytest.raises(artifacts.ArtifactError, match="not a complete export"):
         Engine.load(artifacts=tmp_path, backend="onnxruntime")
+
+
+def test_onnxruntime_on_cuda_follows_what_is_installed(tiny_export) -> None:
+    """On a machine with onnxruntime-gpu and a GPU the CUDA provider loads; elsewhere one
+    clear error says what is missing."""
+    import onnxruntime as ort
+    import torch
+
+    cuda_here = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    if cuda_here:
+        engine = Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
+        assert engine.backend.session("unet").get_providers()[0] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(RiffusionError, match="CUDA"):
+            Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
+
+
+def test_auto_picks_what_can_run_on_the_device() -> None:
+    import importlib.util
+
+    import onnxruntime as ort
+    from riffusion_engine.engine.backends import auto_backend
+
+    assert auto_backend("cpu") == "onnxruntime"
+    if importlib.util.find_spec("tensorrt") is not None:
+        assert auto_backend("cuda") == "tensorrt"
+    elif "CUDAExecutionProvider" in ort.get_available_providers():
+        assert auto_backend("cuda") == "onnxruntime"
+    else:  # a CPU build of ONNX Runtime cannot run on the GPU: torch can
+        assert auto_backend("cuda") == "torch"
+
+
+def test_a_cuda_export_is_refused_by_the_cpu_provider(tiny_export, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    copy = tmp_path / "cuda-export"
+    shutil.copytree(tiny_export[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["device"] = "cuda"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RiffusionError, match="made for --device cuda"):
+        Engine.load(artifacts=copy, backend="onnxruntime")
+
+
+def test_tensorrt_provider_options_cover_every_input_of_the_profile(tiny_export, tmp_path: Path) -> None:
+    from riffusion_engine.engine.backends import tensorrt_provider_options
+
+    manifest = artifacts.load_manifest(tiny_export[0])
+    for name, stage in manifest["stages"].items():
+        spec = stage["spec"]
+        options = tensorrt_provider_options(spec, cache=tmp_path, fp16=name == "unet")
+        for which in ("min", "opt", "max"):
+            listed = dict(item.split(":") for item in options[f"trt_profile_{which}_shapes"].split(","))
+            assert listed == {t["name"]: "x".join(map(str, t[which])) for t in spec["inputs"]}
+        assert options["trt_fp16_enable"] is (name == "unet")
+        assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+        assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path)
+
+
+def test_a_profile_bound_backend_refuses_widths_outside_the_profile(tiny_export) -> None:
+    """TensorRT (native, or ONNX Runtime's provider) takes only the profile's widths:
+    the request is refused before any compute, naming the range."""
+    from riffusion_engine.engine.backends import OnnxRuntimeBackend
+    from riffusion_engine.engine.loading import engine_from_export
+
+    backend = OnnxRuntimeBackend(tiny_export[0])
+    assert not backend.profile_bound
+    backend.profile_bound = True  # what the tensorrt provider sets
+    engine = engine_from_export(Engine, backend, tiny_export[0])
+    width = artifacts.load_manifest(tiny_export[0])["stages"]["vae_decoder"]["spec"]["dims"]["width"]
+    engine.check(Request(PromptInput("a funky beat"), width=width["max"]))
+    for outside in (width["max"] + engine.shape.pixel_multiple, width["min"] - engine.shape.pixel_multiple):
+        with pytest.raises(RiffusionError, match=rf"takes {width['min']}\.\.{width['max']} pixels"):
+            engine.check(Request(PromptInput("a funky beat"), width=outside))
 
 
 def test_export_on_first_use_is_cached(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""Running one TensorRT engine on torch tensors: shapes, addresses, static batches, streams.
+
+The TensorRT backend (``engine/backends.py``) owns the engines; this module owns what it
+does with an execution context, written against the TensorRT 10 Python API
+(``python/src/infer/pyCore.cpp``; ``include/NvInferRuntime.h``):
+
+- ``IExecutionContext.set_input_shape``, ``set_tensor_address`` and ``execute_async_v3``
+  return ``False`` on failure and do not raise; every call here checks the value and
+  raises a RiffusionError that names the stage, the tensor and the shapes the profile takes.
+- A static export (min = opt = max) takes exactly one shape. The pipeline sends fewer
+  rows than that (the text encoder only the prompts not cached, the UNet 2 x requests
+  rows, the VAE one per request), so inputs are copied into buffers of the static
+  shape, the spare rows keep whatever valid data they last held (zeros at first), and
+  the output's first rows are returned. Rows do not interact in any stage (no batch
+  statistics), so the padding cannot change a result. Other non-batch sizes are refused.
+- Streams: the engine runs on its own CUDA stream, ordered with torch's current
+  stream both ways (``Stream.wait_stream``: later work waits for the work queued at the
+  call) and every tensor it touches is marked with ``Tensor.record_stream``, so the
+  caching allocator does not hand the memory out while TensorRT may still use it.
+  Static shapes capture the launch in a CUDA graph once (after a warm-up launch outside
+  the capture, which TensorRT needs for its deferred set-up) and replay it.
+
+Everything but the CUDA stream and graph handling is plain Python over the context
+object, so a stand-in context tests it without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+# TensorRT 11 builds strongly typed networks only (BuilderFlag.FP16 and the other
+# precision flags are gone), which the fp16 engine builds here do not do yet.
+SUPPORTED_MAJOR = 10
+
+
+def check_tensorrt_version(trt: Any) -> Any:
+    """``trt`` if it is a TensorRT this engine supports (10.x), else one clear error."""
+    version = str(getattr(trt, "__version__", "0"))
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+    if major != SUPPORTED_MAJOR:
+        raise RiffusionError(
+            f"TensorRT {version} is installed; this engine supports TensorRT {SUPPORTED_MAJOR}.x "
+            f"(pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}', as the tensorrt extra pins)"
+        )
+    return trt
+
+
+class CudaStreams:
+    """A side stream for TensorRT, ordered with torch's current stream both ways."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+        self.stream = torch.cuda.Stream()
+
+    def run(self, launch: Callable[[int], None], tensors: Sequence[Any]) -> None:
+        current = self._torch.cuda.current_stream()
+        self.stream.wait_stream(current)  # the inputs' producers have finished
+        with self._torch.cuda.stream(self.stream):
+            launch(self.stream.cuda_stream)
+        for tensor in tensors:
+            tensor.record_stream(self.stream)
+        current.wait_stream(self.stream)  # torch reads the outputs after TensorRT wrote them
+
+    def capture(self, launch: Callable[[int], None]) -> Callable[[int], None]:
+        """A CUDA graph of ``launch``: the replay to hand to :meth:`run`."""
+        torch = self._torch
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            launch(self.stream.cuda_stream)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        # torch.cuda.graph makes self.stream current for the capture (and synchronizes
+        # first); TensorRT must enqueue on that stream for its kernels to be captured.
+        # thread_local: other threads (a server's, bench's memory sampler) may make CUDA
+        # calls during the capture, which "global" mode would turn into capture errors.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            launch(self.stream.cuda_stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        # CUDAGraph.replay launches on the current stream, which run() makes self.stream.
+        return lambda _handle: graph.replay()
+
+
+class InlineStreams:
+    """No device streams: ``launch`` runs at once (a stand-in context on CPU tensors)."""
+
+    def run(self, launch: Callable[[int], None], tensors: Sequence[Any]) -> None:
+        launch(0)
+
+    def capture(self, launch: Callable[[int], None]) -> Callable[[int], None]:
+        return launch
+
+
+class StageEngine:
+    """One stage's execution context and its spec (the manifest's ``spec`` entry)."""
+
+    def __init__(self, stage: str, context: Any, spec: dict[str, Any], *, static: bool, streams: Any) -> None:
+        self.stage = stage
+        self.context = context
+        self.spec = spec
+        self.static = static
+        self.streams = streams
+        self._static_buffers: dict[str, Any] | None = None
+        self._static_out: Any = None
+        self._replay: Callable[[int], None] | None = None
+
+    # -- checks -------------------------------------------------------------------
+
+    def _launch(self, handle: int) -> None:
+        if not self.context.execute_async_v3(handle):
+            raise RiffusionError(f"TensorRT failed to enqueue {self.stage} (execute_async_v3 returned False)")
+
+    def _profile(self, name: str) -> str:
+        (tensor,) = [t for t in self.spec["inputs"] if t["name"] == name]
+        low, high = tuple(tensor["min"]), tuple(tensor["max"])
+        return f"{low}" if low == high else f"{low} to {high}"
+
+    def _bind(self, inputs: dict[str, Any], out: Any) -> None:
+        for name, tensor in inputs.items():
+            shape = tuple(tensor.shape)
+            if not self.context.set_input_shape(name, shape):
+                raise RiffusionError(
+                    f"TensorRT refused {self.stage} input {name} of shape {shape}: the export's profile "
+                    f"takes {self._profile(name)}"
+                )
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise RiffusionError(f"TensorRT refused the address of {self.stage} input {name}")
+        (output,) = self.spec["outputs"]
+        if not self.context.set_tensor_address(output["name"], out.data_ptr()):
+            raise RiffusionError(f"TensorRT refused the address of {self.stage} output {output['name']}")
+
+    # -- running ------------------------------------------------------------------
+
+    def run(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
+        """The stage's output for ``inputs`` (contiguous float32 tensor of ``out_shape``)."""
+        import torch
+
+        dtypes = {t["name"]: getattr(torch, t["dtype"]) for t in self.spec["inputs"]}
+        inputs = {k: v.to(device=device, dtype=dtypes[k]).contiguous() for k, v in inputs.items()}
+        if self.static:
+            return self._run_static(inputs, out_shape, device)
+        out = torch.empty(out_shape, dtype=torch.float32, device=device)
+        self._bind(inputs, out)
+        self.streams.run(self._launch, [*inputs.values(), out])
+        return out
+
+    def static_shape(self, name: str) -> tuple[int, ...]:
+        (tensor,) = [t for t in self.spec["inputs"] if t["name"] == name]
+        return tuple(tensor["max"])
+
+    def _run_static(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
+        import torch
+
+        rows = {int(t.shape[0]) for t in inputs.values()}
+        if len(rows) != 1:
+            raise RiffusionError(f"{self.stage}: inputs disagree on the batch size ({sorted(rows)})")
+        (n,) = rows
+        for name, tensor in inputs.items():
+            shape = self.static_shape(name)
+            if tuple(tensor.shape[1:]) != shape[1:] or n > shape[0]:
+                raise RiffusionError(
+                    f"{self.stage}: input {name} has shape {tuple(tensor.shape)}; this static export takes "
+                    f"{shape} (up to {shape[0]} rows, padded)"
+                )
+        if self._static_buffers is None:
+            self._static_buffers = {
+                name: torch.zeros(self.static_shape(name), dtype=tensor.dtype, device=device)
+                for name, tensor in inputs.items()
+            }
+            full = (self.static_shape(next(iter(inputs))))[0]
+            self._static_out = torch.empty((full, *out_shape[1:]), dtype=torch.float32, device=device)
+            self._bind(self._static_buffers, self._static_out)
+            self._replay = self.streams.capture(self._launch)
+        buffers = self._static_buffers
+        for name, tensor in inputs.items():
+            buffers[name][:n].copy_(tensor)
+        assert self._replay is not None
+        self.streams.run(self._replay, [])
+        return self._static_out[:n].clone()

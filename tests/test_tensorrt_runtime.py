@@ -1,0 +1,180 @@
+"""The engine's own handling of a TensorRT execution context, without a GPU.
+
+A small stand-in for ``IExecutionContext`` (TensorRT 10's name-based API: shapes and
+addresses set per tensor, ``False`` returned on failure) computes a row-wise function
+straight from the bound memory, so padding, slicing and address handling are checked
+for real; the return-value checks are checked by making the stand-in refuse.
+This tests our control flow, not TensorRT (that is ``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from riffusion_engine.engine.tensorrt_runtime import (  # noqa: E402
+    InlineStreams,
+    StageEngine,
+    check_tensorrt_version,
+)
+from riffusion_engine.export.specs import ModelDims, ShapeProfile, stage_specs  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+DIMS = ModelDims(tokens=77, vocab=1000, text_hidden=32, latent_channels=4, vae_factor=8, unet_factor=2)
+
+
+def unet_spec(**profile) -> dict:
+    return stage_specs(DIMS, ShapeProfile(height=64, width=64, **profile))["unet"].to_dict()
+
+
+def view(ptr: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """The memory at ``ptr`` as an array (what an engine reads and writes)."""
+    count = int(np.prod(shape))
+    ctype = {np.float32: ctypes.c_float, np.int32: ctypes.c_int32}[dtype]
+    return np.ctypeslib.as_array((ctype * count).from_address(ptr)).reshape(shape)
+
+
+def expected_rows(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """What the stand-in engine computes, row by row."""
+    return sample * 2 + timestep[:, None, None, None] + hidden.mean(axis=(1, 2))[:, None, None, None]
+
+
+class StandInContext:
+    """IExecutionContext's name-based API over host memory (TensorRT 10 semantics)."""
+
+    def __init__(self, spec: dict, *, refuse: str | None = None) -> None:
+        self.profile = {t["name"]: (tuple(t["min"]), tuple(t["max"])) for t in spec["inputs"]}
+        self.output = spec["outputs"][0]["name"]
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.refuse = refuse
+        self.launches = 0
+        self.shape_calls = 0
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shape_calls += 1
+        if self.refuse == "shape" or name not in self.profile:
+            return False
+        low, high = self.profile[name]
+        if len(shape) != len(low) or any(
+            not lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)
+        ):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if self.refuse == "address":
+            return False
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        if (
+            self.refuse == "execute"
+            or set(self.shapes) != set(self.profile)
+            or self.output not in self.addresses
+        ):
+            return False
+        self.launches += 1
+        sample = view(self.addresses["sample"], self.shapes["sample"])
+        timestep = view(self.addresses["timestep"], self.shapes["timestep"])
+        hidden = view(self.addresses["encoder_hidden_states"], self.shapes["encoder_hidden_states"])
+        view(self.addresses[self.output], self.shapes["sample"])[:] = expected_rows(sample, timestep, hidden)
+        return True
+
+
+def unet_inputs(rows: int, seed: int = 0, width: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(rows, 4, 8, width, generator=g),
+        "timestep": torch.rand(rows, generator=g) * 999,
+        "encoder_hidden_states": torch.randn(rows, 77, 32, generator=g),
+    }
+
+
+def run(engine: StageEngine, inputs: dict) -> np.ndarray:
+    return engine.run(inputs, tuple(inputs["sample"].shape), torch.device("cpu")).numpy()
+
+
+def oracle(inputs: dict) -> np.ndarray:
+    return expected_rows(*(inputs[k].numpy() for k in ("sample", "timestep", "encoder_hidden_states")))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_one_two_and_three_requests_give_their_own_rows(static: bool) -> None:
+    spec = unet_spec(max_batch=4, static=static)
+    context = StandInContext(spec)
+    engine = StageEngine("unet", context, spec, static=static, streams=InlineStreams())
+    # 2 x requests rows with guidance; in a static export they are padded to 8 rows.
+    for seed, rows in enumerate((2, 4, 6, 2)):
+        inputs = unet_inputs(rows, seed)
+        got = run(engine, inputs)
+        assert got.shape == (rows, 4, 8, 8)
+        np.testing.assert_allclose(got, oracle(inputs), rtol=1e-6)
+    if static:
+        assert context.shapes["sample"] == (8, 4, 8, 8)  # bound once, at the static shape
+        assert context.shape_calls == 3  # bound once (the three inputs), then only copies and launches
+    assert context.launches == 4
+
+
+def test_a_static_export_refuses_what_it_cannot_pad() -> None:
+    spec = unet_spec(max_batch=2, static=True)
+    engine = StageEngine("unet", StandInContext(spec), spec, static=True, streams=InlineStreams())
+    with pytest.raises(RiffusionError, match=r"static export takes \(4, 4, 8, 8\) \(up to 4 rows"):
+        run(engine, unet_inputs(6))
+    with pytest.raises(RiffusionError, match=r"input sample has shape \(2, 4, 8, 16\)"):
+        run(engine, unet_inputs(2, width=16))
+
+
+def test_a_shape_outside_the_profile_names_the_profile() -> None:
+    spec = unet_spec(max_batch=2)
+    engine = StageEngine("unet", StandInContext(spec), spec, static=False, streams=InlineStreams())
+    with pytest.raises(
+        RiffusionError,
+        match=r"refused unet input sample of shape \(6, 4, 8, 8\).*\(1, 4, 8, 8\) to \(4, 4, 8, 8\)",
+    ):
+        run(engine, unet_inputs(6))
+
+
+@pytest.mark.parametrize(
+    ("refuse", "message"),
+    [
+        ("shape", "refused unet input"),
+        ("address", "refused the address"),
+        ("execute", "execute_async_v3 returned False"),
+    ],
+)
+@pytest.mark.parametrize("static", [False, True])
+def test_every_false_from_tensorrt_is_an_error(refuse: str, message: str, static: bool) -> None:
+    spec = unet_spec(max_batch=2, static=static)
+    engine = StageEngine(
+        "unet", StandInContext(spec, refuse=refuse), spec, static=static, streams=InlineStreams()
+    )
+    with pytest.raises(RiffusionError, match=message):
+        run(engine, unet_inputs(4 if static else 2))
+
+
+def test_only_tensorrt_10_is_accepted() -> None:
+    assert check_tensorrt_version(types.SimpleNamespace(__version__="10.16.1.11"))
+    for version in ("11.4.0.106", "8.6.1"):
+        with pytest.raises(RiffusionError, match=r"supports TensorRT 10\.x .*tensorrt>=10,<11"):
+            check_tensorrt_version(types.SimpleNamespace(__version__=version))
+
+
+def test_the_tensorrt_extra_excludes_tensorrt_11() -> None:
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    (tensorrt,) = [
+        Requirement(r.split(";")[0])
+        for r in requires("riffusion-engine") or []
+        if r.startswith("tensorrt") and 'extra == "tensorrt"' in r
+    ]
+    assert "10.16.1" in tensorrt.specifier and "11.0.0" not in tensorrt.specifier
