@@ -9,14 +9,17 @@ here with NumPy and librosa's HTK filterbank), then librosa's Griffin-Lim (momen
 backend generates the same clip. After ``warmup`` rounds, the reference and the backends
 run alternated (A B C A B C ...) so that drift hits all of them.
 
-JSON schema (``schema`` 1)::
+JSON schema (``schema`` 2)::
 
-    schema         1
+    schema         2
     config         the options of the run
     environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {installed package: version}}
     audio_seconds  length of the clip
     peak_rss_bytes the process's peak resident memory (all runs; one process)
-    peak_gpu_bytes torch's peak CUDA allocation, or null
+    peak_gpu_bytes the device's peak memory in use above its level before the engines loaded
+                   (all allocators: TensorRT, ONNX Runtime, CuPy, torch), or null on cpu
+    gpu_memory_source  what peak_gpu_bytes reads: "nvml" or "cudaMemGetInfo" (null on cpu)
+    peak_torch_gpu_bytes  torch's caching allocator's peak alone, or null
     results        {"reference" | backend: {
                       "stages": {stage: {"median_s", "p90_s", "runs": [seconds, ...]}},
                       "real_time_factor": end-to-end median / audio seconds,
@@ -51,7 +54,7 @@ from .backends import BACKENDS
 log = logging.getLogger(__name__)
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "image_to_audio", "end_to_end")
-SCHEMA = 1
+SCHEMA = 2
 PROMPT = "funky jazz saxophone"
 
 
@@ -228,6 +231,12 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     from .pipeline import Engine
 
     params = SpectrogramParams()
+    memory = memory_source = None
+    if config.device == "cuda":
+        from .device_memory import PeakMemory, device_memory_reader
+
+        read, memory_source = device_memory_reader(torch.cuda.current_device())
+        memory = PeakMemory(read).start()
     # Exported backends first: an export on first use peaks at several times the model's
     # size, so it runs before the reference and the torch backend hold their copies.
     order = sorted(config.backends, key=lambda name: name == "torch")
@@ -304,7 +313,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 s: results["reference"]["stages"][s]["median_s"] / stages[s]["median_s"] for s in STAGES
             }
         results[name] = entry
-    peak_gpu = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
+    peak_gpu = memory.stop() if memory is not None else None
+    peak_torch = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
     return {
         "schema": SCHEMA,
         "config": asdict(config),
@@ -312,6 +322,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "audio_seconds": audio_seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": peak_gpu,
+        "gpu_memory_source": memory_source,
+        "peak_torch_gpu_bytes": peak_torch,
         "results": results,
     }
 
@@ -340,9 +352,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{label:<16}" + "".join(f"{report['results'][n]['agreement'][key]:>26.4f}" for n in names)
         )
-    lines.append(
-        f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; {report['audio_seconds']:.2f} s of audio"
-    )
+    memory = f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+    if report.get("peak_gpu_bytes") is not None:
+        memory += (
+            f"; peak GPU memory {report['peak_gpu_bytes'] / 2**30:.2f} GiB ({report['gpu_memory_source']})"
+        )
+    lines.append(f"{memory}; {report['audio_seconds']:.2f} s of audio")
     return "\n".join(lines)
 
 
