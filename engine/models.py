@@ -215,10 +215,11 @@ def _load_directory(path: Path, model_id: str) -> Components:
 
 
 def directory_hash(path: Path) -> str:
-    """sha256 over every file's relative path and content."""
+    """sha256 over every file's relative path, size and content (each delimited, so
+    moving bytes from one file into another, or renaming, changes it)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
-        digest.update(str(file.relative_to(path)).encode())
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -47,6 +47,37 @@ def test_saved_preset_loads_through_the_directory_path(tiny, tmp_path: Path) -> 
     assert load_components(str(tmp_path / "model")).content_hash == loaded.content_hash
 
 
+def test_directory_hash_follows_the_files(tiny, tmp_path: Path) -> None:
+    """The export cache trusts this hash: any change to a config or a weight file, or a
+    file moved, must change it; restoring the files restores it."""
+    from riffusion_engine.engine.models import source_hash
+
+    model = tmp_path / "model"
+    tiny.save(model)
+    original = source_hash(str(model))
+    config = model / "unet" / "config.json"
+    (weights,) = (model / "unet").glob("*.safetensors")
+    saved_config, saved_weights = config.read_bytes(), weights.read_bytes()
+
+    config.write_bytes(saved_config.replace(b'"norm_eps": 1e-05', b'"norm_eps": 1e-06'))
+    assert config.read_bytes() != saved_config
+    assert source_hash(str(model)) != original
+    config.write_bytes(saved_config)
+    assert source_hash(str(model)) == original
+
+    flipped = bytearray(saved_weights)
+    flipped[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(flipped))
+    assert source_hash(str(model)) != original
+    weights.write_bytes(saved_weights)
+
+    # The same bytes under another name (a component's weights moved) are another model.
+    weights.rename(weights.with_name("renamed.safetensors"))
+    assert source_hash(str(model)) != original
+    weights.with_name("renamed.safetensors").rename(weights)
+    assert source_hash(str(model)) == original
+
+
 def test_bad_model_sources(tmp_path: Path) -> None:
     with pytest.raises(RiffusionError, match="unknown preset"):
         load_components("random:huge")

@@ -74,11 +74,16 @@ def test_seed_image_batches_and_masks_run_through_openvino(openvino_engine, torc
 def test_bf16_approximates_fp32(cache, openvino_engine) -> None:
     bf16 = Engine.load("random:tiny", backend="openvino", precision="bf16", cache_dir=cache)
     assert bf16.backend.inference_precision == "bf16"
-    fp32 = images(openvino_engine, REQUEST)
-    error = np.abs(images(bf16, REQUEST) - fp32).max()
-    # bf16 keeps 8 bits of mantissa: on a CPU with bf16 instructions the error is about
-    # 1e-2 of the [0, 1] image; elsewhere OpenVINO falls back to fp32 (error ~0).
-    assert error < 0.1
+    got = images(bf16, REQUEST)
+    # What OpenVINO applied: on a CPU without bf16 instructions it keeps f32 whatever the hint.
+    import openvino as ov
+
+    applied = bf16.backend.request("unet").get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+    if applied != ov.Type.bf16:
+        pytest.skip(f"OpenVINO runs {applied.get_type_name()} here (this CPU has no bf16 instructions)")
+    error = np.abs(got - images(openvino_engine, REQUEST)).max()
+    # bf16 keeps 8 bits of mantissa: about 1e-2 of the [0, 1] image, and never exact.
+    assert 0 < error < 0.1
 
 
 def test_openvino_refuses_a_fused_export(tiny_export) -> None:

@@ -440,14 +440,17 @@ def test_serve_cli_rejects_bad_options() -> None:
 
 @pytest.mark.parametrize("seed_id", list(SEED_AUDIO))
 def test_seed_images_are_spectrograms_of_their_audio(seed_id: str) -> None:
-    from riffusion_engine.kernels.convert import image_from_audio
+    """Each seed image is its audio in Riffusion's image format, as the original's rules
+    (mel, power 0.25, inversion, flip) re-implemented with librosa draw it."""
+    from oracles import original_image_pixels
 
     params = SpectrogramParams()
     image = seed_image(seed_id)
     assert (image.size, image.mode) == ((512, 512), "RGB")
     audio = SEED_AUDIO[seed_id](5.11, params.sample_rate)
-    expected = image_from_audio(audio, params.sample_rate, params).convert("RGB")
-    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+    expected = original_image_pixels(audio, params)
+    diff = np.abs(np.asarray(image, dtype=int) - expected.astype(int))
+    assert (diff <= 1).mean() >= 0.99
     assert np.asarray(image).std() > 10  # not blank
 
 
