@@ -381,6 +381,32 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    import json
+
+    from riffusion_engine.engine.doctor import HEADER, format_row, run_doctor
+    from riffusion_engine.kernels.files import atomic_path, check_output_path
+
+    json_out = check_output_path(args.json, (".json",)) if args.json else None
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"riffusion-engine doctor on {device}: random:tiny, {args.steps} steps, against torch cpu fp32")
+    print(HEADER, flush=True)
+    report = run_doctor(device, steps=args.steps, report=lambda check: print(format_row(check), flush=True))
+    if json_out:
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_out}")
+    counts = {s: sum(c["status"] == s for c in report["checks"]) for s in ("ok", "failed", "skipped")}
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped")
+    failed = [c["path"] for c in report["checks"] if c["status"] == "failed"]
+    if failed:
+        raise RiffusionError(f"{len(failed)} path(s) failed: {'; '.join(failed)}")
+
+
 def _add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
     p.add_argument("input", help=input_help)
     p.add_argument("-o", "--output", required=True, help=output_help)
@@ -602,6 +628,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="scheduler steps (default: 25)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "doctor",
+        help="run every backend, precision and GPU path this machine can, against the reference",
+        description="On random:tiny (offline): the exports (ONNX fused, unfused and fp16; TensorRT "
+        "dynamic and static), every backend (torch, onnxruntime on the CPU, CUDA and TensorRT "
+        "providers, openvino, tensorrt with CUDA graphs), the CuPy kernels and the DLPack hand-off, "
+        "export on first use, and one request through the HTTP server, each compared with the torch "
+        "backend in fp32 on the CPU. Prints path, status (ok / failed / skipped and why), error "
+        "against the reference and time; exits non-zero when any path that could run failed.",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="cpu: the CPU paths only; cuda: the GPU paths too (default: cuda where torch sees a GPU)",
+    )
+    p.add_argument("--steps", type=int, default=4, help="scheduler steps per clip (default: 4)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the table here as JSON")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser(
         "roundtrip",

@@ -1,0 +1,312 @@
+"""Every GPU path against the CPU reference (needs an NVIDIA GPU: ``pytest -m gpu``).
+
+The reference is the torch backend in fp32 on the CPU (itself equal to diffusers). Each
+backend x precision x path here is also one row of ``riffusion-engine doctor --device
+cuda``; these tests add the cases a table cannot: batches of 1, 2 and 3 requests on
+static exports, inputs still being written by torch when a backend reads them, and the
+CLI commands with ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+from conftest import run_cli  # noqa: E402
+from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.export.exporter import ExportConfig, export  # noqa: E402
+from riffusion_engine.export.specs import ShapeProfile  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+FP32, FP16 = 1e-2, 0.1  # largest |difference| of the [0, 1] images from the CPU reference
+
+
+def needs(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} not installed")
+
+
+def needs_provider(provider: str) -> None:
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"ONNX Runtime lacks {provider}")
+
+
+def requests(count: int, steps: int = 4) -> list[Request]:
+    return [
+        Request(
+            PromptInput("a funky beat", seed=i + 1), PromptInput("church bells", seed=i + 11), 0.3 * i, steps
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(torch_engine):
+    cache: dict[int, np.ndarray] = {}
+
+    def images(count: int) -> np.ndarray:
+        if count not in cache:
+            cache[count] = torch_engine.images(requests(count)).numpy()
+        return cache[count]
+
+    return images
+
+
+def max_error(engine: Engine, reference, count: int) -> float:
+    return float(np.abs(engine.images(requests(count)).float().cpu().numpy() - reference(count)).max())
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Exports made once per module, by name."""
+    made: dict[str, Path] = {}
+
+    def get(name: str, **config) -> Path:
+        if name not in made:
+            out = tmp_path_factory.mktemp("gpu-exports") / name
+            export(ExportConfig(model="random:tiny", **config), out, progress=False)
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+# -- torch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", FP32), ("fp16", FP16)])
+def test_torch_backend_on_cuda(reference, precision: str, tolerance: float) -> None:
+    engine = Engine.load("random:tiny", backend="torch", device="cuda", precision=precision)
+    for count in (1, 3):
+        assert max_error(engine, reference, count) <= tolerance
+
+
+def test_engine_end_to_end_on_cuda_hands_the_vae_output_to_cupy_without_a_copy(monkeypatch) -> None:
+    needs("cupy")
+    import cupy
+    from riffusion_engine.kernels import xp as xpm
+
+    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    seen = []
+    original = xpm.as_array
+
+    def watch(array, xp, dtype=None):
+        out = original(array, xp, dtype)
+        if type(array).__module__.startswith("torch"):
+            seen.append((array.is_cuda, xp is cupy, out.data.ptr == array.data_ptr()))
+        return out
+
+    monkeypatch.setattr(xpm, "as_array", watch)
+    clip = engine.generate("a funky beat", steps=3)
+    assert seen == [(True, True, True)]  # the pixels stayed in device memory
+    assert clip.audio.shape == (1, engine.params.num_samples(512)) and np.abs(clip.audio).max() > 0
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", FP32), ("fp16", FP16)])
+def test_cuda_export_is_verified_on_cuda_and_runs_with_io_binding(
+    exports, reference, precision: str, tolerance: float
+) -> None:
+    needs_provider("CUDAExecutionProvider")
+    directory = exports(f"cuda-{precision}", device="cuda", precision=precision)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["device"] == "cuda"
+    for stage in manifest["stages"].values():
+        for report in stage["verification"]["onnx"].values():
+            assert report["runtime"] == "onnxruntime CUDAExecutionProvider"
+    # Attention fused (the packed layouts only in fp16: test_export checks the options).
+    assert "MultiHeadAttention" in manifest["stages"]["unet"]["fusions"]
+    engine = Engine.load(artifacts=directory, backend="onnxruntime", device="cuda")
+    for count in (1, 3):
+        assert max_error(engine, reference, count) <= tolerance
+
+
+def test_io_binding_waits_for_torch_to_finish_writing_the_inputs(exports) -> None:
+    """The inputs come straight from torch kernels still queued on torch's stream: ONNX
+    Runtime (on its own stream) must see the finished values."""
+    needs_provider("CUDAExecutionProvider")
+    from riffusion_engine.engine.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(exports("cuda-fp32", device="cuda"), device="cuda")
+    source = torch.randn(2, 4, 64, 64).cuda()
+    expected = backend.run("vae_decoder", {"latent": source}).cpu()
+    for _ in range(5):
+        latent = torch.zeros_like(source)
+        torch.cuda._sleep(50_000_000)  # torch's stream stays busy, then writes the input
+        latent.copy_(source)
+        got = backend.run("vae_decoder", {"latent": latent}).cpu()
+        # GroupNorm's CUDA kernel is not deterministic: a race shows as far more than this.
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tensorrt_execution_provider(exports, reference) -> None:
+    needs_provider("TensorrtExecutionProvider")
+    directory = exports("unfused", fuse=False)
+    engine = Engine.load(artifacts=directory, backend="onnxruntime", device="cuda", provider="tensorrt")
+    assert engine.backend.session("unet").get_providers()[0] == "TensorrtExecutionProvider"
+    for count in (1, 3):
+        assert max_error(engine, reference, count) <= FP32
+    assert any((directory / "ort-tensorrt").iterdir())  # engines cached for the next session
+    with pytest.raises(RiffusionError, match="outside this onnxruntime export's profile"):
+        engine.check(Request(PromptInput("x"), width=2048))
+
+
+# -- TensorRT ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_tensorrt_backend_matches_torch_for_one_two_and_three_requests(
+    exports, reference, static: bool
+) -> None:
+    needs("tensorrt")
+    directory = exports(
+        f"trt-{static}", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4, static=static)
+    )
+    engine = Engine.load(artifacts=directory, backend="tensorrt", device="cuda")
+    for count in (1, 2, 3, 1):  # smaller after larger: the static buffers' spare rows do not leak
+        assert max_error(engine, reference, count) <= FP16
+    if static:
+        with pytest.raises(RiffusionError, match="at most 4"):
+            engine.images(requests(5))
+        with pytest.raises(RiffusionError, match="takes 512 pixels"):
+            engine.check(Request(PromptInput("x"), width=256))
+
+
+def test_tensorrt_reads_inputs_torch_is_still_writing(exports) -> None:
+    needs("tensorrt")
+    from riffusion_engine.engine.backends import TensorRTBackend
+
+    directory = exports("trt-False", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4))
+    backend = TensorRTBackend(directory)
+    source = torch.randn(2, 4, 64, 64).cuda()
+    expected = backend.run("vae_decoder", {"latent": source}).cpu()
+    for _ in range(5):
+        latent = torch.zeros_like(source)
+        torch.cuda._sleep(50_000_000)  # torch's stream stays busy, then writes the input
+        latent.copy_(source)
+        got = backend.run("vae_decoder", {"latent": latent})
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_tensorrt_refuses_a_shape_outside_its_profile(exports) -> None:
+    needs("tensorrt")
+    from riffusion_engine.engine.backends import TensorRTBackend
+
+    backend = TensorRTBackend(
+        exports("trt-False", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4))
+    )
+    with pytest.raises(RiffusionError, match="profile takes"):
+        backend.run("vae_decoder", {"latent": torch.randn(5, 4, 64, 64, device="cuda")})
+
+
+def test_auto_on_cuda_exports_on_first_use(tmp_path: Path, reference) -> None:
+    if importlib.util.find_spec("tensorrt") is None:
+        needs_provider("CUDAExecutionProvider")
+    engine = Engine.load("random:tiny", backend="auto", device="cuda", cache_dir=tmp_path)
+    expected = "tensorrt" if importlib.util.find_spec("tensorrt") else "onnxruntime"
+    assert engine.backend.name == expected
+    (directory,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["target"] == ("tensorrt" if expected == "tensorrt" else "onnx")
+    assert max_error(engine, reference, 1) <= FP16
+
+
+def test_tensorrt_export_on_first_use(tmp_path: Path, reference) -> None:
+    needs("tensorrt")
+    engine = Engine.load(
+        "random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path
+    )
+    assert max_error(engine, reference, 1) <= FP16
+    again = Engine.load(
+        "random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path
+    )
+    assert again.backend.manifest["cache_key"] == engine.backend.manifest["cache_key"]
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def test_kernel_commands_on_cuda(tmp_path: Path) -> None:
+    needs("cupy")
+    code, _, err = run_cli("roundtrip", "-o", str(tmp_path / "rt"), "--device", "cuda")
+    assert code == 0, err
+    assert (tmp_path / "rt" / "roundtrip.wav").is_file()
+    code, _, err = run_cli(
+        "image-to-audio",
+        str(tmp_path / "rt" / "spectrogram.png"),
+        "-o",
+        str(tmp_path / "a.wav"),
+        "--device",
+        "cuda",
+    )
+    assert code == 0, err
+
+
+def test_bench_on_cuda_counts_device_memory(tmp_path: Path) -> None:
+    needs_provider("CUDAExecutionProvider")
+    out = tmp_path / "bench.json"
+    code, _, err = run_cli(
+        "bench", "--model", "random:tiny", "--backends", "torch,onnxruntime", "--device", "cuda",
+        "--steps", "2", "--runs", "1", "--warmup", "0", "--cache-dir", str(tmp_path / "c"),
+        "--json", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["gpu_memory_source"] in ("nvml", "cudaMemGetInfo")
+    # ONNX Runtime's arena is outside torch's allocator: the device saw more than torch did.
+    assert report["peak_gpu_bytes"] > report["peak_torch_gpu_bytes"] > 0
+
+
+def test_device_memory_sees_allocations_outside_torch() -> None:
+    needs("cupy")
+    import cupy
+    from riffusion_engine.engine.device_memory import PeakMemory, device_memory_reader
+
+    read, _ = device_memory_reader()
+    cupy.get_default_memory_pool().free_all_blocks()  # a new allocation, not a cached block
+    with PeakMemory(read) as meter:
+        block = cupy.empty(512 * 2**20, dtype=cupy.uint8)
+        block.fill(1)
+        cupy.cuda.Device().synchronize()
+    assert meter.stop() >= 400 * 2**20
+    del block
+
+
+def test_server_on_cuda() -> None:
+    import httpx
+    from riffusion_engine.engine.server import ServerConfig, background, create_app
+
+    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    body = {
+        "alpha": 0.25,
+        "num_inference_steps": 4,
+        "seed_image_id": "og_beat",
+        "start": {"prompt": "church bells", "seed": 42, "denoising": 0.5, "guidance": 7.0},
+        "end": {"prompt": "jazz", "seed": 123, "denoising": 0.5, "guidance": 7.0},
+    }
+    with background(create_app(engine, ServerConfig())) as url:
+        answer = httpx.post(url + "/run_inference/", content=json.dumps(body), timeout=300)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["audio"].startswith("data:audio/mpeg;base64,")
+
+
+def test_doctor_on_cuda(tmp_path: Path) -> None:
+    needs("cupy")
+    out = tmp_path / "doctor.json"
+    code, stdout, err = run_cli("doctor", "--device", "cuda", "--json", str(out))
+    assert code == 0, stdout + err
+    checks = json.loads(out.read_text())["checks"]
+    assert not [c for c in checks if c["status"] == "failed"]
+    ran = {c["path"] for c in checks if c["status"] == "ok"}
+    assert {"torch cuda fp32", "torch cuda fp16", "kernels cupy: image -> audio"} <= ran
