@@ -132,6 +132,19 @@ def test_cuda_export_is_verified_on_cuda_and_runs_with_io_binding(
         assert max_error(engine, reference, count) <= tolerance
 
 
+def assert_reads_finished_inputs(backend, *, tolerance: float) -> None:
+    """The VAE decoder's input is written by torch after a long kernel on torch's stream:
+    a backend that does not wait for that stream reads zeros."""
+    source = torch.randn(2, 4, 64, 64).cuda()
+    expected = backend.run("vae_decoder", {"latent": source}).cpu()
+    for _ in range(5):
+        latent = torch.zeros_like(source)
+        torch.cuda._sleep(50_000_000)  # torch's stream stays busy, then writes the input
+        latent.copy_(source)
+        got = backend.run("vae_decoder", {"latent": latent})
+        torch.testing.assert_close(got.cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_io_binding_waits_for_torch_to_finish_writing_the_inputs(exports) -> None:
     """The inputs come straight from torch kernels still queued on torch's stream: ONNX
     Runtime (on its own stream) must see the finished values."""
@@ -139,15 +152,8 @@ def test_io_binding_waits_for_torch_to_finish_writing_the_inputs(exports) -> Non
     from riffusion_engine.engine.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(exports("cuda-fp32", device="cuda"), device="cuda")
-    source = torch.randn(2, 4, 64, 64).cuda()
-    expected = backend.run("vae_decoder", {"latent": source}).cpu()
-    for _ in range(5):
-        latent = torch.zeros_like(source)
-        torch.cuda._sleep(50_000_000)  # torch's stream stays busy, then writes the input
-        latent.copy_(source)
-        got = backend.run("vae_decoder", {"latent": latent}).cpu()
-        # GroupNorm's CUDA kernel is not deterministic: a race shows as far more than this.
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # GroupNorm's CUDA kernel is not deterministic: a race shows as far more than this.
+    assert_reads_finished_inputs(backend, tolerance=1e-4)
 
 
 def test_tensorrt_execution_provider(exports, reference) -> None:
@@ -188,15 +194,7 @@ def test_tensorrt_reads_inputs_torch_is_still_writing(exports) -> None:
     from riffusion_engine.engine.backends import TensorRTBackend
 
     directory = exports("trt-False", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4))
-    backend = TensorRTBackend(directory)
-    source = torch.randn(2, 4, 64, 64).cuda()
-    expected = backend.run("vae_decoder", {"latent": source}).cpu()
-    for _ in range(5):
-        latent = torch.zeros_like(source)
-        torch.cuda._sleep(50_000_000)  # torch's stream stays busy, then writes the input
-        latent.copy_(source)
-        got = backend.run("vae_decoder", {"latent": latent})
-        torch.testing.assert_close(got.cpu(), expected, atol=1e-3, rtol=1e-3)
+    assert_reads_finished_inputs(TensorRTBackend(directory), tolerance=1e-3)
 
 
 def test_tensorrt_refuses_a_shape_outside_its_profile(exports) -> None:
