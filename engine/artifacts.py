@@ -6,11 +6,13 @@ An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx
 
     format          1
     cache_key       sha256 over every field that decides the artifacts' content (below)
-    key_fields      those fields: model content hash, target, precision, opset, fusion,
-                    shape profile, stages, tool versions, GPU (TensorRT builds)
+    key_fields      those fields: model content hash, target, device, precision, opset,
+                    fusion, shape profile, stages, tool versions, GPU (cuda exports)
     model           {"id": what the user named, "content_hash": sha256 of the source,
                      "pixel_multiple": image sizes the exported UNet takes are multiples of it}
     target          "onnx" | "tensorrt"
+    device          "cpu" | "cuda": where the export runs (cuda: CUDA-only fusions; absent in
+                    exports made before it was recorded, which count as cpu)
     precision       "fp32" | "fp16" (requested; each stage records what it got)
     opset           ONNX opset
     profile         {"height", "width", "max_width", "max_batch", "static"}

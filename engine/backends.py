@@ -183,8 +183,8 @@ class OnnxRuntimeBackend(ExportBackend):
             )
         if provider != "cpu" and self.device != "cuda":
             raise RiffusionError(f"the {provider} execution provider needs --device cuda")
-        cuda_graphs = self.manifest["target"] == "onnx" and self.manifest.get("device", "cpu") == "cuda"
-        if provider == "cpu" and cuda_graphs:
+        made_for_cuda = self.manifest["target"] == "onnx" and self.manifest.get("device", "cpu") == "cuda"
+        if provider == "cpu" and made_for_cuda:
             raise RiffusionError(
                 f"export {str(self.directory)!r} was made for --device cuda (CUDA-only fused operators); "
                 "export again with --device cpu for the CPU provider"

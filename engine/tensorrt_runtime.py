@@ -170,7 +170,7 @@ class StageEngine:
                 name: torch.zeros(self.static_shape(name), dtype=tensor.dtype, device=device)
                 for name, tensor in inputs.items()
             }
-            full = (self.static_shape(next(iter(inputs))))[0]
+            full = self.static_shape(next(iter(inputs)))[0]
             self._static_out = torch.empty((full, *out_shape[1:]), dtype=torch.float32, device=device)
             self._bind(self._static_buffers, self._static_out)
             self._replay = self.streams.capture(self._launch)
