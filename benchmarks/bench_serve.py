@@ -98,7 +98,7 @@ def main() -> None:
 
     from riffusion_engine.engine.bench import environment
     from riffusion_engine.engine.pipeline import Engine
-    from riffusion_engine.engine.server import ServerConfig, background, create_app
+    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
     engine = Engine.load(args.model, backend=args.backend, progress=True)
     modes = {

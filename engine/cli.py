@@ -351,7 +351,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:
-        from riffusion_engine.engine.server import ServerConfig, serve
+        from riffusion_engine.engine.serve.app import ServerConfig, serve
     except ImportError as exc:
         raise RiffusionError(
             f"the server needs the serve extra ({exc.name} is missing): pip install 'riffusion-engine[serve]'"

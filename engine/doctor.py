@@ -339,7 +339,8 @@ class Doctor:
 
         from .pipeline import Engine
         from .seeds import SeedLibrary
-        from .server import ServerConfig, background, create_app, engine_request, parse_input
+        from .serve.api import engine_request, parse_input
+        from .serve.app import ServerConfig, background, create_app
 
         if self.device == "cuda":
             self.require("cuda")

@@ -283,7 +283,7 @@ def test_device_memory_sees_allocations_outside_torch() -> None:
 
 def test_server_on_cuda() -> None:
     import httpx
-    from riffusion_engine.engine.server import ServerConfig, background, create_app
+    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
     engine = Engine.load("random:tiny", backend="torch", device="cuda")
     body = {

@@ -33,7 +33,8 @@ from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
-from riffusion_engine.engine.server import Batcher, ServerConfig, background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.batcher import Batcher  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 from riffusion_engine.kernels.params import SpectrogramParams  # noqa: E402
 

@@ -1,0 +1,170 @@
+"""Riffusion's HTTP API: the original server's request and response, the server's
+limits, and the validation that turns a request body into an engine request (shared by
+every serving front end)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from riffusion_engine.kernels.audio import encode_audio
+from riffusion_engine.kernels.errors import RiffusionError
+
+from ..pipeline import MAX_SEED, Clip, Engine, PromptInput, Request
+from ..prompts import MAX_PROMPT_CHARS
+from ..seeds import ID_PATTERN, SeedLibrary
+
+MAX_GUIDANCE = 100.0
+AUDIO_MIME = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+
+
+# -- the original's request and response ------------------------------------------
+
+
+class ApiPromptInput(BaseModel):
+    """One end of the interpolation (the original's ``PromptInput``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="text prompt; (word:1.3) sets emphasis")
+    seed: int = Field(ge=0, le=MAX_SEED, description="seed of the noise")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="what to avoid")
+    denoising: float = Field(0.75, ge=0, le=1, allow_inf_nan=False, description="share of the steps run")
+    guidance: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="guidance scale")
+
+
+class InferenceInput(BaseModel):
+    """The body of ``POST /run_inference/`` (the original's ``InferenceInput``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    alpha: float = Field(ge=0, le=1, allow_inf_nan=False, description="position between start and end")
+    num_inference_steps: int = Field(50, ge=1, description="scheduler steps (at most the server's max)")
+    seed_image_id: str = Field("og_beat", pattern=ID_PATTERN.pattern, description="seed image to start from")
+    mask_image_id: str | None = Field(
+        None, pattern=ID_PATTERN.pattern, description="mask (white = regenerate)"
+    )
+    start: ApiPromptInput
+    end: ApiPromptInput
+    format: Literal["mp3", "wav", "flac"] = Field("mp3", description="audio format of the response")
+
+
+class InferenceOutput(BaseModel):
+    """The response of ``POST /run_inference/`` (the original's ``InferenceOutput``)."""
+
+    image: str = Field(description="data:image/jpeg;base64,... the spectrogram, parameters in its EXIF")
+    audio: str = Field(description="data:audio/mpeg;base64,... (or audio/wav, audio/flac)")
+    duration_s: float = Field(description="length of the audio in seconds")
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and batching of the server."""
+
+    max_batch: int = 4  # most requests in one UNet batch (the UNet sees twice this with guidance)
+    batch_window_ms: float = 20.0  # how long the oldest request waits for others to batch with
+    max_queue: int = 32  # most requests waiting or running; one more answers 503
+    timeout_s: float = 300.0  # a request unanswered after this answers 504 and leaves the queue
+    max_steps: int = 100  # largest num_inference_steps accepted
+    max_body_bytes: int = 64 * 1024  # larger bodies answer 413
+    seed_images: Path | None = None  # a directory of ID.png seed images and masks (adds to the built-ins)
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_batch", self.max_batch >= 1),
+            ("batch_window_ms", math.isfinite(self.batch_window_ms) and self.batch_window_ms >= 0),
+            ("max_queue", self.max_queue >= 1),
+            ("timeout_s", math.isfinite(self.timeout_s) and self.timeout_s > 0),
+            ("max_steps", 1 <= self.max_steps <= 1000),
+            ("max_body_bytes", self.max_body_bytes >= 1024),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise RiffusionError(f"server option {name} out of range: {getattr(self, name)!r}")
+
+
+def parse_input(body: bytes) -> InferenceInput:
+    """The request body as :class:`InferenceInput` (JSON whatever the Content-Type)."""
+    try:
+        return InferenceInput.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise ApiError(400, f"body is not JSON: {errors[0]['msg']}") from None
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:8]]
+        raise ApiError(422, "; ".join(lines)) from None
+
+
+def engine_request(
+    inputs: InferenceInput, engine: Engine, seeds: SeedLibrary, config: ServerConfig
+) -> Request:
+    """The engine request for ``inputs``, every field checked (ApiError naming the field)."""
+    if inputs.num_inference_steps > config.max_steps:
+        raise ApiError(
+            422, f"num_inference_steps: at most {config.max_steps}, got {inputs.num_inference_steps}"
+        )
+
+    def image(field_name: str, image_id: str, mode: str) -> Any:
+        try:
+            return seeds.get(image_id, field=field_name, mode=mode)
+        except RiffusionError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def checked(name: str, check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except RiffusionError as exc:
+            raise ApiError(422, f"{name}: {exc}") from None
+
+    seed_image = image("seed_image_id", inputs.seed_image_id, "RGB")
+    mask = image("mask_image_id", inputs.mask_image_id, "L") if inputs.mask_image_id else None
+    ends = []
+    for name, end in (("start", inputs.start), ("end", inputs.end)):
+        checked(f"{name}.prompt", lambda e=end: engine.check_text(e.prompt))
+        if end.negative_prompt is not None:
+            checked(
+                f"{name}.negative_prompt", lambda e=end: engine.check_text(e.negative_prompt, negative=True)
+            )
+        ends.append(PromptInput(end.prompt, end.seed, end.negative_prompt, end.guidance, end.denoising))
+    request = checked(
+        "seed_image_id",
+        lambda: Request(
+            ends[0],
+            ends[1],
+            inputs.alpha,
+            inputs.num_inference_steps,
+            seed_image.width,
+            seed_image=seed_image,
+            mask=mask,
+        ),
+    )
+    # The prompts were checked above, field by field.
+    checked("seed_image_id" if mask is None else "mask_image_id", lambda: engine.check_images(request))
+    return request
+
+
+def encode_output(clip: Clip, fmt: str) -> dict[str, Any]:
+    """The original's response: JPEG image (EXIF kept) and audio as data URLs."""
+    jpeg = io.BytesIO()
+    clip.image.convert("RGB").save(jpeg, format="JPEG", exif=clip.image.getexif())
+    audio = encode_audio(clip.audio, clip.sample_rate, fmt)
+    return {
+        "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(),
+        "audio": f"data:{AUDIO_MIME[fmt]};base64," + base64.b64encode(audio).decode(),
+        "duration_s": clip.duration_s,
+    }

@@ -1,0 +1,245 @@
+"""Riffusion's HTTP API over an :class:`~riffusion_engine.engine.pipeline.Engine`.
+
+``POST /run_inference/`` takes the original server's request and answers with its
+response, so Riffusion's web app and its clients work unchanged. Around it:
+
+- a bounded queue: at most ``max_queue`` requests wait or run; one more answers 503
+  with ``Retry-After``;
+- batching: the oldest waiting request waits up to ``batch_window_ms`` for others that
+  share its batch key (steps, size, seed-image step) and runs with up to ``max_batch``
+  of them as one UNet batch;
+- a deadline: a request still unanswered after ``timeout_s`` answers 504 and leaves
+  the queue; a batch whose requests have all timed out stops at its next step;
+- isolation: when a batch fails, its requests are run one at a time, so an exception
+  fails only the request that raised it;
+- ``GET /health``, ``GET /metrics`` (Prometheus text) and the OpenAPI schema at
+  ``/openapi.json`` (pages at ``/docs``).
+
+Bad input is answered 400 (not JSON, unknown image id), 413 (body over the limit) or
+422 (a field of the wrong type or out of range), each with a message naming the
+field; never 500, which is kept for the engine failing on valid input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from riffusion_engine.kernels.errors import RiffusionError
+
+from ..pipeline import Engine
+from ..seeds import SeedLibrary
+from .api import (
+    ApiError,
+    InferenceInput,
+    InferenceOutput,
+    ServerConfig,
+    encode_output,
+    engine_request,
+    parse_input,
+)
+from .batcher import Batcher, Metrics, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+# -- the application ------------------------------------------------------------------
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its ``$defs`` references written out (for the OpenAPI body)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: HttpRequest, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"body: {length} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body: over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str = "") -> FastAPI:
+    """The FastAPI application serving ``engine``."""
+    config = config or ServerConfig()
+    if engine.shape.max_batch is not None and config.max_batch > engine.shape.max_batch:
+        raise RiffusionError(
+            f"max_batch {config.max_batch} is more than this model's export takes "
+            f"({engine.shape.max_batch}); export with a larger --max-batch or serve with a smaller one"
+        )
+    seeds = SeedLibrary(config.seed_images, engine.params)
+    metrics = Metrics(config.max_batch)
+    batcher = Batcher(engine, config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(seeds.build)  # the built-ins, made once, up front
+        batcher.start()
+        log.info(
+            "serving %s on the %s backend (%s)",
+            model or "a model",
+            engine.backend.name,
+            engine.backend.device,
+        )
+        yield
+        await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(
+        title="riffusion-engine",
+        summary="Riffusion's inference API: prompts in, spectrogram image and audio out.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+    body_schema = _inline_refs(InferenceInput.model_json_schema())
+
+    async def run_inference(request: HttpRequest) -> Response:
+        arrived = time.monotonic()
+        status = 500
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+            inputs = parse_input(body)
+            job_request = await asyncio.to_thread(engine_request, inputs, engine, seeds, config)
+            try:
+                job = batcher.submit(job_request)
+            except QueueFull as exc:
+                raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+            left = config.timeout_s - (time.monotonic() - arrived)
+            waiter = asyncio.wrap_future(job.future)
+            try:
+                clip = await asyncio.wait_for(asyncio.shield(waiter), max(left, 0.0))
+            except asyncio.TimeoutError:  # TimeoutError from 3.11; its own class on 3.10
+                batcher.cancel(job)
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits now
+                raise ApiError(
+                    504, f"no answer within the server's timeout of {config.timeout_s:g} s"
+                ) from None
+            payload = await asyncio.to_thread(encode_output, clip, inputs.format)
+            status = 200
+            return JSONResponse(payload)
+        except ApiError as exc:
+            status = exc.status
+            return _error(exc.status, str(exc), exc.headers)
+        except RiffusionError as exc:  # found by the engine while running
+            status = 422
+            return _error(422, str(exc))
+        except Exception as exc:
+            log.exception("inference failed")
+            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
+        finally:
+            metrics.requests.labels(str(status)).inc()
+            metrics.latency.observe(time.monotonic() - arrived)
+
+    extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
+    responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": InferenceOutput, "description": "the clip"},
+        400: {"description": "body not JSON, or an unknown seed image / mask id"},
+        413: {"description": "body over the size limit"},
+        422: {"description": "a field of the wrong type or out of range (the message names it)"},
+        503: {"description": "queue full; retry after the Retry-After header's seconds"},
+        504: {"description": "not answered within the server's timeout"},
+    }
+    for path in ("/run_inference/", "/run_inference"):
+        app.add_api_route(
+            path,
+            run_inference,
+            methods=["POST"],
+            summary="Generate a clip (Riffusion's API)",
+            openapi_extra=extra,
+            responses=responses,
+            include_in_schema=path.endswith("/"),
+        )
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model,
+            "backend": engine.backend.name,
+            "device": engine.backend.device,
+            "queue_depth": batcher.depth,
+            "max_queue": config.max_queue,
+            "max_batch": config.max_batch,
+            "max_steps": config.max_steps,
+            "image_ids": seeds.ids(),
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+@contextlib.contextmanager
+def background(app: FastAPI, *, host: str = "127.0.0.1", start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` on a free port of ``host`` in a background thread; yields its base URL.
+    Leaving the block shuts the server down (requests in flight finish first)."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="riffusion-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RiffusionError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
+        sock.close()
+
+
+def serve(
+    engine: Engine,
+    config: ServerConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 3013,
+    model: str = "",
+    log_level: str = "info",
+) -> None:
+    """Serve ``engine`` until interrupted; on SIGINT/SIGTERM the requests in flight finish first."""
+    import uvicorn
+
+    app = create_app(engine, config, model=model)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
