@@ -365,6 +365,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         max_body_bytes=args.max_body_kb * 1024,
         seed_images=Path(args.seed_images) if args.seed_images else None,
+        cors_origins=tuple(args.cors_origin),
     )
     engine = _load_engine(args)
     model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
@@ -611,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (default: 64)")
     p.add_argument(
         "--seed-images", default=None, metavar="DIR", help="extra seed images and masks: DIR/ID.png"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (scheme://host[:port], or * for any) call the API; "
+        "repeatable (default: none, same-origin only)",
     )
     p.set_defaults(func=_cmd_serve)
 

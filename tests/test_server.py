@@ -486,3 +486,72 @@ def test_a_directory_adds_and_overrides_ids(tmp_path: Path) -> None:
     with pytest.raises(RiffusionError, match="does not exist"):
         SeedLibrary(tmp_path / "missing")
     assert os.path.exists(tmp_path / "og_beat.png")
+
+
+# -- first contact: browsers calling directly, over-limit bodies ------------------------
+
+
+@pytest.mark.parametrize("origins", [(), ("http://localhost:3000",), ("*",)])
+def test_cors_is_closed_by_default_and_open_to_the_named_origins(torch_engine, origins) -> None:
+    page = "http://localhost:3000"
+    preflight_headers = {
+        "Origin": page,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    with running(torch_engine, max_steps=8, batch_window_ms=0, cors_origins=origins) as url:
+        preflight = httpx.options(url + "/run_inference/", headers=preflight_headers, timeout=30)
+        actual = post(url, ORIGINAL, headers={"Origin": page, "Content-Type": "application/json"})
+    assert actual.status_code == 200  # a non-browser client is served either way
+    allowed = actual.headers.get("access-control-allow-origin")
+    if not origins:
+        assert preflight.status_code == 405 and allowed is None
+        return
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] in (page, "*")
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert allowed in (page, "*")
+    with running(torch_engine, cors_origins=origins) as url:
+        other = httpx.options(
+            url + "/run_inference/",
+            headers={**preflight_headers, "Origin": "http://evil.example"},
+            timeout=30,
+        )
+    if origins == ("*",):
+        assert other.headers.get("access-control-allow-origin") == "*"
+    else:
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_bad_cors_origins_are_refused() -> None:
+    for origin in ("localhost:3000", "http://x/path", "ftp://x", ""):
+        with pytest.raises(RiffusionError, match="CORS origin"):
+            ServerConfig(cors_origins=(origin,))
+
+
+def test_a_client_that_sends_the_whole_body_first_reads_the_413(torch_engine) -> None:
+    """http.client writes the whole body before reading the answer: the server reads and
+    drops an over-limit body (up to 4x the limit) so the client gets the 413, not a reset
+    connection (a socket closed with unread data answers with a reset)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    limit = 256 * 1024
+    body = json.dumps({**ORIGINAL, "pad": "x" * (3 * limit)}).encode()  # 3x the limit, past socket buffers
+    with running(torch_engine, max_steps=8, batch_window_ms=0, max_body_bytes=limit) as url:
+        host = urlsplit(url)
+        for chunked in (False, True):
+            connection = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+            try:
+                if chunked:  # no Content-Length: the size is found while reading
+                    parts = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+                    connection.request("POST", "/run_inference/", body=iter(parts), encode_chunked=True)
+                else:
+                    connection.request("POST", "/run_inference/", body=body)
+                answer = connection.getresponse()
+                assert answer.status == 413
+                assert f"over the limit of {limit}" in json.loads(answer.read())["detail"]
+                assert answer.getheader("connection") == "close"
+            finally:
+                connection.close()
+        assert post(url, ORIGINAL).status_code == 200  # the server is fine afterwards

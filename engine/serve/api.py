@@ -83,6 +83,7 @@ class ServerConfig:
     max_steps: int = 100  # largest num_inference_steps accepted
     max_body_bytes: int = 64 * 1024  # larger bodies answer 413
     seed_images: Path | None = None  # a directory of ID.png seed images and masks (adds to the built-ins)
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call from ("*": any); none = closed
 
     def __post_init__(self) -> None:
         checks = (
@@ -96,6 +97,12 @@ class ServerConfig:
         for name, ok in checks:
             if not ok:
                 raise RiffusionError(f"server option {name} out of range: {getattr(self, name)!r}")
+        for origin in self.cors_origins:
+            scheme, _, host = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
+                raise RiffusionError(
+                    f"CORS origin must be * or scheme://host[:port] (no path), got {origin!r}"
+                )
 
 
 def parse_input(body: bytes) -> InferenceInput:

@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from riffusion_engine.kernels.errors import RiffusionError
@@ -75,16 +76,32 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
+# An over-limit body is read and dropped up to this many times the limit before the 413
+# (a lingering close, as established HTTP servers do: a client that sends its whole body
+# before reading gets the answer instead of a reset connection); past it, the server closes.
+DRAIN_FACTOR = 4
+
+
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    """The body; 413 (and the connection closed) once it is known to exceed ``limit`` bytes,
+    after reading the rest of it up to ``DRAIN_FACTOR`` times the limit."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"body: {length} bytes is over the limit of {limit}")
+    declared = int(length) if length is not None and length.isdigit() else None
     body = bytearray()
+    received = 0
+    over = declared is not None and declared > limit
     async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            over = True
+        if over:
+            if received > DRAIN_FACTOR * limit:
+                break
+            continue
         body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body: over the limit of {limit} bytes")
+    if over:
+        size = f"{declared} bytes" if declared is not None else f"over {limit} bytes"
+        raise ApiError(413, f"body: {size} is over the limit of {limit}", {"Connection": "close"})
     return bytes(body)
 
 
@@ -118,6 +135,16 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
         summary="Riffusion's inference API: prompts in, spectrogram image and audio out.",
         lifespan=lifespan,
     )
+    if config.cors_origins:
+        # Browsers calling from these origins get CORS headers; preflights are answered.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     app.state.batcher = batcher
     app.state.metrics = metrics
     body_schema = _inline_refs(InferenceInput.model_json_schema())
