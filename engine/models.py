@@ -171,16 +171,56 @@ def source_hash(model: str, *, seed: int = 0) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-    patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+
+def select_files(files: list[str]) -> list[str]:
+    """Of a model repository's files (relative POSIX paths), the ones the engine loads:
+    ``model_index.json`` and, in each component folder, its configuration and tokenizer
+    files and its weights — ``.safetensors`` where the folder has them, ``.bin``
+    otherwise. Never the single-file checkpoint (``*.ckpt``, a top-level
+    ``*.safetensors``), a traced UNet (``*.pt``), the safety checker, the feature
+    extractor, or weight variants (``*.fp16.safetensors``)."""
+    chosen = [f for f in files if f == "model_index.json"]
+    for component in COMPONENTS:
+        inside = [f for f in files if f.count("/") == 1 and f.startswith(f"{component}/")]
+        names = {f: f.split("/", 1)[1] for f in inside}
+
+        def weights(suffix: str, names: dict[str, str] = names) -> list[str]:
+            # "model.safetensors" or shards "model-00001-of-00002.safetensors"; not "x.fp16.safetensors"
+            return [f for f, n in names.items() if n.endswith(suffix) and "." not in n[: -len(suffix)]]
+
+        fmt = next((s for s in WEIGHT_SUFFIXES if weights(s)), None)
+        for f, name in names.items():
+            if name.endswith((".json", ".txt")):
+                index = name.endswith(".index.json")
+                if not index or (fmt is not None and name.endswith(f"{fmt}.index.json")):
+                    chosen.append(f)
+        if fmt is not None:
+            chosen += weights(fmt)
+    return sorted(chosen)
+
+
+def _repository_files(path: Path) -> list[str]:
+    return sorted(
+        p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    # What may be in the cache already: the components' folders (the cache holds what an
+    # earlier download selected).
+    cached = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=cached, local_files_only=True))
     except Exception:
         log.info("%s is not in the local hub cache; downloading", repo_id)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        wanted = select_files(HfApi().list_repo_files(repo_id))
+        return Path(snapshot_download(repo_id, allow_patterns=wanted))
     except Exception as exc:
         raise RiffusionError(
             f"model {repo_id!r} is not in the local cache and could not be downloaded "
@@ -193,17 +233,19 @@ def _load_directory(path: Path, model_id: str) -> Components:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    missing = [
-        name
-        for name in ("model_index.json", "tokenizer", "text_encoder", "unet", "vae", "scheduler")
-        if not (path / name).exists()
-    ]
+    missing = [name for name in ("model_index.json", *COMPONENTS) if not (path / name).exists()]
     if missing:
         raise RiffusionError(f"model directory {str(path)!r} lacks {', '.join(missing)}")
+    files = select_files(_repository_files(path))
+    for component in ("text_encoder", "unet", "vae"):
+        if not any(f.startswith(f"{component}/") and f.endswith(WEIGHT_SUFFIXES) for f in files):
+            raise RiffusionError(
+                f"model directory {str(path)!r}: {component}/ holds no weights (.safetensors or .bin)"
+            )
     try:
         return Components(
             model_id=model_id,
-            content_hash=directory_hash(path),
+            content_hash=directory_hash(path, files),
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
             unet=UNet2DConditionModel.from_pretrained(path / "unet").eval(),
@@ -214,12 +256,14 @@ def _load_directory(path: Path, model_id: str) -> Components:
         raise RiffusionError(f"cannot load model directory {str(path)!r}: {exc}") from exc
 
 
-def directory_hash(path: Path) -> str:
-    """sha256 over every file's relative path, size and content (each delimited, so
-    moving bytes from one file into another, or renaming, changes it)."""
+def directory_hash(path: Path, files: list[str] | None = None) -> str:
+    """sha256 over the relative path, size and content of each of ``files`` (by default
+    the ones the engine loads: :func:`select_files`), each delimited, so moving bytes from
+    one file into another, or renaming, changes it."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
+    for name in sorted(select_files(_repository_files(path)) if files is None else files):
+        file = path / name
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

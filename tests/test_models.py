@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,84 @@ def test_directory_hash_follows_the_files(tiny, tmp_path: Path) -> None:
     assert source_hash(str(model)) != original
     weights.with_name("renamed.safetensors").rename(weights)
     assert source_hash(str(model)) == original
+
+
+def hub_like_repository(tiny, path: Path) -> Path:
+    """A directory laid out like riffusion/riffusion-model-v1 on the hub: .bin weights in
+    some component folders, safetensors (and .bin beside them) in others, a weight
+    variant, and the files the engine must never take: the single-file checkpoints, the
+    traced UNet, the safety checker and the feature extractor."""
+    tiny.save(path)  # safetensors everywhere, model_index.json
+    for name, weights in (("text_encoder", "pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin")):
+        for other in (path / name).glob("*.safetensors"):  # these folders carry .bin only
+            other.unlink()
+        torch.save(getattr(tiny, name).state_dict(), path / name / weights)
+    tiny.unet.save_pretrained(path / "unet-bin", safe_serialization=False)  # the unet has both
+    (bin_file,) = (path / "unet-bin").glob("*.bin")
+    bin_file.rename(path / "unet" / bin_file.name)
+    shutil.rmtree(path / "unet-bin")
+    (path / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"variant")
+    for name, data in {
+        "riffusion-model-v1.ckpt": b"single-file checkpoint",
+        "riffusion-model-v1.safetensors": b"single-file checkpoint",
+        "unet_traced.pt": b"traced unet",
+        "safety_checker/config.json": b"{}",
+        "safety_checker/pytorch_model.bin": b"checker",
+        "feature_extractor/preprocessor_config.json": b"{}",
+        "README.md": b"# riffusion",
+    }.items():
+        (path / name).parent.mkdir(exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_path: Path) -> None:
+    from riffusion_engine.engine.models import _repository_files, select_files
+
+    repo = hub_like_repository(tiny, tmp_path / "repo")
+    files = _repository_files(repo)
+    chosen = set(select_files(files))
+    assert "model_index.json" in chosen
+    expected_weights = {
+        "text_encoder/pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
+    assert {f for f in chosen if f.endswith((".bin", ".safetensors"))} == expected_weights
+    never = (
+        "ckpt",
+        "riffusion-model-v1.safetensors",
+        ".pt",
+        "safety_checker/",
+        "feature_extractor/",
+        ".fp16.",
+    )
+    assert not [f for f in chosen if any(n in f for n in never)]
+    for component in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        configs = {f for f in files if f.startswith(f"{component}/") and f.endswith((".json", ".txt"))}
+        assert configs and configs <= chosen
+    # Only the chosen files, copied out, load; they are the model's weights.
+    only = tmp_path / "only"
+    for name in chosen:
+        (only / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, only / name)
+    for source in (only, repo):
+        loaded = load_components(str(source))
+        for name in ("text_encoder", "unet", "vae"):
+            ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # The content hash covers what is loaded, not the 4 GB checkpoint beside it.
+    assert load_components(str(only)).content_hash == load_components(str(repo)).content_hash
+    (repo / "riffusion-model-v1.ckpt").write_bytes(b"another checkpoint")
+    assert load_components(str(repo)).content_hash == load_components(str(only)).content_hash
+
+
+def test_a_component_without_weights_is_one_clear_error(tiny, tmp_path: Path) -> None:
+    model = tiny.save(tmp_path / "model")
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(RiffusionError, match=r"unet/ holds no weights \(.safetensors or .bin\)"):
+        load_components(str(model))
 
 
 def test_bad_model_sources(tmp_path: Path) -> None:
