@@ -366,6 +366,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_kb * 1024,
         seed_images=Path(args.seed_images) if args.seed_images else None,
         cors_origins=tuple(args.cors_origin),
+        degrade_steps=args.degrade_steps,
     )
     engine = _load_engine(args)
     model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
@@ -612,6 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (default: 64)")
     p.add_argument(
         "--seed-images", default=None, metavar="DIR", help="extra seed images and masks: DIR/ID.png"
+    )
+    p.add_argument(
+        "--degrade-steps",
+        type=int,
+        default=None,
+        metavar="MIN",
+        help="when a request would miss --timeout (its wait plus its run, from the measured per-step "
+        "time), run it with fewer steps, down to MIN, and refuse (503) only when even MIN would miss "
+        "it; the answer's X-Inference-Steps header says the steps run (default: off)",
     )
     p.add_argument(
         "--cors-origin",

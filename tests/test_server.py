@@ -5,6 +5,7 @@ the original API describes."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import io
 import itertools
@@ -555,3 +556,71 @@ def test_a_client_that_sends_the_whole_body_first_reads_the_413(torch_engine) ->
             finally:
                 connection.close()
         assert post(url, ORIGINAL).status_code == 200  # the server is fine afterwards
+
+
+# -- overload: degrade instead of refusing -------------------------------------------------
+
+
+def test_a_saturated_server_degrades_steps_instead_of_timing_out(torch_engine, tmp_path: Path) -> None:
+    """Ten requests at once, more than the timeout allows at their steps: with
+    --degrade-steps none times out — each is answered in time, some with fewer steps, and
+    each answer is the one-shot run at the steps it reports (a request is refused only
+    where even the fewest steps would miss the deadline) — while without it some do (504)."""
+    import dataclasses
+
+    import soundfile
+    from riffusion_engine.engine.serve.api import engine_request, parse_input
+
+    Image.new("RGB", (128, 512), (90, 90, 90)).save(tmp_path / "narrow.png")  # 1.28 s clips: cheap
+    bodies = [
+        {
+            **ORIGINAL,
+            "num_inference_steps": 12,
+            "seed_image_id": "narrow",
+            "start": {**ORIGINAL["start"], "seed": 100 + i, "denoising": 1.0},
+            "end": {**ORIGINAL["end"], "denoising": 1.0},
+            "format": "wav",
+        }
+        for i in range(10)
+    ]
+
+    def load(config: ServerConfig) -> list[httpx.Response]:
+        with running(torch_engine, **dataclasses.asdict(config)) as url:
+            # Requests first: a server in steady state knows what a clip of this width costs.
+            for steps in (2, 12):
+                assert post(url, {**bodies[0], "num_inference_steps": steps}).status_code == 200
+            with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+                return list(pool.map(lambda body: post(url, body), bodies))
+
+    base = ServerConfig(max_batch=1, batch_window_ms=0, max_steps=20, timeout_s=6, seed_images=tmp_path)
+    answers = answers_all = load(dataclasses.replace(base, degrade_steps=2))
+    codes = [a.status_code for a in answers]
+    # In time, every one: answered, or refused at once where even 2 steps would miss the deadline.
+    assert set(codes) <= {200, 503} and codes.count(200) >= len(bodies) // 2, codes
+    for answer in answers:
+        if answer.status_code == 503:
+            assert "even 2 steps would miss" in answer.json()["detail"] and answer.headers["retry-after"]
+    answers = [a for a in answers if a.status_code == 200]
+    steps = [int(a.headers["x-inference-steps"]) for a in answers]
+    assert all(2 <= s <= 12 for s in steps) and min(steps) < 12, steps
+    served = [b for b, a in zip(bodies, answers_all, strict=True) if a.status_code == 200]
+    for body, answer, ran in zip(served, answers, steps, strict=True):
+        assert ("x-requested-steps" in answer.headers) == (ran < 12)
+        request = engine_request(
+            parse_input(json.dumps(body).encode()), torch_engine, SeedLibrary(tmp_path), base
+        )
+        (alone,) = torch_engine.run([dataclasses.replace(request, steps=ran)])
+        audio, _ = soundfile.read(io.BytesIO(data_url(answer.json()["audio"], "audio/wav")), dtype="int16")
+        np.testing.assert_array_equal(audio, alone.audio[0])
+
+    answers = load(base)  # as before: no degradation, the late requests time out
+    codes = [a.status_code for a in answers]
+    assert 504 in codes and set(codes) <= {200, 504}, codes
+    assert all(a.headers.get("x-inference-steps") == "12" for a in answers if a.status_code == 200)
+
+
+def test_degrade_steps_must_fit_the_step_cap() -> None:
+    with pytest.raises(RiffusionError, match="degrade_steps"):
+        ServerConfig(max_steps=20, degrade_steps=30)
+    with pytest.raises(RiffusionError, match="degrade_steps"):
+        ServerConfig(degrade_steps=0)

@@ -84,6 +84,9 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024  # larger bodies answer 413
     seed_images: Path | None = None  # a directory of ID.png seed images and masks (adds to the built-ins)
     cors_origins: tuple[str, ...] = ()  # origins browsers may call from ("*": any); none = closed
+    # When a request would miss timeout_s, run it with fewer steps, down to this many;
+    # refuse (503) only when even these miss it. None: never change a request's steps.
+    degrade_steps: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -93,6 +96,7 @@ class ServerConfig:
             ("timeout_s", math.isfinite(self.timeout_s) and self.timeout_s > 0),
             ("max_steps", 1 <= self.max_steps <= 1000),
             ("max_body_bytes", self.max_body_bytes >= 1024),
+            ("degrade_steps", self.degrade_steps is None or 1 <= self.degrade_steps <= self.max_steps),
         )
         for name, ok in checks:
             if not ok:

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from riffusion_engine.kernels.errors import RiffusionError
 
-from ..pipeline import Engine
+from ..pipeline import Engine, PromptInput, Request
 from ..seeds import SeedLibrary
 from .api import (
     ApiError,
@@ -120,6 +120,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(seeds.build)  # the built-ins, made once, up front
+        if config.degrade_steps is not None:
+            # The deadline estimate needs the per-step cost before the first request.
+            warm_up = Request(PromptInput("warm-up"), steps=config.degrade_steps)
+            await asyncio.to_thread(batcher.measure, warm_up)
         batcher.start()
         log.info(
             "serving %s on the %s backend (%s)",
@@ -157,6 +161,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             inputs = parse_input(body)
             job_request = await asyncio.to_thread(engine_request, inputs, engine, seeds, config)
             try:
+                if config.degrade_steps is not None:
+                    left = config.timeout_s - (time.monotonic() - arrived)
+                    job_request = batcher.fit_steps(job_request, left, config.degrade_steps)
                 job = batcher.submit(job_request)
             except QueueFull as exc:
                 raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
@@ -172,7 +179,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
                 ) from None
             payload = await asyncio.to_thread(encode_output, clip, inputs.format)
             status = 200
-            return JSONResponse(payload)
+            ran = job.request.steps  # the batcher may have lowered them while it waited
+            metrics.steps.observe(ran)
+            headers = {"X-Inference-Steps": str(ran)}
+            if ran != inputs.num_inference_steps:
+                metrics.degraded.inc()
+                headers["X-Requested-Steps"] = str(inputs.num_inference_steps)
+            return JSONResponse(payload, headers=headers)
         except ApiError as exc:
             status = exc.status
             return _error(exc.status, str(exc), exc.headers)
@@ -188,11 +201,18 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
 
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
     responses: dict[int | str, dict[str, Any]] = {
-        200: {"model": InferenceOutput, "description": "the clip"},
+        200: {
+            "model": InferenceOutput,
+            "description": "the clip; X-Inference-Steps says the steps run (fewer than asked, with "
+            "X-Requested-Steps, when the server degraded the request to meet its timeout)",
+        },
         400: {"description": "body not JSON, or an unknown seed image / mask id"},
         413: {"description": "body over the size limit"},
         422: {"description": "a field of the wrong type or out of range (the message names it)"},
-        503: {"description": "queue full; retry after the Retry-After header's seconds"},
+        503: {
+            "description": "queue full, or (with degrade_steps) even the fewest steps would miss the "
+            "timeout; retry after the Retry-After header's seconds"
+        },
         504: {"description": "not answered within the server's timeout"},
     }
     for path in ("/run_inference/", "/run_inference"):

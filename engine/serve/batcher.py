@@ -10,12 +10,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..pipeline import Cancelled, Clip, Engine, Request
+from ..pipeline import _first_step as first_step
 from .api import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,17 @@ class Metrics:
             buckets=tuple(range(1, max_batch + 1)),
             registry=self.registry,
         )
+        self.steps = Histogram(
+            "riffusion_inference_steps",
+            "Scheduler steps run per answered request (fewer than asked when degraded)",
+            buckets=(1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 250, 1000),
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "riffusion_degraded_requests",
+            "Requests run with fewer steps than asked to meet the timeout (--degrade-steps)",
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "riffusion_batch_seconds",
             "Engine time per batch",
@@ -80,6 +92,17 @@ class Job:
     cancelled: bool = False  # timed out: drop it, or stop its batch if all of the batch did
     released: bool = False  # its queue slot has been given back
 
+    @property
+    def unet_steps(self) -> int:
+        return unet_steps(self.request)
+
+
+def unet_steps(request: Request) -> int:
+    """The UNet calls ``request`` makes: its steps (a seed image: the share ``denoising``
+    runs), one more with PNDM (its first step takes two)."""
+    first = first_step(request.steps, request.blend.denoising) if request.seed_image is not None else 0
+    return request.steps - first + (1 if request.scheduler == "pndm" else 0)
+
 
 class Batcher:
     """A worker thread that runs queued requests through the engine in batches."""
@@ -93,6 +116,12 @@ class Batcher:
         self._slots = 0
         self._closing = False
         self._batch_seconds = 1.0  # running mean, for Retry-After
+        # Measured costs, for the deadline estimate (--degrade-steps), by image width (the
+        # work grows faster than the width: attention): seconds per UNet step and for the
+        # rest of a request (text encoder, VAE, audio), each per request.
+        self._costs: dict[int, tuple[float, float]] = {}
+        self._running_left = 0.0  # estimated seconds left in the batch being run
+        self._steps_done = 0  # UNet steps the running batch has started
         self._thread = threading.Thread(target=self._loop, name="riffusion-batcher", daemon=True)
 
     @property
@@ -164,14 +193,93 @@ class Batcher:
         while (batch := self._take()) is not None:
             self._run(batch)
 
+    # -- deadlines (--degrade-steps) ----------------------------------------------
+
+    def measure(self, request: Request) -> None:
+        """Run ``request`` (not queued) to learn the costs the estimate uses: twice, the
+        first run paying one-time costs (allocations, kernel selection)."""
+        self.engine.run([request])
+        begin = time.perf_counter()
+        clips = self.engine.run([request])
+        self._learn(clips, request.width, 1, time.perf_counter() - begin)
+
+    def _learn(self, clips: Sequence[Clip], width: int, size: int, seconds: float) -> None:
+        """Update the costs at ``width`` from a batch of ``size`` clips that took ``seconds``."""
+        timings = clips[0].timings
+        steps = max(int(timings.get("unet_steps", 0)), 1)
+        step = timings.get("unet", 0.0) / (steps * size)
+        rest = max(seconds / size - step * steps, 0.0)
+        with self._cond:
+            if width in self._costs:
+                old_step, old_rest = self._costs[width]
+                step, rest = 0.7 * old_step + 0.3 * step, 0.7 * old_rest + 0.3 * rest
+            self._costs[width] = (step, rest)
+
+    def _cost(self, request: Request, steps: int | None = None) -> float:
+        """Estimated seconds to run ``request`` alone (``steps`` UNet steps of it): from the
+        costs measured at its width, else at the nearest width measured, scaled by width."""
+        steps = unet_steps(request) if steps is None else steps
+        nearest = min(self._costs, key=lambda w: abs(w - request.width))
+        step, rest = self._costs[nearest]
+        return (steps * step + rest) * request.width / nearest
+
+    def fit_steps(self, request: Request, seconds_left: float, min_steps: int) -> Request:
+        """``request``, with its steps lowered (to ``min_steps`` at most) where needed so that
+        the work queued ahead of it and its own run end within ``seconds_left``. Where even
+        ``min_steps`` would not, the requests queued (not yet running) give up steps first,
+        latest first, down to ``min_steps`` — each then ends sooner than planned; QueueFull
+        only when all of that is not enough. Requests are costed one by one (batching only
+        makes them cheaper), from the costs measured so far."""
+        with self._cond:
+            if not self._costs:
+                return request
+            # A fifth kept for what the estimate misses (requests arriving together slow
+            # each other down: HTTP and encoding share the cores with the engine).
+            budget = 0.8 * seconds_left
+            queued = [j for j in self._pending if not j.cancelled]
+            floor = min(min_steps, request.steps)
+            own = self._with_steps(request, floor)
+            ahead = self._running_left + sum(self._cost(j.request) for j in queued)
+            for job in reversed(queued):
+                if ahead + self._cost(own) <= budget:
+                    break
+                if job.request.steps > min_steps:
+                    lower = self._with_steps(job.request, min_steps)
+                    ahead -= self._cost(job.request) - self._cost(lower)
+                    job.request, job.key = lower, lower.batch_key()
+            for steps in range(request.steps, floor - 1, -1):
+                candidate = self._with_steps(request, steps)
+                if ahead + self._cost(candidate) <= budget:
+                    return candidate
+            retry = max(1, math.ceil(ahead))
+        raise QueueFull(f"even {min_steps} steps would miss the server's timeout", retry)
+
+    @staticmethod
+    def _with_steps(request: Request, steps: int) -> Request:
+        return request if steps == request.steps else replace(request, steps=steps)
+
+    def _progress(self, jobs: Sequence[Job], total: int) -> bool:
+        """Called before each UNet step of a batch: counts the work left; True stops it."""
+        with self._cond:
+            self._steps_done += 1
+            if self._costs:
+                left = max(total - self._steps_done + 1, 0)
+                self._running_left = sum(self._cost(j.request, left) for j in jobs)
+        return all(j.cancelled for j in jobs)
+
     def _run(self, jobs: Sequence[Job]) -> None:
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
         begin = time.perf_counter()
+        total = jobs[0].unet_steps
+        with self._cond:
+            self._steps_done = 0
+            if self._costs:
+                self._running_left = sum(self._cost(j.request) for j in jobs)
         try:
             clips = self.engine.run(
-                [j.request for j in jobs], should_stop=lambda: all(j.cancelled for j in jobs)
+                [j.request for j in jobs], should_stop=lambda: self._progress(jobs, total)
             )
         except Cancelled as exc:
             self._finish(jobs, error=exc)
@@ -186,6 +294,7 @@ class Batcher:
             return
         seconds = time.perf_counter() - begin
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        self._learn(clips, jobs[0].request.width, len(jobs), seconds)
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.batch_seconds.observe(seconds)
         self._finish(jobs, clips=clips)
@@ -194,6 +303,7 @@ class Batcher:
         self, jobs: Sequence[Job], *, clips: Sequence[Clip] | None = None, error: BaseException | None = None
     ) -> None:
         with self._cond:
+            self._running_left = 0.0
             for i, job in enumerate(jobs):
                 self._release(job)
                 if clips is not None:
