@@ -342,9 +342,16 @@ def byte_level_tokenizer() -> Any:
     word-final) plus CLIP's special tokens, built locally; ids fit CLIP's 49408."""
     from transformers import CLIPTokenizer
 
+    import tempfile
+
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    # Through files, as a checkpoint's tokenizer folder holds it: every transformers
+    # release this project supports reads these (their constructors' arguments differ).
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
