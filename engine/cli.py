@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,9 +67,10 @@ def _cmd_roundtrip(args: argparse.Namespace) -> None:
     from riffusion_engine.kernels.metrics import spectral_convergence
     from riffusion_engine.kernels.params import SpectrogramParams
     from riffusion_engine.kernels.synth import music_like
+    from riffusion_engine.kernels.xp import get_xp
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    get_xp(args.device)  # a device that cannot run stops here, before any file is written
+    out_dir = _output_dir(args.output)
     params = SpectrogramParams()
     source = music_like(5.11, sample_rate=params.sample_rate, seed=args.seed)
     save_audio(out_dir / "source.wav", normalize_like_riffusion(source), params.sample_rate)
@@ -170,7 +173,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from riffusion_engine.engine.pipeline import SCHEDULERS
 
-    p.add_argument("--steps", type=int, default=50, help="scheduler steps (default: 50)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="scheduler steps; PNDM (the default scheduler) makes steps + 1 UNet calls, its first "
+        "step taking two (default: 50)",
+    )
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="(default: pndm)")
     p.add_argument("--width", type=int, default=512, help="image width, 8-pixel multiples (512 = 5.12 s)")
     p.add_argument("--seed-image", default=None, help="PNG to start from (width x 512)")
@@ -209,7 +218,7 @@ def _timing_line(clip: Any) -> str:
     if "vae_encoder" in t:
         parts.append(f"vae encoder {t['vae_encoder']:.2f} s")
     parts.append(
-        f"unet {t.get('unet', 0):.2f} s ({steps} steps, {t.get('unet', 0) / max(steps, 1):.3f} s/step)"
+        f"unet {t.get('unet', 0):.2f} s ({steps} UNet calls, {t.get('unet', 0) / max(steps, 1):.3f} s each)"
     )
     parts.append(f"vae decoder {t.get('vae_decoder', 0):.2f} s")
     parts.append(f"image->audio {t.get('image_to_audio', 0):.2f} s")
@@ -251,8 +260,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> None:
 
     if args.clips < 1:
         raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(args.output)
     seed_image = _open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
     mask = _open_image(args.mask, "mask")
     start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
@@ -264,6 +272,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> None:
     engine = _load_engine(args)
     for request in requests:
         engine.check(request)
+    out_dir = _output_dir(args.output)
     audio = []
     rate = 0
     for i, request in enumerate(requests):
@@ -286,11 +295,11 @@ def _beat_seed_image(width: int) -> Any:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine.engine.pipeline import Engine, PromptInput, Request
     from riffusion_engine.export.exporter import ExportConfig, export
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Request(PromptInput(args.prompt, args.seed), steps=args.steps)  # bad steps or seed: before the export
+    out_dir = _output_dir(args.output)
     begin = time.perf_counter()
     result = export(ExportConfig(model="random:tiny"), out_dir / "export", progress=True)
     export_s = time.perf_counter() - begin
@@ -304,7 +313,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         (name, t[key])
         for key, name in (
             ("text_encoder", "text encoder"),
-            ("unet", f"unet ({int(t['unet_steps'])} steps)"),
+            ("unet", f"unet ({int(t['unet_steps'])} calls)"),
             ("vae_decoder", "vae decoder"),
             ("image_to_audio", "image -> audio"),
         )
@@ -338,6 +347,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         cache_dir=args.cache_dir,
     )
+    from riffusion_engine.engine.backends import check_device
+
+    check_device(config.device)  # before any export or model load
     report = run_bench(config)
     print(format_table(report))
     if json_out:
@@ -351,7 +363,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:
-        from riffusion_engine.engine.serve.app import ServerConfig, serve
+        from riffusion_engine.engine.serve.app import ServerConfig, bind, serve
     except ImportError as exc:
         raise RiffusionError(
             f"the server needs the serve extra ({exc.name} is missing): pip install 'riffusion-engine[serve]'"
@@ -368,19 +380,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         cors_origins=tuple(args.cors_origin),
         degrade_steps=args.degrade_steps,
     )
-    engine = _load_engine(args)
-    model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
-    print(
-        f"serving {model} ({engine.backend.name}, {engine.backend.device}) on http://{args.host}:{args.port}"
-    )
-    serve(
-        engine,
-        config,
-        host=args.host,
-        port=args.port,
-        model=model,
-        log_level="info" if args.verbose else "warning",
-    )
+    sock = bind(args.host, args.port)  # before the model loads: a bad or busy port fails at once
+    try:
+        engine = _load_engine(args)
+        model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
+        host, port = sock.getsockname()[:2]
+        print(f"serving {model} ({engine.backend.name}, {engine.backend.device}) on http://{host}:{port}")
+        serve(engine, config, sock=sock, model=model, log_level="info" if args.verbose else "warning")
+    finally:
+        sock.close()
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -409,6 +417,20 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
         raise RiffusionError(f"{len(failed)} path(s) failed: {'; '.join(failed)}")
 
 
+def _check_output_dir(path: str) -> Path:
+    """``path`` as an output directory, refused with what was expected if it is a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RiffusionError(f"output {path!r} is a file; this command writes a directory there")
+    return out
+
+
+def _output_dir(path: str) -> Path:
+    out = _check_output_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
     p.add_argument("input", help=input_help)
     p.add_argument("-o", "--output", required=True, help=output_help)
@@ -420,7 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Optimized inference engine for Riffusion.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v after the command too (not overriding one given before it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress and details"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:
+        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return commands.add_parser(name, parents=[common], **kwargs)
+
+    sub = _Sub()
 
     p = sub.add_parser(
         "audio-to-image",
@@ -688,6 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -696,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], None] = args.func
+    # SIGTERM unwinds as Ctrl-C does, so finally blocks remove temporary files and folders
+    # (the server handles both signals itself: it finishes the requests in flight).
+    previous = None
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         func(args)
     except RiffusionError as exc:
@@ -707,6 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"riffusion-engine {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

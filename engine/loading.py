@@ -38,8 +38,10 @@ def load_engine(
     progress: bool,
     **options: Any,
 ) -> Any:
+    from .backends import check_device
     from .pipeline import ModelShape
 
+    check_device(device)  # before anything is loaded or exported
     backend = resolve_backend(backend, device)
     if precision == "bf16" and backend != "openvino":
         raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")

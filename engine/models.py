@@ -340,9 +340,9 @@ def _byte_symbols() -> list[str]:
 def byte_level_tokenizer() -> Any:
     """A CLIP tokenizer whose vocabulary is the 256 byte symbols (plain and
     word-final) plus CLIP's special tokens, built locally; ids fit CLIP's 49408."""
-    from transformers import CLIPTokenizer
-
     import tempfile
+
+    from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols)}

@@ -30,6 +30,7 @@ from filelock import FileLock
 from riffusion_engine.engine import artifacts
 from riffusion_engine.engine.models import DEFAULT_MODEL, load_components, source_hash
 from riffusion_engine.kernels.errors import RiffusionError
+from riffusion_engine.kernels.files import umask_mode
 from tqdm.auto import tqdm
 
 from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
@@ -133,6 +134,7 @@ def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bo
             log.info("removing %s, left by an interrupted export", stale)
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        os.chmod(work, umask_mode(0o777))  # mkdtemp's 0700 would keep the export private
         try:
             timing = output / TIMING_CACHE
             if timing.is_file():

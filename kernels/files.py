@@ -25,14 +25,23 @@ def check_output_path(path: str | os.PathLike[str], suffixes: Iterable[str]) -> 
     return path
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process's umask: what ``open``/``mkdir`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only if the block succeeds."""
+    """A temporary path beside ``path`` that replaces it only if the block succeeds; the
+    file gets the mode a plainly created one would (mkstemp's is 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent or ".")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import run_cli
 from riffusion_engine.kernels.synth import music_like
 
 CLI = [sys.executable, "-m", "riffusion_engine.engine.cli"]
@@ -103,3 +104,83 @@ def test_roundtrip(tmp_path: Path) -> None:
     for name in ("source.wav", "spectrogram.png", "roundtrip.wav"):
         assert (tmp_path / "demo" / name).is_file()
     assert "image -> audio" in result.stdout
+
+
+# -- first contact: bad arguments stop at once, with one line and no file ---------------
+
+
+def _no_files(path: Path) -> bool:
+    return not path.exists() or not any(path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["roundtrip", "-o", "{out}", "--device", "cuda"], "cuda"),
+        (["demo", "-o", "{out}", "--steps", "0"], "steps must be an integer"),
+        (["interpolate", "--start", "", "--end", "jazz", "--model", "random:tiny", "--backend", "torch",
+          "-o", "{out}"], "prompt"),
+        (["bench", "--device", "cuda", "--model", "random:tiny", "--cache-dir", "{out}"], "cuda"),
+        (["generate", "x", "--device", "cuda", "--model", "random:tiny", "-o", "{out}.wav"], "cuda"),
+        (["serve", "--model", "random:tiny", "--port", "99999"], "port must be 0..65535"),
+        (["serve", "--model", "random:tiny", "--seed-images", "{out}/missing"], "does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_stop_before_any_work(tmp_path: Path, argv: list[str], message: str) -> None:
+    pytest.importorskip("torch")
+    import time
+
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "out"
+    begin = time.perf_counter()
+    code, stdout, err = run_cli(*[a.replace("{out}", str(out)) for a in argv])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not stdout.startswith("serving")
+    assert _no_files(out), list(out.iterdir())
+    assert not out.with_suffix(".wav").exists()
+    assert time.perf_counter() - begin < 20  # no export, no model load, no denoising
+
+
+def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, stdout, err = run_cli("serve", "--model", "random:full", "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and not stdout
+
+
+def test_a_file_where_a_folder_is_written_says_what_was_expected(tmp_path: Path) -> None:
+    song = tmp_path / "song.wav"
+    song.write_bytes(b"mine")
+    code, _, err = run_cli("roundtrip", "-o", str(song))
+    assert code == 2 and "is a file; this command writes a directory there" in err
+    assert song.read_bytes() == b"mine"
+
+
+def test_verbose_after_the_command(tmp_path: Path) -> None:
+    from riffusion_engine.engine.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["roundtrip", "-v"]).verbose
+    assert parser.parse_args(["-v", "roundtrip"]).verbose
+    assert not parser.parse_args(["roundtrip"]).verbose
+
+
+def test_outputs_get_the_mode_the_umask_allows(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("roundtrip", "-o", str(tmp_path / "rt"))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for name in ("source.wav", "spectrogram.png", "roundtrip.wav"):
+        assert stat.S_IMODE((tmp_path / "rt" / name).stat().st_mode) == 0o644

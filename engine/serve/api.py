@@ -101,6 +101,8 @@ class ServerConfig:
         for name, ok in checks:
             if not ok:
                 raise RiffusionError(f"server option {name} out of range: {getattr(self, name)!r}")
+        if self.seed_images is not None and not Path(self.seed_images).is_dir():
+            raise RiffusionError(f"seed image directory {str(self.seed_images)!r} does not exist")
         for origin in self.cors_origins:
             scheme, _, host = origin.partition("://")
             if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host):
@@ -126,9 +128,10 @@ def engine_request(
 ) -> Request:
     """The engine request for ``inputs``, every field checked (ApiError naming the field)."""
     if inputs.num_inference_steps > config.max_steps:
-        raise ApiError(
-            422, f"num_inference_steps: at most {config.max_steps}, got {inputs.num_inference_steps}"
-        )
+        got = f"got {inputs.num_inference_steps}"
+        if "num_inference_steps" not in inputs.model_fields_set:
+            got = f"the request left it out, and the API's default is {inputs.num_inference_steps}"
+        raise ApiError(422, f"num_inference_steps: at most {config.max_steps} on this server; {got}")
 
     def image(field_name: str, image_id: str, mode: str) -> Any:
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -251,12 +252,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
 def background(app: FastAPI, *, host: str = "127.0.0.1", start_timeout_s: float = 120.0) -> Iterator[str]:
     """Run ``app`` on a free port of ``host`` in a background thread; yields its base URL.
     Leaving the block shuts the server down (requests in flight finish first)."""
-    import socket
-
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
+    sock = bind(host, 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="riffusion-server", daemon=True
@@ -276,17 +274,33 @@ def background(app: FastAPI, *, host: str = "127.0.0.1", start_timeout_s: float 
         sock.close()
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket listening address for the server, bound now: a bad port or one in use is
+    one clear error before anything is loaded."""
+    if not 0 <= port <= 65535:
+        raise RiffusionError(f"port must be 0..65535, got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RiffusionError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def serve(
     engine: Engine,
     config: ServerConfig | None = None,
     *,
-    host: str = "127.0.0.1",
-    port: int = 3013,
+    sock: socket.socket,
     model: str = "",
     log_level: str = "info",
 ) -> None:
-    """Serve ``engine`` until interrupted; on SIGINT/SIGTERM the requests in flight finish first."""
+    """Serve ``engine`` on ``sock`` (from :func:`bind`) until interrupted; on SIGINT/SIGTERM
+    the requests in flight finish first."""
     import uvicorn
 
     app = create_app(engine, config, model=model)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None))
+    server.run(sockets=[sock])
