@@ -624,3 +624,13 @@ def test_degrade_steps_must_fit_the_step_cap() -> None:
         ServerConfig(max_steps=20, degrade_steps=30)
     with pytest.raises(RiffusionError, match="degrade_steps"):
         ServerConfig(degrade_steps=0)
+
+
+def test_left_out_steps_over_the_cap_name_the_default(server) -> None:
+    body = {k: v for k, v in ORIGINAL.items() if k != "num_inference_steps"}
+    answer = post(server, body)
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == (
+        "num_inference_steps: at most 8 on this server; the request left it out, and the API's default is 50"
+    )
+    assert "got 9" in post(server, {**ORIGINAL, "num_inference_steps": 9}).json()["detail"]
