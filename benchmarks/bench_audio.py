@@ -154,7 +154,9 @@ def _cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=7, help="timed runs per method (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per method first (default 1)")
     parser.add_argument(

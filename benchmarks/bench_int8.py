@@ -22,7 +22,9 @@ import numpy as np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="random:full", help="model source for the torch reference")
     parser.add_argument("--openvino", required=True, help="unfused export directory of the same model")
     parser.add_argument("--calibration", type=int, default=16, help="calibration calls (default: 16)")

@@ -51,7 +51,9 @@ def sounds(rate: int) -> dict[str, tuple[np.ndarray, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 

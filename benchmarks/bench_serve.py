@@ -82,7 +82,9 @@ def load(url: str, *, clients: int, requests: int, steps: int) -> dict[str, Any]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
     parser.add_argument("--backend", default="auto", help="engine backend (default: auto)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")

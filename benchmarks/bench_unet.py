@@ -22,7 +22,9 @@ import numpy as np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="random:full", help="model source for the torch backend")
     parser.add_argument("--artifacts", required=True, help="export directory of the same model")
     parser.add_argument(

@@ -436,6 +436,18 @@ def _add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> No
     p.add_argument("-o", "--output", required=True, help=output_help)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, where the help does not already say it (flags
+    and options without a default have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if "default" in text or not action.option_strings or unset or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riffusion-engine",
@@ -451,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     class _Sub:
         def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return commands.add_parser(name, parents=[common], **kwargs)
+            return commands.add_parser(name, parents=[common], formatter_class=HelpFormatter, **kwargs)
 
     sub = _Sub()
 
@@ -615,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--cache-dir", default=None, help="where exports made on first use go")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
+    )
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the report here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a bar chart of the stages here")
     p.set_defaults(func=_cmd_bench)

@@ -184,3 +184,27 @@ def test_outputs_get_the_mode_the_umask_allows(tmp_path: Path) -> None:
     assert code == 0, err
     for name in ("source.wav", "spectrogram.png", "roundtrip.wav"):
         assert stat.S_IMODE((tmp_path / "rt" / name).stat().st_mode) == 0o644
+
+
+def test_every_help_shows_the_defaults() -> None:
+    """Each option with a default says it in --help (its own words, or argparse's)."""
+    import argparse
+
+    from riffusion_engine.engine.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            default = action.default
+            if (
+                not action.option_strings
+                or default is None
+                or default is False
+                or default in ([], argparse.SUPPRESS)
+            ):
+                continue
+            assert "default" in sub._get_formatter()._get_help_string(action), (name, action.option_strings)
+            checked += 1
+    assert checked > 40
