@@ -54,7 +54,6 @@ class Backend(ABC):
 
     name: str
     device: Device
-    profile_bound = False  # True where the runtime takes only the export profile's shapes
 
     @abstractmethod
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
@@ -190,7 +189,6 @@ class OnnxRuntimeBackend(ExportBackend):
                 "export again with --device cpu for the CPU provider"
             )
         self.provider = provider
-        self.profile_bound = provider == "tensorrt"  # the TensorRT provider builds for the profile
         self.providers = names
         self.trt_cache = Path(trt_cache) if trt_cache is not None else self.directory / "ort-tensorrt"
         self.options = ort.SessionOptions()
@@ -284,7 +282,6 @@ class TensorRTBackend(ExportBackend):
     to their one shape and replay CUDA graphs (see ``engine/tensorrt_runtime.py``)."""
 
     name = "tensorrt"
-    profile_bound = True
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
         from .tensorrt_runtime import CudaStreams, check_tensorrt_version

@@ -21,13 +21,14 @@ equals the same request run alone.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -319,9 +320,12 @@ class Engine:
             )
         for request in requests:
             self.check(request)
-        latents = self.denoise(list(requests), progress=progress, timings=timings, should_stop=should_stop)
-        with _timer(timings, "vae_decoder", self.backend):
-            image = self.backend.run("vae_decoder", {"latent": latents})
+        with _memory_bound(requests[0].width, len(requests)):
+            latents = self.denoise(
+                list(requests), progress=progress, timings=timings, should_stop=should_stop
+            )
+            with _timer(timings, "vae_decoder", self.backend):
+                image = self.backend.run("vae_decoder", {"latent": latents})
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def check(self, request: Request) -> None:
@@ -580,6 +584,29 @@ def _mask_tensor(mask: Any, latent_shape: tuple[int, int, int]) -> Any:
     small = mask.convert("L").resize((width, height), resample=Image.NEAREST)
     values = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
     return values.expand(channels, height, width).contiguous()
+
+
+@contextlib.contextmanager
+def _memory_bound(width: int, clips: int) -> Iterator[None]:
+    """An allocation the machine cannot make (attention grows with the square of the width)
+    as one clear error rather than a runtime's traceback."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise RiffusionError(_too_wide(width, clips, exc)) from exc
+    except RuntimeError as exc:  # torch (CPU allocator, CUDA OutOfMemoryError), ONNX Runtime
+        text = str(exc).lower()
+        if "out of memory" not in text and "not enough memory" not in text and "bad_alloc" not in text:
+            raise
+        raise RiffusionError(_too_wide(width, clips, exc)) from exc
+
+
+def _too_wide(width: int, clips: int, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{clips} clip(s) of {width} pixels need more memory than this machine has ({first}); "
+        "use a smaller --width or fewer clips per batch"
+    )
 
 
 class _timer:

@@ -91,10 +91,12 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> tuple[Path, str]:
-    """`riffusion-engine export --model random:tiny -o DIR`, once per session: the
-    directory and what the command printed."""
+    """`riffusion-engine export --model random:tiny -o DIR --max-width 1024`, once per
+    session: the directory and what the command printed."""
     pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("export") / "tiny"
-    code, stdout, stderr = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
+    code, stdout, stderr = run_cli(
+        "export", "--model", "random:tiny", "-o", str(out), "-q", "--max-width", "1024"
+    )
     assert code == 0, stderr
     return out, stdout

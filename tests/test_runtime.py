@@ -181,6 +181,9 @@ def test_wider_clips(torch_engine, ort_engine) -> None:
     assert ort_engine.generate("a funky beat", steps=2, width=768).image.size == (768, 512)
     with pytest.raises(RiffusionError, match="not a multiple of 16 pixels"):
         ort_engine.generate("a funky beat", steps=2, width=520)
+    # The export's profile (256..1024 pixels here) bounds every exported backend.
+    with pytest.raises(RiffusionError, match=r"width 1280 is outside this onnxruntime export's profile"):
+        ort_engine.generate("a funky beat", steps=2, width=1280)
 
 
 def test_clip_saves_audio_and_image(torch_engine, tmp_path: Path) -> None:
@@ -326,21 +329,15 @@ def test_tensorrt_provider_options_cover_every_input_of_the_profile(tiny_export,
         assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path)
 
 
-def test_a_profile_bound_backend_refuses_widths_outside_the_profile(tiny_export) -> None:
-    """TensorRT (native, or ONNX Runtime's provider) takes only the profile's widths:
-    the request is refused before any compute, naming the range."""
-    from riffusion_engine.engine.backends import OnnxRuntimeBackend
-    from riffusion_engine.engine.loading import engine_from_export
-
-    backend = OnnxRuntimeBackend(tiny_export[0])
-    assert not backend.profile_bound
-    backend.profile_bound = True  # what the tensorrt provider sets
-    engine = engine_from_export(Engine, backend, tiny_export[0])
+def test_an_exported_backend_refuses_widths_outside_the_profile(ort_engine, tiny_export) -> None:
+    """The widths an export was made and verified for bound it (TensorRT takes no others;
+    ONNX Runtime would run them unverified): refused before any compute, naming the range."""
     width = artifacts.load_manifest(tiny_export[0])["stages"]["vae_decoder"]["spec"]["dims"]["width"]
-    engine.check(Request(PromptInput("a funky beat"), width=width["max"]))
-    for outside in (width["max"] + engine.shape.pixel_multiple, width["min"] - engine.shape.pixel_multiple):
-        with pytest.raises(RiffusionError, match=rf"takes {width['min']}\.\.{width['max']} pixels"):
-            engine.check(Request(PromptInput("a funky beat"), width=outside))
+    assert (width["min"], width["max"]) == (256, 1024)
+    ort_engine.check(Request(PromptInput("a funky beat"), width=width["max"]))
+    for outside in (width["max"] + 16, width["min"] - 16):
+        with pytest.raises(RiffusionError, match=r"takes 256\.\.1024 pixels \(export with --max-width"):
+            ort_engine.check(Request(PromptInput("a funky beat"), width=outside))
 
 
 def test_export_on_first_use_is_cached(tmp_path: Path) -> None:
@@ -444,3 +441,22 @@ def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path
     actual = images(ort, request)
     gray = np.abs(np.round(actual * 255) - np.round(expected * 255))
     assert (gray <= 1).mean() >= 0.99
+
+
+def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
+    """What torch's CPU allocator raises for a clip too wide for the machine (a 4096-pixel
+    clip asked for a 34 GB attention buffer) becomes one line naming the width."""
+    from riffusion_engine.engine.pipeline import _memory_bound
+
+    message = (
+        "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried to allocate"
+    )
+    with pytest.raises(
+        RiffusionError, match=r"1 clip\(s\) of 4096 pixels need more memory .* smaller --width"
+    ):
+        with _memory_bound(4096, 1):
+            raise RuntimeError(f"{message} 34359738368 bytes.")
+    with pytest.raises(RiffusionError, match="2 clip"), _memory_bound(1024, 2):
+        raise MemoryError()
+    with pytest.raises(RuntimeError, match="shape mismatch"), _memory_bound(512, 1):
+        raise RuntimeError("shape mismatch")  # other failures pass through unchanged
