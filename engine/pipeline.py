@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from riffusion_engine.kernels.errors import RiffusionError
 from riffusion_engine.kernels.griffin_lim import GriffinLimOptions
+from riffusion_engine.kernels.image import IMAGE_MODES, pixels_from_image
 from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 
 from .backends import Backend
@@ -54,7 +55,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
-IMAGE_MODES = ("L", "P", "RGB", "RGBA")
 
 
 class Cancelled(RiffusionError):
@@ -359,7 +359,7 @@ class Engine:
                 continue
             if not hasattr(image, "size") or not hasattr(image, "mode"):
                 raise RiffusionError(f"{name} must be a PIL image, got {type(image).__name__}")
-            modes = GRAYSCALE_MODES if name == "mask" else IMAGE_MODES
+            modes = GRAYSCALE_MODES if name == "mask" else IMAGE_MODES  # seed images: image-to-audio's rule
             if image.mode not in modes:
                 raise RiffusionError(f"{name} has mode {image.mode}; use one of {', '.join(modes)}")
             if tuple(image.size) != (request.width, self.shape.height):
@@ -568,7 +568,7 @@ def _image_batch(images: list[Any]) -> Any:
     convolutions see exactly as diffusers' do)."""
     import torch
 
-    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
+    pixels = np.stack([pixels_from_image(image).astype(np.float32) / 255.0 for image in images])
     return torch.from_numpy(pixels * 2 - 1).permute(0, 3, 1, 2)
 
 

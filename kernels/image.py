@@ -8,6 +8,7 @@ value travel in the PNG's EXIF under Riffusion's tag ids.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,8 @@ from . import xp as xpm
 from .errors import RiffusionError
 from .files import atomic_path, check_output_path
 from .params import ExifTag, SpectrogramParams, max_value_from_exif
+
+log = logging.getLogger(__name__)
 
 
 def pixels_from_spectrogram(
@@ -95,11 +98,32 @@ def params_from_image(image: Any, params: SpectrogramParams | None = None) -> tu
     return (params or SpectrogramParams.from_exif(exif)), max_value_from_exif(exif)
 
 
+# PIL modes a spectrogram image may have: 8-bit gray, palette, RGB(A), and 16-bit gray
+# (its top 8 bits are the pixel value). One rule for image-to-audio and seed images.
+IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+
+
 def pixels_from_image(image: Any) -> np.ndarray:
-    """RGB pixels ``(height, width, 3)`` uint8 of any PIL image (gray and palette become RGB)."""
+    """RGB pixels ``(height, width, 3)`` uint8 of a PIL image in one of IMAGE_MODES (gray
+    and palette become RGB; 16-bit gray keeps its top 8 bits)."""
+    if image.mode not in IMAGE_MODES:
+        raise RiffusionError(f"image mode {image.mode} is not supported; use one of {', '.join(IMAGE_MODES)}")
+    if image.mode in SIXTEEN_BIT_MODES:
+        gray = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)
+
+
+def looks_like_a_spectrogram(image: Any, pixels: np.ndarray) -> bool:
+    """Whether an image can be one of Riffusion's: it carries Riffusion's EXIF, or its
+    channels are laid out as Riffusion's are (mono: R = G = B; stereo: R = 0)."""
+    if any(int(tag) in image.getexif() for tag in ExifTag):
+        return True
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return bool(((red == green) & (green == blue)).all() or not red.any())
 
 
 def spectrogram_from_image(
@@ -107,7 +131,14 @@ def spectrogram_from_image(
 ) -> tuple[Any, SpectrogramParams]:
     """Mel magnitudes ``(channels, mels, frames)`` and the parameters of a spectrogram image."""
     params, max_value = params_from_image(image, params)
-    pixels = xp.asarray(pixels_from_image(image))
+    host = pixels_from_image(image)
+    if not looks_like_a_spectrogram(image, host):
+        log.warning(
+            "this image has no Riffusion EXIF and its colour channels differ (Riffusion's mono "
+            "images are gray, its stereo ones have R = 0): it is probably not a spectrogram; "
+            "converting it anyway (mono: its red channel; stereo: green and blue)"
+        )
+    pixels = xp.asarray(host)
     check_image_size(pixels.shape, params)
     return spectrogram_from_pixels(pixels, params, max_value=max_value, xp=xp), params
 

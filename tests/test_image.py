@@ -102,3 +102,40 @@ def test_bad_images(tmp_path, params: SpectrogramParams) -> None:
         load_image(tmp_path / "x.png")
     with pytest.raises(RiffusionError, match="silent"):
         pixels_from_spectrogram(np.zeros((1, 512, 10), np.float32), params)
+
+
+def test_a_16_bit_gray_image_is_its_8_bit_twin(tmp_path, params: SpectrogramParams) -> None:
+    """A 16-bit PNG (as image editors export) reads as its top 8 bits, in image-to-audio
+    and as a seed image alike: one rule for both."""
+    from riffusion_engine.engine.pipeline import _image_batch
+    from riffusion_engine.kernels.image import pixels_from_image
+
+    eight = np.random.default_rng(0).integers(0, 256, size=(512, 64), dtype=np.uint16)
+    Image.fromarray((eight << 8 | 0x7F).astype(np.uint16)).save(tmp_path / "deep.png")
+    deep = load_image(tmp_path / "deep.png")
+    assert deep.mode.startswith("I")
+    expected = np.repeat(eight.astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(pixels_from_image(deep), expected)
+    gray = Image.fromarray(eight.astype(np.uint8), mode="L")
+    np.testing.assert_array_equal(_image_batch([deep]).numpy(), _image_batch([gray]).numpy())
+    mel, _ = spectrogram_from_image(deep, params)
+    np.testing.assert_array_equal(mel, spectrogram_from_image(gray, params)[0])
+
+
+def test_an_image_that_is_not_a_spectrogram_is_converted_with_a_warning(caplog, params) -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, size=(512, 64, 3), dtype=np.uint8)
+    with caplog.at_level("WARNING"):
+        spectrogram_from_image(Image.fromarray(rgb), params)
+    assert "probably not a spectrogram" in caplog.text
+    caplog.clear()
+    mono = rgb.copy()
+    mono[..., 1] = mono[..., 2] = mono[..., 0]  # Riffusion's mono layout, no EXIF
+    stereo = rgb.copy()
+    stereo[..., 0] = 0  # Riffusion's stereo layout, no EXIF
+    with caplog.at_level("WARNING"):
+        for pixels in (mono, stereo):
+            spectrogram_from_image(Image.fromarray(pixels), params)
+        spectrogram_from_image(image_from_audio(music_like(1.0), params.sample_rate, params), params)
+    assert "probably not a spectrogram" not in caplog.text
+    with pytest.raises(RiffusionError, match="image mode F is not supported"):
+        spectrogram_from_image(Image.new("F", (64, 512)), params)
