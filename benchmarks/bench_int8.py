@@ -31,8 +31,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (default: 5)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
-
-    import nncf
+    try:
+        import nncf
+    except ImportError:
+        parser.exit(2, "bench_int8.py: error: needs NNCF: pip install nncf (besides the openvino extra)\n")
     import openvino as ov
     import torch
     from riffusion_engine.engine.backends import TorchBackend

@@ -44,9 +44,13 @@ def body(client: int, i: int, steps: int) -> dict[str, Any]:
     }
 
 
-def load(url: str, *, clients: int, requests: int, steps: int) -> dict[str, Any]:
-    """``clients`` closed-loop clients sending ``requests`` each; latencies and statuses."""
+def load(url: str, *, clients: int, requests: int, steps: int, desc: str = "") -> dict[str, Any]:
+    """``clients`` closed-loop clients sending ``requests`` each; latencies and statuses
+    (a progress bar counts the answers)."""
     import httpx
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=clients * requests, desc=desc, unit="clip", leave=False)
 
     latencies: list[float] = []
     statuses: list[int] = []
@@ -62,6 +66,7 @@ def load(url: str, *, clients: int, requests: int, steps: int) -> dict[str, Any]
                 with lock:
                     latencies.append(time.perf_counter() - begin)
                     statuses.append(answer.status_code)
+                    bar.update()
 
     begin = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -69,6 +74,7 @@ def load(url: str, *, clients: int, requests: int, steps: int) -> dict[str, Any]
         t.start()
     for t in threads:
         t.join()
+    bar.close()
     wall = time.perf_counter() - begin
     ok = statuses.count(200)
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99]).tolist()
@@ -114,7 +120,13 @@ def main() -> None:
         for name, config in modes.items():
             app = create_app(engine, config, model=args.model)
             with background(app) as url:
-                result = load(url, clients=args.clients, requests=args.requests if r else 1, steps=args.steps)
+                result = load(
+                    url,
+                    clients=args.clients,
+                    requests=args.requests if r else 1,
+                    steps=args.steps,
+                    desc=f"round {r} batching {name}" if r else f"warm-up, batching {name}",
+                )
             registry = app.state.metrics.registry
             batches = registry.get_sample_value("riffusion_batch_size_count") or 1
             result["mean_batch"] = registry.get_sample_value("riffusion_batch_size_sum") / batches

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per backend (default: 5)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
+    for option, directory in (("--artifacts", args.artifacts), ("--openvino", args.openvino)):
+        if directory is not None and not (Path(directory) / "manifest.json").is_file():
+            parser.exit(
+                2,
+                f"bench_unet.py: error: {option} {directory!r} is not an export directory; make it first "
+                f"with riffusion-engine export --model {args.model} -o {directory}"
+                + (" --no-fuse" if option == "--openvino" else "")
+                + "\n",
+            )
 
     import torch
     from riffusion_engine.engine.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend

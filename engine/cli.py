@@ -737,6 +737,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose warnings (deprecations, optional packages such as torchvision, config
+# advice) concern their own users, not this command's: shown with -v.
+THIRD_PARTIES = (
+    "transformers",
+    "diffusers",
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxruntime",
+    "huggingface_hub",
+)
+
+
+def _quiet_third_parties() -> None:
+    import os
+    import warnings
+
+    for name in THIRD_PARTIES:
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers and diffusers reset their loggers' level on first use, from these.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -748,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        _quiet_third_parties()
     func: Callable[[argparse.Namespace], None] = args.func
     # SIGTERM unwinds as Ctrl-C does, so finally blocks remove temporary files and folders
     # (the server handles both signals itself: it finishes the requests in flight).

@@ -208,3 +208,38 @@ def test_every_help_shows_the_defaults() -> None:
             assert "default" in sub._get_formatter()._get_help_string(action), (name, action.option_strings)
             checked += 1
     assert checked > 40
+
+
+def test_benchmark_scripts_say_what_to_do_first(tmp_path: Path) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    result = subprocess.run(
+        [sys.executable, str(root / "bench_unet.py"), "--artifacts", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "riffusion-engine export" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    if importlib.util.find_spec("nncf") is None:
+        result = subprocess.run(
+            [sys.executable, str(root / "bench_int8.py"), "--openvino", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stderr.strip().endswith(
+            "pip install nncf (besides the openvino extra)"
+        )
+    for script in ("bench_unet.py", "bench_serve.py", "bench_audio.py"):
+        text = subprocess.run(
+            [sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120
+        ).stdout
+        doc = (root / script).read_text().split('"""')[1].strip().splitlines()[-1].strip()
+        assert doc in text, script  # the whole description, to its last line
+
+
+def test_third_party_warnings_stay_quiet_unless_verbose(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    argv = ["generate", "a beat", "--model", "random:tiny", "--backend", "torch", "--steps", "1"]
+    result = run(*argv, "-o", str(tmp_path / "a.wav"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "denoising" not in line]
+    assert not [line for line in lines if "warn" in line.lower()], lines
