@@ -626,11 +626,17 @@ def test_degrade_steps_must_fit_the_step_cap() -> None:
         ServerConfig(degrade_steps=0)
 
 
-def test_left_out_steps_over_the_cap_name_the_default(server) -> None:
+def test_left_out_steps_follow_the_cap(server) -> None:
+    """A request without num_inference_steps runs the API's default (50) or, where the
+    server caps steps lower, the cap; the schema says so."""
     body = {k: v for k, v in ORIGINAL.items() if k != "num_inference_steps"}
     answer = post(server, body)
-    assert answer.status_code == 422
-    assert answer.json()["detail"] == (
-        "num_inference_steps: at most 8 on this server; the request left it out, and the API's default is 50"
-    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-inference-steps"] == "8" and "x-requested-steps" not in answer.headers
+    schema = httpx.get(server + "/openapi.json").json()
+    body_schema = schema["paths"]["/run_inference/"]["post"]["requestBody"]["content"]["application/json"]
+    steps = body_schema["schema"]["properties"]["num_inference_steps"]
+    assert (steps["default"], steps["maximum"]) == (8, 8)
     assert "got 9" in post(server, {**ORIGINAL, "num_inference_steps": 9}).json()["detail"]
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]

@@ -10,15 +10,32 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from riffusion_engine.kernels.audio import encode_audio
 from riffusion_engine.kernels.errors import RiffusionError
 
 from ..pipeline import MAX_SEED, Clip, Engine, PromptInput, Request
 from ..prompts import MAX_PROMPT_CHARS
 from ..seeds import ID_PATTERN, SeedLibrary
+
+# The largest seed the API takes: JSON numbers are doubles to most clients (JavaScript's
+# Number.MAX_SAFE_INTEGER; the engine itself takes up to 2**63 - 1): every integer up to it
+# survives a round trip through a double, so the bound means the same to every client.
+MAX_API_SEED = 2**53 - 1
+assert MAX_API_SEED <= MAX_SEED and float(MAX_API_SEED) == MAX_API_SEED
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON's integers: a number with no fractional part (``3.0``) is one (JSON Schema's
+    rule), so it validates as ``3``; strings and booleans stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 MAX_GUIDANCE = 100.0
 AUDIO_MIME = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
@@ -33,7 +50,7 @@ class ApiPromptInput(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="text prompt; (word:1.3) sets emphasis")
-    seed: int = Field(ge=0, le=MAX_SEED, description="seed of the noise")
+    seed: JsonInt = Field(ge=0, le=MAX_API_SEED, description="seed of the noise")
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="what to avoid")
     denoising: float = Field(0.75, ge=0, le=1, allow_inf_nan=False, description="share of the steps run")
     guidance: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="guidance scale")
@@ -45,7 +62,7 @@ class InferenceInput(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     alpha: float = Field(ge=0, le=1, allow_inf_nan=False, description="position between start and end")
-    num_inference_steps: int = Field(50, ge=1, description="scheduler steps (at most the server's max)")
+    num_inference_steps: JsonInt = Field(50, ge=1, description="scheduler steps (at most the server's max)")
     seed_image_id: str = Field("og_beat", pattern=ID_PATTERN.pattern, description="seed image to start from")
     mask_image_id: str | None = Field(
         None, pattern=ID_PATTERN.pattern, description="mask (white = regenerate)"
@@ -111,6 +128,11 @@ class ServerConfig:
                 )
 
 
+def default_steps(config: ServerConfig) -> int:
+    """The steps of a request that leaves them out: the API's default, at most the cap."""
+    return min(InferenceInput.model_fields["num_inference_steps"].default, config.max_steps)
+
+
 def parse_input(body: bytes) -> InferenceInput:
     """The request body as :class:`InferenceInput` (JSON whatever the Content-Type)."""
     try:
@@ -127,11 +149,15 @@ def engine_request(
     inputs: InferenceInput, engine: Engine, seeds: SeedLibrary, config: ServerConfig
 ) -> Request:
     """The engine request for ``inputs``, every field checked (ApiError naming the field)."""
+    if "num_inference_steps" not in inputs.model_fields_set:
+        # Left out: the API's default (50), or the server's cap where that is lower.
+        inputs = inputs.model_copy(update={"num_inference_steps": default_steps(config)})
     if inputs.num_inference_steps > config.max_steps:
-        got = f"got {inputs.num_inference_steps}"
-        if "num_inference_steps" not in inputs.model_fields_set:
-            got = f"the request left it out, and the API's default is {inputs.num_inference_steps}"
-        raise ApiError(422, f"num_inference_steps: at most {config.max_steps} on this server; {got}")
+        raise ApiError(
+            422,
+            f"num_inference_steps: at most {config.max_steps} on this server, "
+            f"got {inputs.num_inference_steps}",
+        )
 
     def image(field_name: str, image_id: str, mode: str) -> Any:
         try:

@@ -45,6 +45,7 @@ from .api import (
     InferenceInput,
     InferenceOutput,
     ServerConfig,
+    default_steps,
     encode_output,
     engine_request,
     parse_input,
@@ -71,6 +72,23 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
         return node
 
     return walk(schema)
+
+
+def request_schema(config: ServerConfig, seeds: SeedLibrary) -> dict[str, Any]:
+    """The JSON schema of the request body with every constraint this server enforces
+    (its steps cap, its image ids, non-blank prompts), so generated clients and fuzzers
+    produce requests it accepts."""
+    schema = _inline_refs(InferenceInput.model_json_schema())
+    fields = schema["properties"]
+    fields["num_inference_steps"].update(maximum=config.max_steps, default=default_steps(config))
+    ids = seeds.ids()
+    fields["seed_image_id"] = {**fields["seed_image_id"], "enum": ids}
+    fields["seed_image_id"].pop("pattern", None)
+    fields["mask_image_id"]["anyOf"] = [{"type": "string", "enum": ids}, {"type": "null"}]
+    for end in ("start", "end"):
+        prompt = fields[end]["properties"]["prompt"]
+        prompt.update(minLength=1, pattern=r"\S")  # an empty or blank prompt is refused
+    return schema
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -152,7 +170,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
         )
     app.state.batcher = batcher
     app.state.metrics = metrics
-    body_schema = _inline_refs(InferenceInput.model_json_schema())
+    body_schema = request_schema(config, seeds)
 
     async def run_inference(request: HttpRequest) -> Response:
         arrived = time.monotonic()
@@ -183,9 +201,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             ran = job.request.steps  # the batcher may have lowered them while it waited
             metrics.steps.observe(ran)
             headers = {"X-Inference-Steps": str(ran)}
-            if ran != inputs.num_inference_steps:
+            asked = inputs.num_inference_steps
+            if "num_inference_steps" not in inputs.model_fields_set:
+                asked = default_steps(config)
+            if ran != asked:
                 metrics.degraded.inc()
-                headers["X-Requested-Steps"] = str(inputs.num_inference_steps)
+                headers["X-Requested-Steps"] = str(asked)
             return JSONResponse(payload, headers=headers)
         except ApiError as exc:
             status = exc.status
@@ -241,7 +262,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             "image_ids": seeds.ids(),
         }
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics (text exposition format)",
+    )
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
