@@ -207,6 +207,23 @@ def test_killed_export_leaves_the_previous_export_intact(tmp_path: Path) -> None
     assert not list(tmp_path.glob(".e.tmp-*")), "the next export removes it"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_export_command_removes_its_work_directory(tmp_path: Path, sig: int) -> None:
+    """SIGTERM (a service manager, a timeout) and Ctrl-C unwind the command: the hidden
+    work directory (gigabytes at full size) goes with it, and the exit says why."""
+    out = tmp_path / "e"
+    command = [sys.executable, "-m", "riffusion_engine.engine.cli", "export", "--model", "random:tiny"]
+    proc = subprocess.Popen([*command, "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".e.tmp-*/*.onnx")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(60) == 130
+    assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
+    assert not list(tmp_path.glob(".e.tmp-*")) and not out.exists()
+
+
 def test_killed_first_export_leaves_no_complete_looking_directory(tmp_path: Path) -> None:
     out = tmp_path / "e"
     proc = _spawn(out, 512)
