@@ -89,14 +89,15 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+TINY_EXPORT_ARGS = ("--model", "random:tiny", "--max-width", "1024")  # the session export's settings
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> tuple[Path, str]:
     """`riffusion-engine export --model random:tiny -o DIR --max-width 1024`, once per
     session: the directory and what the command printed."""
     pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("export") / "tiny"
-    code, stdout, stderr = run_cli(
-        "export", "--model", "random:tiny", "-o", str(out), "-q", "--max-width", "1024"
-    )
+    code, stdout, stderr = run_cli("export", *TINY_EXPORT_ARGS, "-o", str(out), "-q")
     assert code == 0, stderr
     return out, stdout

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from conftest import run_cli  # noqa: E402
+from conftest import TINY_EXPORT_ARGS, run_cli  # noqa: E402
 from riffusion_engine.engine import artifacts  # noqa: E402
 from riffusion_engine.engine.cli import main  # noqa: E402
 from riffusion_engine.engine.models import load_components  # noqa: E402
@@ -53,7 +53,7 @@ def test_cli_export_writes_four_verified_stages(tiny_export) -> None:
 def test_rerun_is_a_cache_hit(tiny_export) -> None:
     out, _ = tiny_export
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, stdout, _ = run_cli("export", "--model", "random:tiny", "-o", str(out), "-q")
+    code, stdout, _ = run_cli("export", *TINY_EXPORT_ARGS, "-o", str(out), "-q")
     assert code == 0
     assert "cache hit" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -79,14 +79,14 @@ def test_manifest_records_hashes_versions_and_key(tiny_export, tiny) -> None:
     assert manifest["profile"] == {
         "height": 512,
         "width": 512,
-        "max_width": 512,
+        "max_width": 1024,  # the session export's --max-width
         "max_batch": 4,
         "static": False,
     }
     assert manifest["stages"]["unet"]["fusions"].get("MultiHeadAttention", 0) > 0
     unet_inputs = {t["name"]: t for t in manifest["stages"]["unet"]["spec"]["inputs"]}
     assert unet_inputs["sample"]["shape"] == ["batch", 4, "latent_height", "latent_width"]
-    assert unet_inputs["sample"]["max"] == [8, 4, 64, 64]
+    assert unet_inputs["sample"]["max"] == [8, 4, 64, 128]
 
 
 def test_onnx_files_declare_the_spec(tiny_export, tiny) -> None:
