@@ -168,6 +168,13 @@ def _first_step(steps: int, denoising: float) -> int:
     return max(steps - min(int(steps * denoising), steps), 0)
 
 
+def unet_calls(request: Request) -> int:
+    """The UNet calls ``request`` makes: its steps (with a seed image, the share
+    ``denoising`` runs), one more with PNDM (whose first step takes two)."""
+    first = _first_step(request.steps, request.blend.denoising) if request.seed_image is not None else 0
+    return request.steps - first + (1 if request.scheduler == "pndm" else 0)
+
+
 def slerp(alpha: float, a: Any, b: Any, *, dot_threshold: float = 0.9995) -> Any:
     """Spherical interpolation of two noise tensors; linear when nearly parallel."""
     import torch

@@ -179,6 +179,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             body = await _read_body(request, config.max_body_bytes)
             inputs = parse_input(body)
             job_request = await asyncio.to_thread(engine_request, inputs, engine, seeds, config)
+            asked = job_request.steps  # the body's, or the default where it left them out
             try:
                 if config.degrade_steps is not None:
                     left = config.timeout_s - (time.monotonic() - arrived)
@@ -201,9 +202,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             ran = job.request.steps  # the batcher may have lowered them while it waited
             metrics.steps.observe(ran)
             headers = {"X-Inference-Steps": str(ran)}
-            asked = inputs.num_inference_steps
-            if "num_inference_steps" not in inputs.model_fields_set:
-                asked = default_steps(config)
             if ran != asked:
                 metrics.degraded.inc()
                 headers["X-Requested-Steps"] = str(asked)

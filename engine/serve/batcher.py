@@ -15,8 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..pipeline import Cancelled, Clip, Engine, Request
-from ..pipeline import _first_step as first_step
+from ..pipeline import Cancelled, Clip, Engine, Request, unet_calls
 from .api import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -91,17 +90,6 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # timed out: drop it, or stop its batch if all of the batch did
     released: bool = False  # its queue slot has been given back
-
-    @property
-    def unet_steps(self) -> int:
-        return unet_steps(self.request)
-
-
-def unet_steps(request: Request) -> int:
-    """The UNet calls ``request`` makes: its steps (a seed image: the share ``denoising``
-    runs), one more with PNDM (its first step takes two)."""
-    first = first_step(request.steps, request.blend.denoising) if request.seed_image is not None else 0
-    return request.steps - first + (1 if request.scheduler == "pndm" else 0)
 
 
 class Batcher:
@@ -218,7 +206,7 @@ class Batcher:
     def _cost(self, request: Request, steps: int | None = None) -> float:
         """Estimated seconds to run ``request`` alone (``steps`` UNet steps of it): from the
         costs measured at its width, else at the nearest width measured, scaled by width."""
-        steps = unet_steps(request) if steps is None else steps
+        steps = unet_calls(request) if steps is None else steps
         nearest = min(self._costs, key=lambda w: abs(w - request.width))
         step, rest = self._costs[nearest]
         return (steps * step + rest) * request.width / nearest
@@ -272,7 +260,7 @@ class Batcher:
         if not jobs:
             return
         begin = time.perf_counter()
-        total = jobs[0].unet_steps
+        total = unet_calls(jobs[0].request)
         with self._cond:
             self._steps_done = 0
             if self._costs:
