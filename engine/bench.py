@@ -163,15 +163,7 @@ def reference_audio(pixels: np.ndarray) -> np.ndarray:
     mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)[0].astype(np.float64)
     # torchaudio's InverseMelScale: the least-squares solve against the filterbank, clipped
     # at zero. (librosa's own NNLS inverse would need about 80 GiB at this FFT size.)
-    basis = librosa.filters.mel(
-        sr=params.sample_rate,
-        n_fft=params.n_fft,
-        n_mels=params.num_frequencies,
-        fmin=params.min_frequency,
-        fmax=params.max_frequency,
-        htk=True,
-        norm=None,
-    ).astype(np.float64)  # (mels, bins)
+    basis = librosa_mel_basis(params).astype(np.float64)  # (mels, bins)
     linear = np.maximum(np.linalg.lstsq(basis, mel, rcond=None)[0], 0)  # (bins, frames)
     waveform = librosa.griffinlim(
         linear,
@@ -185,6 +177,22 @@ def reference_audio(pixels: np.ndarray) -> np.ndarray:
         random_state=0,
     )
     return normalize_like_riffusion(waveform[None].astype(np.float32))
+
+
+def librosa_mel_basis(params: Any) -> np.ndarray:
+    """Riffusion's mel filterbank ``(mels, bins)`` as librosa computes it (HTK scale, no
+    norm): the references' filterbank, independent of the engine's own."""
+    import librosa
+
+    return librosa.filters.mel(
+        sr=params.sample_rate,
+        n_fft=params.n_fft,
+        n_mels=params.num_frequencies,
+        fmin=params.min_frequency,
+        fmax=params.max_frequency,
+        htk=True,
+        norm=None,
+    )
 
 
 def environment() -> dict[str, Any]:

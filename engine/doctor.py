@@ -145,13 +145,17 @@ class Doctor:
             for i in range(count)
         ]
 
+    def reference_engine(self) -> Any:
+        """The torch backend on the CPU in fp32, loaded once."""
+        if self._reference is None:
+            from .pipeline import Engine
+
+            self._reference = Engine.load(MODEL, backend="torch")
+        return self._reference
+
     def reference(self, count: int) -> np.ndarray:
         if count not in self._references:
-            if self._reference is None:
-                from .pipeline import Engine
-
-                self._reference = Engine.load(MODEL, backend="torch")
-            self._references[count] = self._reference.images(self.requests(count)).cpu().numpy()
+            self._references[count] = self.reference_engine().images(self.requests(count)).cpu().numpy()
         return self._references[count]
 
     def compare_engine(self, engine: Any, counts: tuple[int, ...] = (1, 3)) -> tuple[float, str]:
@@ -223,28 +227,32 @@ class Doctor:
 
     # -- the checks -----------------------------------------------------------------
 
-    def kernels_numpy(self) -> tuple[float, float, str]:
-        from riffusion_engine.kernels import spectral_convergence
+    @staticmethod
+    def music_mel() -> tuple[np.ndarray, Any]:
+        """The mel spectrogram of 5.11 s of synthesized music, and its parameters."""
         from riffusion_engine.kernels.audio import spectrogram_from_waveform
-        from riffusion_engine.kernels.griffin_lim import waveform_from_mel
         from riffusion_engine.kernels.params import SpectrogramParams
         from riffusion_engine.kernels.synth import music_like
 
         params = SpectrogramParams()
-        mel = spectrogram_from_waveform(music_like(5.11, sample_rate=params.sample_rate, seed=1), params)
+        return spectrogram_from_waveform(
+            music_like(5.11, sample_rate=params.sample_rate, seed=1), params
+        ), params
+
+    def kernels_numpy(self) -> tuple[float, float, str]:
+        from riffusion_engine.kernels import spectral_convergence
+        from riffusion_engine.kernels.griffin_lim import waveform_from_mel
+
+        mel, params = self.music_mel()
         waveform = waveform_from_mel(mel, params)
         return spectral_convergence(waveform, mel, params), 0.3, "spectral convergence of music's round trip"
 
     def kernels_cupy(self) -> tuple[float, float, str]:
         self.require("cuda", "cupy")
         import cupy
-        from riffusion_engine.kernels.audio import spectrogram_from_waveform
         from riffusion_engine.kernels.griffin_lim import GriffinLimOptions, waveform_from_mel
-        from riffusion_engine.kernels.params import SpectrogramParams
-        from riffusion_engine.kernels.synth import music_like
 
-        params = SpectrogramParams()
-        mel = spectrogram_from_waveform(music_like(5.11, sample_rate=params.sample_rate, seed=1), params)
+        mel, params = self.music_mel()
         options = GriffinLimOptions(init="random")  # the same start on both (pghi picks peaks)
         cpu = waveform_from_mel(mel, params, options)
         gpu = waveform_from_mel(cupy.asarray(mel), params, options, xp=cupy).get()
@@ -396,7 +404,7 @@ class Doctor:
             raise RiffusionError("the VAE's output was copied on its way to CuPy")
         # The engine's own image -> audio on the GPU, and the same image on the CPU kernels.
         on_gpu = engine._clip(image, {}).audio.astype(np.float32)
-        on_cpu = Engine.load(MODEL, backend="torch")._clip(image.cpu(), {}).audio.astype(np.float32)
+        on_cpu = self.reference_engine()._clip(image.cpu(), {}).audio.astype(np.float32)
         params = engine.params
         mel = spectrogram_from_pixels(pixels.cpu().numpy(), params, max_value=DEFAULT_MAX_VALUE)
         ratio = spectral_convergence(on_gpu, mel, params) / spectral_convergence(on_cpu, mel, params)

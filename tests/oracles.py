@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import librosa
 import numpy as np
+from riffusion_engine.engine.bench import librosa_mel_basis
 from riffusion_engine.kernels import SpectrogramParams
 
 
@@ -22,16 +23,7 @@ def original_image_pixels(samples: np.ndarray, params: SpectrogramParams) -> np.
             pad_mode="reflect",
         )
     )
-    fb = librosa.filters.mel(
-        sr=params.sample_rate,
-        n_fft=params.n_fft,
-        n_mels=params.num_frequencies,
-        fmin=params.min_frequency,
-        fmax=params.max_frequency,
-        htk=True,
-        norm=None,
-    )
-    mel = (fb @ spec).astype(np.float32)  # (channels, mels, frames)
+    mel = (librosa_mel_basis(params) @ spec).astype(np.float32)  # (channels, mels, frames)
     data = mel / np.max(mel)
     data = np.power(data, params.power_for_image)
     data = 255 - data * 255
