@@ -103,6 +103,7 @@ class StageEngine:
         self.spec = spec
         self.static = static
         self.streams = streams
+        self.inputs = {t["name"]: t for t in spec["inputs"]}  # name -> the spec's tensor entry
         self._static_buffers: dict[str, Any] | None = None
         self._static_out: Any = None
         self._replay: Callable[[int], None] | None = None
@@ -114,8 +115,7 @@ class StageEngine:
             raise RiffusionError(f"TensorRT failed to enqueue {self.stage} (execute_async_v3 returned False)")
 
     def _profile(self, name: str) -> str:
-        (tensor,) = [t for t in self.spec["inputs"] if t["name"] == name]
-        low, high = tuple(tensor["min"]), tuple(tensor["max"])
+        low, high = tuple(self.inputs[name]["min"]), tuple(self.inputs[name]["max"])
         return f"{low}" if low == high else f"{low} to {high}"
 
     def _bind(self, inputs: dict[str, Any], out: Any) -> None:
@@ -138,8 +138,10 @@ class StageEngine:
         """The stage's output for ``inputs`` (contiguous float32 tensor of ``out_shape``)."""
         import torch
 
-        dtypes = {t["name"]: getattr(torch, t["dtype"]) for t in self.spec["inputs"]}
-        inputs = {k: v.to(device=device, dtype=dtypes[k]).contiguous() for k, v in inputs.items()}
+        inputs = {
+            k: v.to(device=device, dtype=getattr(torch, self.inputs[k]["dtype"])).contiguous()
+            for k, v in inputs.items()
+        }
         if self.static:
             return self._run_static(inputs, out_shape, device)
         out = torch.empty(out_shape, dtype=torch.float32, device=device)
@@ -148,8 +150,7 @@ class StageEngine:
         return out
 
     def static_shape(self, name: str) -> tuple[int, ...]:
-        (tensor,) = [t for t in self.spec["inputs"] if t["name"] == name]
-        return tuple(tensor["max"])
+        return tuple(self.inputs[name]["max"])
 
     def _run_static(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
         import torch
