@@ -143,8 +143,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--model",
         default=None,
-        help="random:tiny, random:full, a diffusers-format directory or a hub id "
-        "(default: riffusion/riffusion-model-v1)",
+        help="random:tiny, random:full, a diffusers-format directory, a single-file checkpoint "
+        "(.ckpt or .safetensors) or a hub id (default: riffusion/riffusion-model-v1)",
     )
     source.add_argument("--artifacts", default=None, metavar="DIR", help="an export directory")
     p.add_argument(
@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="riffusion/riffusion-model-v1",
-        help="random:tiny, random:full, a diffusers-format directory or a hub id "
-        "(default: riffusion/riffusion-model-v1)",
+        help="random:tiny, random:full, a diffusers-format directory, a single-file checkpoint "
+        "(.ckpt or .safetensors) or a hub id (default: riffusion/riffusion-model-v1)",
     )
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory")
     p.add_argument(

@@ -133,11 +133,17 @@ def load_components(model: str = DEFAULT_MODEL, *, seed: int = 0) -> Components:
     kind, where = resolve_source(model)
     if kind == "preset":
         return random_components(where, seed=seed)
+    if kind == "checkpoint":
+        return _load_checkpoint(Path(where), model)
     return _load_directory(Path(where), model)
 
 
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+
+
 def resolve_source(model: str) -> tuple[str, str]:
-    """``("preset", size)`` or ``("directory", path)``; a hub id resolves to its local snapshot."""
+    """``("preset", size)``, ``("directory", path)`` or ``("checkpoint", file)``; a hub
+    id resolves to its local snapshot."""
     if model.startswith("random:"):
         if model not in RANDOM_PRESETS:
             raise RiffusionError(f"unknown preset {model!r}; choose one of {', '.join(RANDOM_PRESETS)}")
@@ -145,9 +151,12 @@ def resolve_source(model: str) -> tuple[str, str]:
     path = Path(model).expanduser()
     if path.is_dir():
         return "directory", str(path)
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        return "checkpoint", str(path)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise RiffusionError(
-            f"model {model!r} is not a diffusers-format directory, a hub id (owner/name) "
+            f"model {model!r} is not a diffusers-format directory, a single-file checkpoint "
+            f"({' or '.join(CHECKPOINT_SUFFIXES)}), a hub id (owner/name) "
             f"or one of {', '.join(RANDOM_PRESETS)}"
         )
     return "directory", str(_hub_snapshot(model))
@@ -160,6 +169,12 @@ def source_hash(model: str, *, seed: int = 0) -> str:
     kind, where = resolve_source(model)
     if kind == "directory":
         return directory_hash(Path(where))
+    if kind == "checkpoint":
+        config = checkpoint_config(Path(where))
+        files = [f for f in select_files(_repository_files(config)) if not f.endswith(WEIGHT_SUFFIXES)]
+        digest = hashlib.sha256(directory_hash(config, files).encode())
+        digest.update(directory_hash(Path(where).parent, [Path(where).name]).encode())
+        return digest.hexdigest()
     from importlib.metadata import version
 
     description = {
@@ -227,6 +242,62 @@ def _hub_snapshot(repo_id: str) -> Path:
             f"({type(exc).__name__}); fetch it where there is network with "
             f"`hf download {repo_id}` or pass a local diffusers-format directory"
         ) from exc
+
+
+def checkpoint_config(checkpoint: Path) -> Path:
+    """The diffusers-format configuration a single-file checkpoint is read with: the
+    folder it lies in when that folder holds ``model_index.json`` (the hub repository's
+    layout, and a place to put a fine-tune's configs), else the configuration and
+    tokenizer files of :data:`DEFAULT_MODEL` (kilobytes from the hub, or its cache)."""
+    if (checkpoint.parent / "model_index.json").is_file():
+        return checkpoint.parent
+    from huggingface_hub import snapshot_download
+
+    configs = ["model_index.json", *(f"{c}/*.{ext}" for c in COMPONENTS for ext in ("json", "txt"))]
+    try:
+        return Path(snapshot_download(DEFAULT_MODEL, allow_patterns=configs, local_files_only=True))
+    except Exception:
+        log.info("%s's configuration is not in the local hub cache; downloading it", DEFAULT_MODEL)
+    try:
+        return Path(snapshot_download(DEFAULT_MODEL, allow_patterns=configs))
+    except Exception as exc:
+        raise RiffusionError(
+            f"checkpoint {str(checkpoint)!r} needs a model configuration: put it in a folder with "
+            f"model_index.json and the component folders' configs (a diffusers-format directory's "
+            f".json and .txt files), or fetch {DEFAULT_MODEL}'s where there is network with "
+            f"`hf download {DEFAULT_MODEL} --include '*.json' '*.txt'` ({type(exc).__name__})"
+        ) from exc
+
+
+def _load_checkpoint(path: Path, model_id: str) -> Components:
+    """A single-file Stable Diffusion checkpoint (the original LDM layout, as
+    ``riffusion-model-v1.ckpt``) through diffusers' single-file loading."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    config = checkpoint_config(path)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config),
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:  # diffusers raises many types here; all mean "cannot load it"
+        raise RiffusionError(
+            f"cannot load checkpoint {str(path)!r} with the configuration in {str(config)!r}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return Components(
+        model_id=model_id,
+        content_hash=source_hash(str(path)),
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder.eval(),
+        unet=pipe.unet.eval(),
+        vae=pipe.vae.eval(),
+        scheduler=PNDMScheduler.from_pretrained(config / "scheduler"),  # as a directory's
+    )
 
 
 def _load_directory(path: Path, model_id: str) -> Components:

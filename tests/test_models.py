@@ -149,6 +149,60 @@ def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_pat
     assert load_components(str(repo)).content_hash == load_components(str(only)).content_hash
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_a_single_file_checkpoint_loads_weight_for_weight(tiny, tmp_path: Path, suffix: str) -> None:
+    """The original Stable Diffusion layout (riffusion-model-v1.ckpt), written from the
+    tiny model, read through diffusers' single-file loading with the configuration in the
+    checkpoint's folder (the hub repository's layout): the same weights come back."""
+    from ldm_checkpoint import ldm_state_dict
+    from riffusion_engine.engine.models import source_hash
+
+    repo = hub_like_repository(tiny, tmp_path / "repo")
+    checkpoint = repo / f"riffusion-model-v1{suffix}"
+    state = ldm_state_dict(tiny)
+    if suffix == ".ckpt":
+        torch.save({"state_dict": state, "global_step": 0}, checkpoint)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(checkpoint))
+    # The component folders' weights are not what is read: break them to be sure.
+    for weights in (repo / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    loaded = load_components(str(checkpoint))
+    for name in ("text_encoder", "unet", "vae"):
+        ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert loaded.tokenizer("a funky beat").input_ids == tiny.tokenizer("a funky beat").input_ids
+    assert type(loaded.scheduler).__name__ == "PNDMScheduler" and loaded.scheduler.config.steps_offset == 1
+    assert loaded.vae.config.scaling_factor == VAE_SCALING
+    # The hash follows the checkpoint's bytes and its configuration, not the folder's other weights.
+    before = source_hash(str(checkpoint))
+    assert loaded.content_hash == before
+    other = "riffusion-model-v1.ckpt" if suffix == ".safetensors" else "unet_traced.pt"
+    (repo / other).write_bytes(b"x")
+    assert source_hash(str(checkpoint)) == before
+    config = repo / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"norm_eps": 1e-05', '"norm_eps": 1e-06'))
+    assert source_hash(str(checkpoint)) != before
+
+
+def test_a_checkpoint_without_configuration_offline_is_one_clear_error(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "model.ckpt").write_bytes(b"weights")
+    with pytest.raises(RiffusionError, match=r"needs a model configuration.*model_index\.json.*hf download"):
+        load_components(str(tmp_path / "model.ckpt"))
+
+
+def test_a_broken_checkpoint_is_one_clear_error(tiny, tmp_path: Path) -> None:
+    model = tiny.save(tmp_path / "model")
+    (model / "model.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RiffusionError, match=r"cannot load checkpoint .*model\.ckpt"):
+        load_components(str(model / "model.ckpt"))
+
+
 def test_a_component_without_weights_is_one_clear_error(tiny, tmp_path: Path) -> None:
     model = tiny.save(tmp_path / "model")
     for weights in (model / "unet").glob("*.safetensors"):
@@ -160,8 +214,11 @@ def test_a_component_without_weights_is_one_clear_error(tiny, tmp_path: Path) ->
 def test_bad_model_sources(tmp_path: Path) -> None:
     with pytest.raises(RiffusionError, match="unknown preset"):
         load_components("random:huge")
-    with pytest.raises(RiffusionError, match="not a diffusers-format directory"):
+    with pytest.raises(RiffusionError, match="not a diffusers-format directory, a single-file checkpoint"):
         load_components(str(tmp_path / "missing"))
+    (tmp_path / "weights.pt").write_bytes(b"traced")
+    with pytest.raises(RiffusionError, match=r"\(\.ckpt or \.safetensors\)"):
+        load_components(str(tmp_path / "weights.pt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(RiffusionError, match=r"lacks model_index\.json"):
         load_components(str(tmp_path / "empty"))
