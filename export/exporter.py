@@ -6,7 +6,7 @@ every artifact is verified against the torch stage. The directory's ``manifest.j
 (schema in ``riffusion_engine.engine.artifacts``) records hashes, versions, errors and
 the cache key. Exporting again with the same key, into a directory whose files still
 match their hashes, does nothing; otherwise the directory is rebuilt in a temporary
-sibling and renamed into place under a file lock, so an interrupted export never leaves
+sibling and renamed into place under a lock (one that leaves no file), so an interrupted export never leaves
 a complete-looking directory and two exports at once do not mix their files.
 """
 
@@ -26,11 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from filelock import FileLock
 from riffusion_engine.engine import artifacts
 from riffusion_engine.engine.models import DEFAULT_MODEL, load_components, source_hash
 from riffusion_engine.kernels.errors import RiffusionError
-from riffusion_engine.kernels.files import umask_mode
+from riffusion_engine.kernels.files import exclusive_lock, umask_mode
 from tqdm.auto import tqdm
 
 from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
@@ -125,7 +124,7 @@ def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bo
     key_fields = cache_key_fields(config)
     key = artifacts.cache_key(key_fields)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output.parent / f".{output.name}.lock")):
+    with exclusive_lock(output.parent / f".{output.name}.lock"):
         cached = _cached(output, key)
         if cached is not None:
             log.info("cache hit: %s already holds this export (key %s)", output, key[:12])

@@ -33,6 +33,34 @@ def umask_mode(mode: int) -> int:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock named ``path`` (an ``flock`` on a file there) across
+    processes, and leave no file behind. The file is unlinked while still locked, so a
+    waiter that then gets the lock holds an unlinked file: it sees that the path no
+    longer names its file and starts over on a new one."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass  # unlinked by the holder we waited for
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it only if the block succeeds; the
     file gets the mode a plainly created one would (mkstemp's is 0600)."""

@@ -248,6 +248,34 @@ def test_concurrent_exports_into_one_directory(tmp_path: Path) -> None:
     assert manifest["profile"]["width"] == 256
     expected = ["manifest.json", "scheduler", "tokenizer", *(f"{s}.onnx" for s in STAGES)]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"], "no lock file or work directory is left"
+
+
+def test_the_export_lock_excludes_and_leaves_no_file(tmp_path: Path) -> None:
+    """Mutual exclusion, including the handover where the holder unlinks the lock file
+    that waiters are blocked on: unsynchronised read-modify-write under the lock loses no
+    increment, and no file remains."""
+    import threading
+
+    from riffusion_engine.kernels.files import exclusive_lock
+
+    counter, lock = tmp_path / "counter", tmp_path / ".e.lock"
+    counter.write_text("0")
+
+    def work() -> None:
+        for _ in range(40):
+            with exclusive_lock(lock):
+                value = int(counter.read_text())
+                time.sleep(0.0005)
+                counter.write_text(str(value + 1))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert int(counter.read_text()) == 160
+    assert not lock.exists()
 
 
 def test_fp16_export_of_the_tiny_model(tmp_path: Path) -> None:
