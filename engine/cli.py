@@ -605,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_cmd_interpolate)
 
+    from .stream_cli import add_parser as add_stream_parser
+
+    add_stream_parser(sub, _add_engine_args, _add_run_args)
+
     p = sub.add_parser(
         "bench",
         help="time the engine's backends against the reference diffusers pipeline",

@@ -403,8 +403,8 @@ class Doctor:
         if xpm.as_array(pixels, cupy).data.ptr != pixels.data_ptr():
             raise RiffusionError("the VAE's output was copied on its way to CuPy")
         # The engine's own image -> audio on the GPU, and the same image on the CPU kernels.
-        on_gpu = engine._clip(image, {}).audio.astype(np.float32)
-        on_cpu = self.reference_engine()._clip(image.cpu(), {}).audio.astype(np.float32)
+        on_gpu = engine.to_clip(image, {}).audio.astype(np.float32)
+        on_cpu = self.reference_engine().to_clip(image.cpu(), {}).audio.astype(np.float32)
         params = engine.params
         mel = spectrogram_from_pixels(pixels.cpu().numpy(), params, max_value=DEFAULT_MAX_VALUE)
         ratio = spectral_convergence(on_gpu, mel, params) / spectral_convergence(on_cpu, mel, params)

@@ -287,6 +287,45 @@ class Engine:
         request = Request(start, end, alpha, steps, width, scheduler, seed_image, mask)
         return self.run([request], progress=progress)[0]
 
+    def stream(
+        self,
+        start: PromptInput | str,
+        end: PromptInput | str | None = None,
+        *,
+        seed_image: Any = "og_beat",
+        mask: Any = None,
+        max_clips: int | None = None,
+        **settings: Any,
+    ) -> Any:
+        """An endless stream of joined clips walking from ``start`` to ``end`` and on, as
+        Riffusion's web app does (:mod:`riffusion_engine.engine.stream`): iterate it for
+        chunks of gapless audio; queue prompts, pause, resume and stop it from any thread.
+        ``seed_image`` is a built-in seed image id (the web app's ``og_beat`` by default),
+        a PIL image or None (text to clip); ``settings`` are
+        :class:`~riffusion_engine.engine.stream.StreamSettings` fields."""
+        from .seeds import SEED_AUDIO
+        from .seeds import seed_image as builtin_seed
+        from .stream import Stream, StreamSettings
+
+        def prompt_input(value: PromptInput | str) -> PromptInput:
+            return PromptInput(value) if isinstance(value, str) else value
+
+        if isinstance(seed_image, str):
+            if seed_image not in SEED_AUDIO:
+                raise RiffusionError(
+                    f"unknown seed image {seed_image!r}; choose one of {', '.join(SEED_AUDIO)}"
+                )
+            seed_image = builtin_seed(seed_image, self.params)
+        return Stream(
+            self,
+            prompt_input(start),
+            None if end is None else prompt_input(end),
+            settings=StreamSettings(**settings),
+            seed_image=seed_image,
+            mask=mask,
+            max_clips=max_clips,
+        )
+
     def run(
         self,
         requests: Sequence[Request],
@@ -300,7 +339,7 @@ class Engine:
         raises Cancelled (a server drops a batch whose requests all timed out)."""
         timings: dict[str, float] = {}
         images = self.images(requests, progress=progress, timings=timings, should_stop=should_stop)
-        return [self._clip(image, dict(timings)) for image in images]
+        return [self.to_clip(image, dict(timings)) for image in images]
 
     def images(
         self,
@@ -550,8 +589,9 @@ class Engine:
         timings["unet_steps"] = len(timesteps)
         return latents
 
-    def _clip(self, image: Any, timings: dict[str, float]) -> Clip:
-        """Pixels -> spectrogram -> audio, on the backend's device."""
+    def to_clip(self, image: Any, timings: dict[str, float]) -> Clip:
+        """One row of :meth:`images` ``(height, width, 3)`` -> spectrogram -> audio, on the
+        backend's device (``timings`` gains ``image_to_audio``)."""
         import torch
         from riffusion_engine.kernels import xp as xpm
         from riffusion_engine.kernels.convert import audio_from_spectrogram

@@ -1,0 +1,133 @@
+"""``riffusion-engine stream``: an offline stream into one long seamless audio file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+
+def add_parser(sub: Any, add_engine_args: Any, add_run_args: Any) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="an endless stream, offline: one long seamless file",
+        description="Riffusion's web-app walk as one long file: clips at alpha 0, 0.25, ... from --start "
+        "to --end, then on through the --prompts, each end becoming the next start; the clips are "
+        "joined by an equal-power crossfade (or, with --continuation, each keeps the previous clip's "
+        "last spectrogram columns and the join spans them). Prints the real-time margin: audio seconds "
+        "made per wall second (1 or more keeps up with playback).",
+    )
+    p.add_argument("--start", required=True, help="the first prompt")
+    p.add_argument("--end", default=None, help="the prompt it moves to (default: --start, next seed)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="more prompts, one per line (or a JSON list of strings), each the end of the next transition",
+    )
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of audio to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start; each later end takes the next")
+    p.add_argument("--negative-prompt", default=None, help="what every clip steers away from")
+    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale")
+    p.add_argument("--denoising", type=float, default=0.75, help="share of the seed image regenerated")
+    p.add_argument("--alpha-step", type=float, default=0.25, help="alpha added per clip")
+    p.add_argument("--crossfade", type=float, default=0.2, help="seconds crossfaded at each join")
+    p.add_argument(
+        "--continuation", action="store_true", help="each clip keeps the previous clip's last columns"
+    )
+    p.add_argument("--continuation-columns", type=int, default=64, help="columns kept (multiple of 8)")
+    p.add_argument("--lookahead", type=int, default=1, help="clips denoised as one batch")
+    p.add_argument(
+        "--no-pipeline", action="store_true", help="make each clip's audio before the next clip denoises"
+    )
+    add_engine_args(p)
+    add_run_args(p)
+    p.add_argument("-o", "--output", required=True, help="output audio file (.wav .flac .ogg .mp3)")
+    p.set_defaults(func=run)
+
+
+def _prompts(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise RiffusionError(f"--prompts: cannot read {path!r}: {exc.strerror or exc}") from None
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RiffusionError(f"--prompts: {path!r} is not a JSON list ({exc.msg})") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise RiffusionError(f"--prompts: {path!r} must be a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise RiffusionError(f"--prompts: {path!r} holds no prompts, or an empty one")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> None:
+    import numpy as np
+    from riffusion_engine.engine.pipeline import PromptInput
+    from riffusion_engine.engine.stream import Stream, StreamSettings, clips_for
+    from riffusion_engine.kernels.audio import check_audio_output, save_audio
+    from tqdm.auto import tqdm
+
+    from .cli import _beat_seed_image, _load_engine, _open_image
+
+    out = check_audio_output(args.output)
+    if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
+        raise RiffusionError(f"--duration must be in (0, 86400] seconds, got {args.duration}")
+    settings = StreamSettings(
+        steps=args.steps,
+        width=args.width,
+        scheduler=args.scheduler,
+        alpha_step=args.alpha_step,
+        crossfade_s=args.crossfade,
+        continuation=args.continuation,
+        continuation_columns=args.continuation_columns,
+        lookahead=args.lookahead,
+        pipeline=not args.no_pipeline,
+    )
+    prompts = _prompts(args.prompts)
+
+    def ending(text: str, seed: int) -> PromptInput:
+        return PromptInput(text, seed, args.negative_prompt, args.guidance, args.denoising)
+
+    start = ending(args.start, args.seed)
+    end = ending(args.end, args.seed + 1) if args.end else None
+    seed_image = _open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
+    mask = _open_image(args.mask, "mask")
+    engine = _load_engine(args)
+    clips = clips_for(settings, engine.params, args.duration)
+    total = round(args.duration * engine.params.sample_rate)
+    parts: list[np.ndarray] = []
+    began = time.perf_counter()
+    with (
+        Stream(
+            engine, start, end, settings=settings, seed_image=seed_image, mask=mask, max_clips=clips
+        ) as stream,
+        tqdm(total=round(args.duration, 2), unit="audio s", desc="stream") as bar,
+    ):
+        for seed, text in enumerate(prompts, start=args.seed + 2):
+            stream.queue(ending(text, seed))
+        made = 0
+        for chunk in stream:
+            parts.append(chunk.audio)
+            step = min(chunk.audio.shape[-1], total - made)
+            made += chunk.audio.shape[-1]
+            bar.update(round(max(step, 0) / chunk.sample_rate, 2))
+    wall = time.perf_counter() - began
+    audio = np.concatenate(parts, axis=1)[:, :total]
+    save_audio(out, audio, engine.params.sample_rate)
+    seconds = audio.shape[-1] / engine.params.sample_rate
+    print(
+        f"{clips} clips, {seconds:.2f} s of audio in {wall:.2f} s: real-time margin {seconds / wall:.2f}x "
+        f"({'keeps up with' if seconds >= wall else 'slower than'} playback)"
+    )
+    print(f"wrote {out}")

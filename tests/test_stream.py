@@ -1,0 +1,242 @@
+"""Streams: the web app's walk, clips equal to one-shot runs, gapless joins, continuation,
+control from another thread, bounds. Oracles: Engine.run of the same requests, a naive
+crossfade written here, the walk's rules as the web app states them."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import run_cli  # noqa: E402
+from riffusion_engine.engine.pipeline import PromptInput  # noqa: E402
+from riffusion_engine.engine.stream import StreamSettings, Walk  # noqa: E402
+from riffusion_engine.kernels import RiffusionError  # noqa: E402
+
+FAST = dict(steps=3, width=256)  # a quarter of the work of a 512-wide clip
+
+
+def naive_join(clips: list[np.ndarray], overlap: int) -> np.ndarray:
+    """The documented join, sample by sample: each tail faded out by cos, the next head
+    faded in by sin, over ``overlap`` samples (gains at the sample midpoints)."""
+    out = clips[0].astype(np.float64)
+    for clip in clips[1:]:
+        clip = clip.astype(np.float64)
+        mixed = out[:, -overlap:].copy()
+        for i in range(overlap):
+            t = (i + 0.5) / overlap
+            mixed[:, i] = out[:, -overlap + i] * np.cos(t * np.pi / 2) + clip[:, i] * np.sin(t * np.pi / 2)
+        out = np.concatenate(
+            [out[:, :-overlap], np.clip(np.round(mixed), -32768, 32767), clip[:, overlap:]], 1
+        )
+    return out
+
+
+def test_the_walk_follows_the_web_app() -> None:
+    a, b, c = PromptInput("a", 10), PromptInput("b", 20), PromptInput("c", 30)
+    walk = Walk(a, b, StreamSettings())
+    seen = []
+    for i in range(10):
+        if i == 2:
+            walk.queue(c)  # queued while the first pair plays: the end from the next wrap on
+        r = walk.next()
+        seen.append((r.start.prompt, r.end.prompt, r.alpha))
+    assert seen == [
+        ("a", "b", 0.0), ("a", "b", 0.25), ("a", "b", 0.5), ("a", "b", 0.75), ("a", "b", 1.0),
+        ("b", "c", 0.25), ("b", "c", 0.5), ("b", "c", 0.75), ("b", "c", 1.0),
+        ("c", "c", 0.25),
+    ]  # fmt: skip
+    # With nothing queued, the end is the start's prompt with the next seed: a steady prompt moves.
+    assert walk.end == PromptInput("c", 31) and walk.start == c
+    lone = Walk(a, None, StreamSettings(alpha_step=0.5))
+    assert [(r.end.seed, r.alpha) for r in (lone.next(), lone.next(), lone.next())] == [
+        (11, 0),
+        (11, 0.5),
+        (11, 1),
+    ]
+    assert lone.next().start.seed == 11
+
+
+def test_stream_clips_equal_one_shot_runs_and_join_as_documented(torch_engine) -> None:
+    with torch_engine.stream("jazz", "techno", seed_image=None, max_clips=4, **FAST) as stream:
+        chunks = list(stream)
+    assert [c.index for c in chunks] == [0, 1, 2, 3, 3] and chunks[-1].final
+    clips = [c.clip for c in chunks[:-1]]
+    for chunk in chunks[:-1]:
+        (alone,) = torch_engine.run([chunk.request])
+        assert np.array_equal(chunk.clip.audio, alone.audio)  # bitwise: one clip at a time
+    assert [c.request.alpha for c in chunks[:-1]] == [0.0, 0.25, 0.5, 0.75]
+    joined = np.concatenate([c.audio for c in chunks], 1)
+    overlap = round(0.2 * torch_engine.params.sample_rate)
+    assert stream.overlap_samples == overlap
+    assert joined.shape[-1] == stream.length_samples(4) == 4 * clips[0].audio.shape[-1] - 3 * overlap
+    assert np.array_equal(joined, naive_join([c.audio for c in clips], overlap))
+    # Where each chunk starts is where the previous ended.
+    assert [round(c.start_s * c.sample_rate) for c in chunks] == list(
+        np.cumsum([0] + [c.audio.shape[-1] for c in chunks[:-1]])
+    )
+    # No join jumps further than the clips themselves do (their 99.9th percentile).
+    own = np.percentile(
+        np.concatenate([np.abs(np.diff(c.audio.astype(float), axis=1)).ravel() for c in clips]), 99.9
+    )
+    ends = np.cumsum([c.audio.shape[-1] for c in chunks[:-1]])
+    jumps = [abs(float(joined[0, i]) - float(joined[0, i - 1])) for i in ends]
+    assert max(jumps) <= own
+
+
+def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
+    settings = dict(seed_image=None, max_clips=3, **FAST)
+    with torch_engine.stream("jazz", pipeline=False, **settings) as stream:
+        sequential = list(stream)
+    with torch_engine.stream("jazz", lookahead=3, **settings) as stream:
+        batched = list(stream)
+    assert len(sequential) == len(batched) == 4
+    for a, b in zip(sequential[:-1], batched[:-1], strict=True):
+        (alone,) = torch_engine.run([a.request])
+        assert np.array_equal(a.clip.audio, alone.audio)
+        assert a.request == b.request
+        # Batched clips: the images within the engine's batching tolerance (8-bit pixels).
+        pa, pb = np.asarray(a.clip.image, dtype=int), np.asarray(b.clip.image, dtype=int)
+        assert np.abs(pa - pb).max() <= 1
+
+
+def test_a_seed_image_stream_is_the_web_apps_request(torch_engine) -> None:
+    from riffusion_engine.engine.seeds import seed_image
+
+    with torch_engine.stream("jazz", max_clips=1, steps=4) as stream:
+        (chunk, _tail) = list(stream)
+    assert chunk.request.seed_image.tobytes() == seed_image("og_beat", torch_engine.params).tobytes()
+    assert chunk.request.start.denoising == 0.75 and chunk.request.steps == 4
+    (alone,) = torch_engine.run([chunk.request])
+    assert np.array_equal(chunk.clip.audio, alone.audio)
+
+
+def test_continuation_keeps_the_previous_tail(torch_engine) -> None:
+    from riffusion_engine.kernels.stft import stft
+
+    k = 32
+    with torch_engine.stream(
+        "jazz", seed_image=None, continuation=True, continuation_columns=k, max_clips=3, **FAST
+    ) as stream:
+        chunks = list(stream)
+    images = [np.asarray(c.clip.image) for c in chunks[:-1]]
+    for before, after in itertools.pairwise(images):
+        assert np.array_equal(after[:, :k], before[:, -k:])  # the kept columns, pixel for pixel
+        assert not np.array_equal(after[:, k:], before[:, : after.shape[1] - k])
+    second = chunks[1].request
+    assert second.mask is not None and np.asarray(second.mask)[:, :k].max() == 0
+    assert np.asarray(second.mask)[:, k:].min() == 255
+    # The join spans exactly the kept columns' audio, and the two clips' audio there has
+    # the same spectrogram (they are reconstructions of the same columns).
+    hop = torch_engine.params.hop_length
+    overlap = (k - 1) * hop
+    assert stream.overlap_samples == overlap
+    tail = chunks[0].clip.audio[0, -overlap:].astype(np.float64)
+    head = chunks[1].clip.audio[0, :overlap].astype(np.float64)
+    later = chunks[1].clip.audio[0, overlap : 2 * overlap].astype(np.float64)
+
+    def spectrum(x: np.ndarray) -> np.ndarray:
+        return np.abs(stft(x / (np.abs(x).max() + 1e-9), n_fft=2048, hop_length=512)).mean(
+            -2
+        )  # the average spectrum
+
+    same = np.corrcoef(np.log1p(spectrum(tail)), np.log1p(spectrum(head)))[0, 1]
+    other = np.corrcoef(np.log1p(spectrum(tail)), np.log1p(spectrum(later)))[0, 1]
+    assert same > 0.9 and same > other
+    joined = np.concatenate([c.audio for c in chunks], 1)
+    assert joined.shape[-1] == stream.length_samples(3)
+
+
+def test_prompt_changes_pause_resume_and_stop_from_another_thread(torch_engine) -> None:
+    stream = torch_engine.stream("jazz", "techno", seed_image=None, alpha_step=0.5, buffer=1, **FAST)
+    try:
+        chunks = iter(stream)
+        first = next(chunks)
+        stream.queue(PromptInput("lofi", 5))
+        stream.pause()
+        time.sleep(1.0)
+        started = stream.clips_started
+        time.sleep(1.5)
+        assert stream.clips_started == started  # paused: nothing new begins
+        stream.resume()
+        seen = [first] + [next(chunks) for _ in range(5)]
+        assert [(c.request.start.prompt, c.request.end.prompt, c.request.alpha) for c in seen] == [
+            ("jazz", "techno", 0.0), ("jazz", "techno", 0.5), ("jazz", "techno", 1.0),
+            ("techno", "lofi", 0.5), ("techno", "lofi", 1.0), ("lofi", "lofi", 0.5),
+        ]  # fmt: skip
+        stream.update(start=PromptInput("ambient", 9), alpha=0.0)
+        later = [next(chunks) for _ in range(4)]
+        assert any(c.request.start.prompt == "ambient" and c.request.alpha == 0.0 for c in later)
+        with pytest.raises(RiffusionError, match="prompt"):
+            stream.queue(PromptInput(""))  # refused; the stream goes on
+        next(chunks)
+        stream.stop()
+        rest = list(chunks)
+        assert rest and rest[-1].final and len(rest) <= 3  # what was buffered, then the tail
+    finally:
+        stream.close()
+    assert not any(t.is_alive() for t in stream._threads)
+
+
+def test_a_reader_that_stops_reading_stops_the_stream(torch_engine) -> None:
+    with torch_engine.stream("jazz", seed_image=None, buffer=2, **FAST) as stream:
+        next(iter(stream))
+        time.sleep(4.0)
+        held = stream.clips_started
+        time.sleep(2.0)
+        assert stream.clips_started == held
+        # the buffer, one clip waiting for room in it, one between the threads, one denoised
+        assert held <= 1 + 2 + 1 + 1 + 1
+
+
+def test_bad_stream_settings_are_clear_errors(torch_engine) -> None:
+    for bad, match in (
+        (dict(alpha_step=0), "alpha_step"),
+        (dict(lookahead=0), "lookahead"),
+        (dict(continuation=True, continuation_columns=12), "continuation_columns"),
+        (dict(continuation=True, lookahead=2), "continuation needs lookahead 1"),
+        (dict(crossfade_s=-1), "crossfade_s"),
+    ):
+        with pytest.raises(RiffusionError, match=match):
+            torch_engine.stream("jazz", seed_image=None, **bad)
+    with pytest.raises(RiffusionError, match="prompt"):
+        torch_engine.stream("", seed_image=None)
+    with pytest.raises(RiffusionError, match="seed_image is 512x512; this clip is 256x512"):
+        torch_engine.stream("jazz", width=256)
+    with pytest.raises(RiffusionError, match="unknown seed image"):
+        torch_engine.stream("jazz", seed_image="nope")
+
+
+def test_cli_stream_writes_the_duration_and_prints_the_margin(tmp_path: Path, capsys) -> None:
+    import soundfile as sf
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("lofi\nambient\n")
+    out = tmp_path / "long.wav"
+    argv = (
+        "stream",
+        "--start",
+        "jazz",
+        "--end",
+        "techno",
+        "--prompts",
+        str(prompts),
+        "--model",
+        "random:tiny",
+    )
+    code, stdout, stderr = run_cli(
+        *argv, "--backend", "torch", "--duration", "12", "--steps", "2", "-o", str(out)
+    )
+    assert code == 0, stderr
+    audio, rate = sf.read(out)
+    assert rate == 44100 and len(audio) == 12 * 44100
+    assert "real-time margin" in stdout and "3 clips" in stdout
+    code, _, stderr = run_cli(*argv, "--duration", "0", "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and "--duration" in stderr and not (tmp_path / "x.wav").exists()
+    code, _, stderr = run_cli("stream", "--start", "a", "--prompts", str(tmp_path / "none"), "-o", str(out))
+    assert code == 2 and "--prompts" in stderr
