@@ -104,6 +104,9 @@ class ServerConfig:
     # When a request would miss timeout_s, run it with fewer steps, down to this many;
     # refuse (503) only when even these miss it. None: never change a request's steps.
     degrade_steps: int | None = None
+    max_streams: int = 4  # most streams open at once (/stream); one more is refused (close 1013)
+    stream_buffer: int = 3  # clips a stream makes ahead of the client's playback at most
+    stream_lifetime_s: float = 3600.0  # a stream ends after this long (close 1000, reason given)
 
     def __post_init__(self) -> None:
         checks = (
@@ -114,6 +117,9 @@ class ServerConfig:
             ("max_steps", 1 <= self.max_steps <= 1000),
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("degrade_steps", self.degrade_steps is None or 1 <= self.degrade_steps <= self.max_steps),
+            ("max_streams", self.max_streams >= 0),
+            ("stream_buffer", 1 <= self.stream_buffer <= 16),
+            ("stream_lifetime_s", math.isfinite(self.stream_lifetime_s) and self.stream_lifetime_s > 0),
         )
         for name, ok in checks:
             if not ok:
@@ -198,13 +204,18 @@ def engine_request(
     return request
 
 
+def jpeg_data_url(image: Any) -> str:
+    """A spectrogram image as a JPEG data URL, its EXIF (parameters) kept."""
+    jpeg = io.BytesIO()
+    image.convert("RGB").save(jpeg, format="JPEG", exif=image.getexif())
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+
+
 def encode_output(clip: Clip, fmt: str) -> dict[str, Any]:
     """The original's response: JPEG image (EXIF kept) and audio as data URLs."""
-    jpeg = io.BytesIO()
-    clip.image.convert("RGB").save(jpeg, format="JPEG", exif=clip.image.getexif())
     audio = encode_audio(clip.audio, clip.sample_rate, fmt)
     return {
-        "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(),
+        "image": jpeg_data_url(clip.image),
         "audio": f"data:{AUDIO_MIME[fmt]};base64," + base64.b64encode(audio).decode(),
         "duration_s": clip.duration_s,
     }

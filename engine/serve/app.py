@@ -13,7 +13,9 @@ response, so Riffusion's web app and its clients work unchanged. Around it:
 - isolation: when a batch fails, its requests are run one at a time, so an exception
   fails only the request that raised it;
 - ``GET /health``, ``GET /metrics`` (Prometheus text) and the OpenAPI schema at
-  ``/openapi.json`` (pages at ``/docs``).
+  ``/openapi.json`` (pages at ``/docs``);
+- ``/stream``, an endless stream over a WebSocket (:mod:`.streams`), sharing the
+  batcher (earliest deadline first), and at ``/`` a page that plays it.
 
 Bad input is answered 400 (not JSON, unknown image id), 413 (body over the limit) or
 422 (a field of the wrong type or out of range), each with a message naming the
@@ -29,12 +31,13 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from fastapi import Request as HttpRequest
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from riffusion_engine.kernels.errors import RiffusionError
 
@@ -51,8 +54,11 @@ from .api import (
     parse_input,
 )
 from .batcher import Batcher, Metrics, QueueFull
+from .streams import StreamHub
 
 log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"  # the player page: static files, no build step
 
 
 # -- the application ------------------------------------------------------------------
@@ -246,6 +252,20 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             include_in_schema=path.endswith("/"),
         )
 
+    hub = StreamHub(engine, batcher, seeds, config, metrics)
+
+    @app.websocket("/stream")
+    async def stream(socket: WebSocket) -> None:
+        await hub.serve(socket)
+
+    @app.get("/", include_in_schema=False)
+    def player() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/player.js", include_in_schema=False)
+    def player_script() -> FileResponse:
+        return FileResponse(STATIC / "player.js", media_type="text/javascript")
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {
@@ -257,6 +277,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             "max_queue": config.max_queue,
             "max_batch": config.max_batch,
             "max_steps": config.max_steps,
+            "streams_open": hub.open,
+            "max_streams": config.max_streams,
             "image_ids": seeds.ids(),
         }
 

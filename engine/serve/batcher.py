@@ -1,5 +1,11 @@
 """The bounded queue and the batcher: a worker thread that runs queued requests through
-the engine in batches, with the server's Prometheus metrics."""
+the engine in batches, with the server's Prometheus metrics.
+
+One scheduler serves one-shot requests and streams' clips: the job due soonest runs
+first (earliest deadline first: a one-shot request is due at its arrival plus the
+timeout, a stream's clip when the clip before it ends playing), with the jobs that share
+its batch key, one-shot or stream, up to ``max_batch``. Only one-shot requests take
+queue slots (``max_queue``); streams are bounded by their own count and buffers."""
 
 from __future__ import annotations
 
@@ -61,6 +67,24 @@ class Metrics:
             "Requests run with fewer steps than asked to meet the timeout (--degrade-steps)",
             registry=self.registry,
         )
+        self.streams_open = Gauge("riffusion_streams_open", "Streams open", registry=self.registry)
+        self.streams_refused = Counter(
+            "riffusion_streams_refused",
+            "Streams refused: the server's limit was reached",
+            registry=self.registry,
+        )
+        self.stream_clips = Counter("riffusion_stream_clips", "Clips sent to streams", registry=self.registry)
+        self.stream_underruns = Counter(
+            "riffusion_stream_underruns",
+            "Stream clips ready after they were due to start playing",
+            registry=self.registry,
+        )
+        self.stream_margin = Histogram(
+            "riffusion_stream_margin",
+            "A stream's real-time margin at each clip: audio seconds made per wall second (>= 1 keeps up)",
+            buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20),
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "riffusion_batch_seconds",
             "Engine time per batch",
@@ -89,7 +113,9 @@ class Job:
     future: concurrent.futures.Future[Clip] = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # timed out: drop it, or stop its batch if all of the batch did
-    released: bool = False  # its queue slot has been given back
+    released: bool = False  # its queue slot has been given back (a stream's job takes none)
+    deadline: float = math.inf  # monotonic time it is due: the soonest runs first
+    images_only: bool = False  # a stream's clip: its result is the image row; the stream makes the audio
 
 
 class Batcher:
@@ -128,11 +154,26 @@ class Batcher:
                 reason = "the server is shutting down" if self._closing else "the queue is full"
                 raise QueueFull(reason, max(1, math.ceil(batches * self._batch_seconds)))
             job = Job(request, request.batch_key())
+            job.deadline = job.enqueued + self.config.timeout_s
             self._slots += 1
             self.metrics.queue_depth.set(self._slots)
             self._pending.append(job)
             self._cond.notify_all()
         return job
+
+    def submit_images(self, requests: Sequence[Request], deadlines: Sequence[float]) -> list[Job]:
+        """Queue a stream's clips, due at ``deadlines``; their futures give image rows.
+        QueueFull only when the server is closing."""
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down", 1)
+            jobs = [
+                Job(r, r.batch_key(), released=True, deadline=d, images_only=True)
+                for r, d in zip(requests, deadlines, strict=True)
+            ]
+            self._pending.extend(jobs)
+            self._cond.notify_all()
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Drop ``job`` (timed out): its slot frees now; its batch stops once all its jobs are dropped."""
@@ -157,8 +198,9 @@ class Batcher:
             self.metrics.queue_depth.set(self._slots)
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and up to max_batch - 1 later ones with its key,
-        waiting up to the batch window from the oldest job's arrival. None once closed and empty."""
+        """The next batch: the job due soonest and up to max_batch - 1 others with its key
+        (the soonest due first), waiting up to the batch window from that job's arrival.
+        None once closed and empty."""
         window = self.config.batch_window_ms / 1000
         with self._cond:
             while True:
@@ -168,8 +210,9 @@ class Batcher:
                         return None
                     self._cond.wait()
                     continue
-                first = self._pending[0]
-                batch = [j for j in self._pending if j.key == first.key][: self.config.max_batch]
+                first = min(self._pending, key=lambda j: (j.deadline, j.enqueued))
+                same = sorted((j for j in self._pending if j.key == first.key), key=lambda j: j.deadline)
+                batch = same[: self.config.max_batch]
                 remaining = first.enqueued + window - time.monotonic()
                 if len(batch) >= self.config.max_batch or remaining <= 0 or self._closing:
                     for job in batch:
@@ -189,11 +232,10 @@ class Batcher:
         self.engine.run([request])
         begin = time.perf_counter()
         clips = self.engine.run([request])
-        self._learn(clips, request.width, 1, time.perf_counter() - begin)
+        self._learn(clips[0].timings, request.width, 1, time.perf_counter() - begin)
 
-    def _learn(self, clips: Sequence[Clip], width: int, size: int, seconds: float) -> None:
+    def _learn(self, timings: dict[str, float], width: int, size: int, seconds: float) -> None:
         """Update the costs at ``width`` from a batch of ``size`` clips that took ``seconds``."""
-        timings = clips[0].timings
         steps = max(int(timings.get("unet_steps", 0)), 1)
         step = timings.get("unet", 0.0) / (steps * size)
         rest = max(seconds / size - step * steps, 0.0)
@@ -231,7 +273,7 @@ class Batcher:
             for job in reversed(queued):
                 if ahead + self._cost(own) <= budget:
                     break
-                if job.request.steps > min_steps:
+                if job.request.steps > min_steps and not job.images_only:  # a stream's clip keeps its steps
                     lower = self._with_steps(job.request, min_steps)
                     ahead -= self._cost(job.request) - self._cost(lower)
                     job.request, job.key = lower, lower.batch_key()
@@ -265,10 +307,15 @@ class Batcher:
             self._steps_done = 0
             if self._costs:
                 self._running_left = sum(self._cost(j.request) for j in jobs)
+        timings: dict[str, float] = {}
         try:
-            clips = self.engine.run(
-                [j.request for j in jobs], should_stop=lambda: self._progress(jobs, total)
+            images = self.engine.images(
+                [j.request for j in jobs], timings=timings, should_stop=lambda: self._progress(jobs, total)
             )
+            results = [
+                image if job.images_only else self.engine.to_clip(image, dict(timings))
+                for job, image in zip(jobs, images, strict=True)
+            ]
         except Cancelled as exc:
             self._finish(jobs, error=exc)
             return
@@ -282,19 +329,19 @@ class Batcher:
             return
         seconds = time.perf_counter() - begin
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-        self._learn(clips, jobs[0].request.width, len(jobs), seconds)
+        self._learn(timings, jobs[0].request.width, len(jobs), seconds)
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.batch_seconds.observe(seconds)
-        self._finish(jobs, clips=clips)
+        self._finish(jobs, results=results)
 
     def _finish(
-        self, jobs: Sequence[Job], *, clips: Sequence[Clip] | None = None, error: BaseException | None = None
+        self, jobs: Sequence[Job], *, results: Sequence[Any] | None = None, error: BaseException | None = None
     ) -> None:
         with self._cond:
             self._running_left = 0.0
             for i, job in enumerate(jobs):
                 self._release(job)
-                if clips is not None:
-                    job.future.set_result(clips[i])
+                if results is not None:
+                    job.future.set_result(results[i])
                 else:
                     job.future.set_exception(error)  # type: ignore[arg-type]

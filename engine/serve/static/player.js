@@ -1,0 +1,179 @@
+// The stream player: one WebSocket to /stream, gapless playback with Web Audio
+// (each chunk an AudioBuffer scheduled to start where the previous one ends), a
+// scrolling spectrogram, and a "falling behind" indicator. Settings come from the URL
+// query, as in Riffusion's web app: ?steps=50&alpha_step=0.25&seed_image=og_beat&denoising=0.75&seed=N
+"use strict";
+
+const query = new URLSearchParams(location.search);
+const number = (name, fallback) => (query.has(name) ? Number(query.get(name)) : fallback);
+
+const player = {
+  // What a test (or a curious reader) can look at: window.riffusionPlayer.
+  clips: 0, // clip events received
+  samplesScheduled: 0,
+  samplesPlayed: 0, // grows while the AudioContext plays what was scheduled
+  underruns: 0, // chunks that arrived after the previous one had finished playing
+  events: [], // the last clip events (without their images)
+  errors: [],
+  state: "idle",
+};
+window.riffusionPlayer = player;
+
+const el = (id) => document.getElementById(id);
+const canvas = el("spectrogram");
+const draw = canvas.getContext("2d");
+let context = null; // AudioContext
+let socket = null;
+let sampleRate = 44100;
+let channels = 1;
+let nextTime = 0; // context time where the next chunk starts
+let pending = null; // the clip event whose audio frame comes next
+let segments = []; // {start, duration, index, image, told}
+let seed = number("seed", Math.floor(Math.random() * 1e6));
+
+function status(text) {
+  el("status").textContent = text;
+}
+
+function start() {
+  context = new AudioContext({ sampleRate: 44100 });
+  player.state = "connecting";
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  socket = new WebSocket(`${scheme}//${location.host}/stream`);
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
+    socket.send(JSON.stringify({
+      type: "start",
+      start: { prompt: el("prompt").value || "a jazz pianist playing a concerto", seed, denoising: number("denoising", 0.75) },
+      seed_image_id: query.get("seed_image") || "og_beat",
+      num_inference_steps: number("steps", 50),
+      alpha_step: number("alpha_step", 0.25),
+    }));
+    player.state = "playing";
+    status("waiting for the first clip...");
+  };
+  socket.onmessage = (message) => (typeof message.data === "string" ? onEvent(JSON.parse(message.data)) : onAudio(message.data));
+  socket.onclose = (close) => {
+    player.state = "closed";
+    status(`stream closed (${close.code}${close.reason ? ": " + close.reason : ""})`);
+  };
+  requestAnimationFrame(frame);
+}
+
+function onEvent(event) {
+  if (event.type === "ready") {
+    sampleRate = event.sample_rate;
+    channels = event.channels;
+  } else if (event.type === "clip" || event.type === "tail") {
+    pending = event;
+    if (event.type === "clip") {
+      player.clips += 1;
+      status(`playing: ${player.clips} clips received`);
+      const { image, ...rest } = event;
+      player.events.push(rest);
+      if (player.events.length > 50) player.events.shift();
+      el("now").textContent = `clip ${event.index}: ${event.start.prompt} -> ${event.end.prompt} (alpha ${event.alpha})` +
+        `\nreal-time margin ${event.margin.toFixed(2)}x, ${event.ahead_s.toFixed(1)} s ahead`;
+      behind(event.behind);
+    }
+  } else if (event.type === "behind") {
+    behind(true);
+  } else if (event.type === "error") {
+    player.errors.push(event);
+    status(`refused: ${event.field}: ${event.message}`);
+  } else if (event.type === "stopped") {
+    status(`stopped: ${event.reason}`);
+  }
+}
+
+function behind(on) {
+  el("behind").classList.toggle("on", on);
+}
+
+function onAudio(data) {
+  const event = pending;
+  pending = null;
+  const pcm = new Int16Array(data);
+  const frames = pcm.length / channels;
+  const buffer = context.createBuffer(channels, frames, sampleRate);
+  for (let c = 0; c < channels; c++) {
+    const out = buffer.getChannelData(c);
+    for (let i = 0; i < frames; i++) out[i] = pcm[i * channels + c] / 32768;
+  }
+  const source = context.createBufferSource();
+  source.buffer = buffer;
+  source.connect(context.destination);
+  const now = context.currentTime;
+  if (nextTime < now + 0.05) {
+    if (segments.length) {
+      player.underruns += 1; // the previous chunk ran out before this one came
+      behind(true);
+    }
+    nextTime = now + 0.1;
+  }
+  source.start(nextTime);
+  const segment = { start: nextTime, duration: buffer.duration, index: event ? event.index : -1, image: null, told: false };
+  if (event && event.image) {
+    const image = new Image();
+    image.src = event.image;
+    segment.image = image;
+  }
+  segments.push(segment);
+  nextTime += buffer.duration;
+  player.samplesScheduled += frames;
+}
+
+function frame() {
+  if (!context) return;
+  const now = context.currentTime;
+  let played = 0;
+  for (const s of segments) {
+    played += Math.max(0, Math.min(now - s.start, s.duration)) * sampleRate;
+    if (!s.told && s.index >= 0 && now >= s.start && socket.readyState === WebSocket.OPEN) {
+      s.told = true; // the server makes clips up to this one plus its buffer
+      socket.send(JSON.stringify({ type: "played", clip: s.index }));
+    }
+  }
+  player.samplesPlayed = Math.round(played);
+  // The spectrogram scrolls right to left: now is the canvas' middle; 100 px per second.
+  draw.fillStyle = "#000";
+  draw.fillRect(0, 0, canvas.width, canvas.height);
+  const middle = canvas.width / 2;
+  for (const s of segments) {
+    const x = middle + (s.start - now) * 100;
+    if (s.image && s.image.complete && x < canvas.width && x + s.duration * 100 > 0) {
+      draw.drawImage(s.image, x, 0, s.duration * 100, canvas.height);
+    }
+  }
+  draw.fillStyle = "#ffffff80";
+  draw.fillRect(middle, 0, 1, canvas.height);
+  segments = segments.filter((s) => s.start + s.duration > now - 10);
+  if (player.state !== "closed" && player.state !== "paused") requestAnimationFrame(frame);
+}
+
+el("play").addEventListener("click", async () => {
+  if (!context) {
+    start();
+    el("play").textContent = "Pause";
+  } else if (context.state === "running") {
+    await context.suspend();
+    socket.send(JSON.stringify({ type: "pause" }));
+    player.state = "paused";
+    el("play").textContent = "Play";
+  } else {
+    await context.resume();
+    socket.send(JSON.stringify({ type: "resume" }));
+    player.state = "playing";
+    el("play").textContent = "Pause";
+    requestAnimationFrame(frame);
+  }
+});
+
+el("controls").addEventListener("submit", (submit) => {
+  submit.preventDefault();
+  const prompt = el("prompt").value.trim();
+  if (!prompt || !socket || socket.readyState !== WebSocket.OPEN) return;
+  seed += 1;
+  socket.send(JSON.stringify({ type: "prompt", prompt: { prompt, seed, denoising: number("denoising", 0.75) } }));
+  status(`up next: ${prompt}`);
+});

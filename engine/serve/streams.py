@@ -1,0 +1,445 @@
+"""``/stream``: an endless stream over a WebSocket, made on the server and paced by the
+listener's playback.
+
+The client sends JSON control messages; the first must be ``start``::
+
+    {"type": "start", "start": {"prompt": "jazz", "seed": 1}, "end": {...} (optional),
+     "seed_image_id": "og_beat", "mask_image_id": null, "num_inference_steps": 50,
+     "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false}
+    {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}}   the end from the next wrap
+    {"type": "update", "start": {...}, "end": {...}, "seed_image_id": ..., "mask_image_id": ...}
+    {"type": "played", "clip": N}   clip N began playing: the server makes clips up to
+                                    N + buffer (a client that sends none gets ``buffer`` clips)
+    {"type": "pause"} / {"type": "resume"} / {"type": "stop"}
+
+Prompt inputs are the API's (``/run_inference/``'s ``start``/``end``) and are checked
+the same way. The server sends JSON events and binary audio:
+
+    {"type": "ready", "sample_rate": 44100, "channels": 1, "format": "pcm_s16le", ...}
+    {"type": "clip", "index": N, "start": {...}, "end": {...}, "alpha": 0.25, "start_s": ...,
+     "samples": ..., "image": "data:image/jpeg;base64,...", "margin": 1.8, "ahead_s": 3.2,
+     "behind": false}   followed by one binary frame: the chunk's audio, 16-bit PCM
+                        little-endian, channels interleaved, to play right after the last
+    {"type": "behind", "index": N, "late_s": 0.4}   the clip was ready after it was due
+    {"type": "error", "field": "start.prompt", "message": "..."}   a refused message; the stream goes on
+    {"type": "stopped", "reason": "..."}   then the socket closes (1000)
+
+A server at its stream limit accepts and closes at once with code 1013 (try again
+later) and the reason. A stream ends after the server's lifetime; a disconnect stops its
+work at the next UNet step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from riffusion_engine.kernels.errors import RiffusionError
+
+from ..pipeline import Cancelled, Engine, PromptInput, Request
+from ..seeds import ID_PATTERN, SeedLibrary
+from ..stream import Stream, StreamSettings, clip_samples, overlap_samples
+from .api import ApiPromptInput, JsonInt, ServerConfig, default_steps, jpeg_data_url
+from .batcher import Batcher, Metrics, QueueFull
+
+log = logging.getLogger(__name__)
+
+TRY_AGAIN_LATER = 1013  # WebSocket close code (RFC 6455 registry): the server is at capacity
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StartMessage(_Message):
+    type: Literal["start"]
+    start: ApiPromptInput
+    end: ApiPromptInput | None = None
+    seed_image_id: str = Field("og_beat", pattern=ID_PATTERN.pattern)
+    mask_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
+    num_inference_steps: JsonInt | None = Field(None, ge=1)
+    alpha_step: float = Field(0.25, gt=0, le=1, allow_inf_nan=False)
+    crossfade_s: float = Field(0.2, ge=0, le=2.5, allow_inf_nan=False)
+    continuation: bool = False
+
+
+class PromptMessage(_Message):
+    type: Literal["prompt"]
+    prompt: ApiPromptInput
+
+
+class UpdateMessage(_Message):
+    type: Literal["update"]
+    start: ApiPromptInput | None = None
+    end: ApiPromptInput | None = None
+    seed_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
+    mask_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
+
+
+class PlayedMessage(_Message):
+    type: Literal["played"]
+    clip: JsonInt = Field(ge=0)
+
+
+class ControlMessage(_Message):
+    type: Literal["pause", "resume", "stop"]
+
+
+Message = Annotated[
+    StartMessage | PromptMessage | UpdateMessage | PlayedMessage | ControlMessage,
+    Field(discriminator="type"),
+]
+_MESSAGES: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+class MessageError(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def parse_message(text: str) -> Any:
+    """A control message; MessageError naming the field for anything else."""
+    try:
+        return _MESSAGES.validate_json(text)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        if error["type"] == "json_invalid":
+            raise MessageError("message", f"not JSON: {error['msg']}") from None
+        loc = [str(p) for p in error["loc"]]
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            kinds = "start, prompt, update, played, pause, resume, stop"
+            raise MessageError("type", f"must be one of {kinds}") from None
+        field = ".".join(loc[1:]) or "message"  # loc[0] is the message type
+        raise MessageError(field, error["msg"]) from None
+
+
+def _prompt(engine: Engine, name: str, value: ApiPromptInput) -> PromptInput:
+    try:
+        engine.check_text(value.prompt)
+    except RiffusionError as exc:
+        raise MessageError(f"{name}.prompt", str(exc)) from None
+    if value.negative_prompt is not None:
+        try:
+            engine.check_text(value.negative_prompt, negative=True)
+        except RiffusionError as exc:
+            raise MessageError(f"{name}.negative_prompt", str(exc)) from None
+    return PromptInput(value.prompt, value.seed, value.negative_prompt, value.guidance, value.denoising)
+
+
+def _image(seeds: SeedLibrary, field: str, image_id: str | None, mode: str) -> Any:
+    if image_id is None:
+        return None
+    try:
+        return seeds.get(image_id, field=field, mode=mode)
+    except RiffusionError as exc:
+        raise MessageError(field, str(exc)) from None
+
+
+class StreamHub:
+    """The streams of one server: their count, their clips' way through the batcher."""
+
+    def __init__(
+        self, engine: Engine, batcher: Batcher, seeds: SeedLibrary, config: ServerConfig, metrics: Metrics
+    ) -> None:
+        self.engine, self.batcher, self.seeds, self.config, self.metrics = (
+            engine,
+            batcher,
+            seeds,
+            config,
+            metrics,
+        )
+        self.open = 0
+
+    def runner(self, requests: Sequence[Request], deadlines: Sequence[float], should_stop: Any) -> Any:
+        """A stream's diffusion through the shared batcher (earliest deadline first)."""
+        import torch
+
+        try:
+            jobs = self.batcher.submit_images(requests, deadlines)
+        except QueueFull as exc:
+            raise Cancelled(str(exc)) from None
+        futures = [j.future for j in jobs]
+        while True:
+            done, _ = concurrent.futures.wait(futures, timeout=0.05)
+            if len(done) == len(futures):
+                return torch.stack([f.result() for f in futures])
+            if should_stop():
+                for job in jobs:
+                    self.batcher.cancel(job)
+                raise Cancelled("the stream stopped")
+
+    async def serve(self, socket: WebSocket) -> None:
+        await socket.accept()
+        if self.open >= self.config.max_streams:
+            self.metrics.streams_refused.inc()
+            await socket.close(
+                TRY_AGAIN_LATER,
+                f"too many streams: this server runs at most {self.config.max_streams} at once",
+            )
+            return
+        self.open += 1
+        self.metrics.streams_open.set(self.open)
+        try:
+            await _Session(self, socket).run()
+        finally:
+            self.open -= 1
+            self.metrics.streams_open.set(self.open)
+
+
+class _Session:
+    """One client's stream."""
+
+    def __init__(self, hub: StreamHub, socket: WebSocket) -> None:
+        self.hub, self.socket = hub, socket
+        self.engine, self.config = hub.engine, hub.config
+        self.stream: Stream | None = None
+        self.played = -1  # the last clip the client said began playing
+        self.credit = asyncio.Event()
+        self.began = time.monotonic()
+        self.playback: float | None = None  # when clip 0 was sent: the playback clock's zero
+        self.paused_at: float | None = None
+        self.paused_total = 0.0
+        self.step_s = 0.0  # new audio per clip, seconds
+        self.reason = "stopped by the client"
+
+    async def send_json(self, payload: dict[str, Any]) -> None:
+        await self.socket.send_text(json.dumps(payload))
+
+    async def error(self, exc: MessageError) -> None:
+        await self.send_json({"type": "error", "field": exc.field, "message": str(exc)})
+
+    async def run(self) -> None:
+        try:
+            while self.stream is None:
+                text = await self._receive()
+                if text is None:
+                    return
+                try:
+                    message = parse_message(text)
+                    if not isinstance(message, StartMessage):
+                        raise MessageError("type", "the first message must be a start message")
+                    self.stream = await asyncio.to_thread(self._start, message)
+                except MessageError as exc:
+                    await self.error(exc)
+            await self._ready()
+            sender = asyncio.create_task(self._send_clips())
+            receiver = asyncio.create_task(self._receive_controls())
+            left = self.config.stream_lifetime_s - (time.monotonic() - self.began)
+            done, _ = await asyncio.wait(
+                {sender, receiver}, timeout=max(left, 0), return_when="FIRST_COMPLETED"
+            )
+            if not done:
+                self.reason = (
+                    f"the stream reached the server's lifetime of {self.config.stream_lifetime_s:g} s"
+                )
+            self.stream.stop()
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                await sender
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await self.send_json({"type": "stopped", "reason": self.reason})
+                await self.socket.close(1000, self.reason[:120])
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.stream is not None:
+                await asyncio.to_thread(self.stream.close)
+
+    async def _receive(self) -> str | None:
+        message = await self.socket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        if message.get("text") is None:
+            await self.error(MessageError("message", "control messages are JSON text"))
+            return ""
+        return message["text"]
+
+    def _start(self, message: StartMessage) -> Stream:
+        engine, seeds, config = self.engine, self.hub.seeds, self.config
+        steps = message.num_inference_steps or default_steps(config)
+        if steps > config.max_steps:
+            raise MessageError(
+                "num_inference_steps", f"at most {config.max_steps} on this server, got {steps}"
+            )
+        start = _prompt(engine, "start", message.start)
+        end = _prompt(engine, "end", message.end) if message.end is not None else None
+        seed_image = _image(seeds, "seed_image_id", message.seed_image_id, "RGB")
+        mask = _image(seeds, "mask_image_id", message.mask_image_id, "L")
+        try:
+            settings = StreamSettings(
+                steps=steps,
+                width=seed_image.width,
+                alpha_step=message.alpha_step,
+                crossfade_s=message.crossfade_s,
+                continuation=message.continuation,
+                buffer=1,  # the client's window (stream_buffer) is the buffer that counts
+            )
+        except RiffusionError as exc:
+            raise MessageError("start", str(exc)) from None
+        self.step_s = (clip_samples(settings, engine.params) - overlap_samples(settings, engine.params)) / (
+            engine.params.sample_rate
+        )
+        try:
+            return Stream(
+                engine,
+                start,
+                end,
+                settings=settings,
+                seed_image=seed_image,
+                mask=mask,
+                runner=self.hub.runner,
+                deadline=self._deadline,
+            )
+        except RiffusionError as exc:
+            raise MessageError("seed_image_id" if mask is None else "mask_image_id", str(exc)) from None
+
+    def _deadline(self, index: int) -> float:
+        """When clip ``index`` must start playing (monotonic), on the playback clock."""
+        zero = self.playback if self.playback is not None else time.monotonic()
+        paused = self.paused_total + (time.monotonic() - self.paused_at if self.paused_at else 0.0)
+        return zero + paused + index * self.step_s
+
+    async def _ready(self) -> None:
+        assert self.stream is not None
+        params = self.engine.params
+        await self.send_json(
+            {
+                "type": "ready",
+                "sample_rate": params.sample_rate,
+                "channels": 1,
+                "format": "pcm_s16le",
+                "clip_s": clip_samples(self.stream.settings, params) / params.sample_rate,
+                "overlap_s": self.stream.overlap_samples / params.sample_rate,
+                "buffer": self.config.stream_buffer,
+                "lifetime_s": self.config.stream_lifetime_s,
+            }
+        )
+
+    async def _send_clips(self) -> None:
+        assert self.stream is not None
+        chunks = iter(self.stream)
+        made_s = 0.0
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                return
+            while chunk.index > self.played + self.config.stream_buffer and not self.stream.stopped:
+                self.credit.clear()
+                await self.credit.wait()
+            now = time.monotonic()
+            if self.playback is None:
+                self.playback = now
+            late = chunk.made_at - self._deadline(chunk.index) if chunk.index > 0 and not chunk.final else 0.0
+            made_s += chunk.duration_s
+            working = max(now - self.began - self.paused_total, 1e-6)
+            margin = made_s / working
+            event: dict[str, Any] = {
+                "type": "tail" if chunk.final else "clip",
+                "index": chunk.index,
+                "start_s": chunk.start_s,
+                "samples": int(chunk.audio.shape[-1]),
+                "margin": round(margin, 3),
+            }
+            if not chunk.final:
+                request = chunk.request
+                event.update(
+                    start=_describe(request.start),
+                    end=_describe(request.end or request.start),
+                    alpha=request.alpha,
+                    ahead_s=round(self._deadline(chunk.index) - now, 3),
+                    behind=late > 0,
+                    image=await asyncio.to_thread(jpeg_data_url, chunk.clip.image),
+                )
+                self.hub.metrics.stream_clips.inc()
+                self.hub.metrics.stream_margin.observe(margin)
+                if late > 0:
+                    self.hub.metrics.stream_underruns.inc()
+                    await self.send_json({"type": "behind", "index": chunk.index, "late_s": round(late, 3)})
+            await self.send_json(event)
+            # channels interleaved, little-endian 16-bit
+            await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
+            if chunk.final:
+                return
+
+    async def _receive_controls(self) -> None:
+        assert self.stream is not None
+        while True:
+            text = await self._receive()
+            if text is None:
+                self.reason = "the client disconnected"
+                self.stream.stop()
+                self.credit.set()
+                return
+            if not text:
+                continue
+            try:
+                message = parse_message(text)
+                if isinstance(message, StartMessage):
+                    raise MessageError("type", "the stream has started; send update or prompt to change it")
+                if isinstance(message, (PromptMessage, UpdateMessage)):
+                    await asyncio.to_thread(self._apply, message)  # tokenizes: off the event loop
+                else:
+                    self._control(message)
+            except MessageError as exc:
+                await self.error(exc)
+                continue
+            if isinstance(message, ControlMessage) and message.type == "stop":
+                self.stream.stop()
+                self.credit.set()
+                return
+
+    def _control(self, message: PlayedMessage | ControlMessage) -> None:
+        """Played, pause, resume (on the event loop: they touch the credit event)."""
+        stream = self.stream
+        assert stream is not None
+        if isinstance(message, PlayedMessage):
+            self.played = max(self.played, message.clip)
+            self.credit.set()
+        elif message.type == "pause":
+            stream.pause()
+            if self.paused_at is None:
+                self.paused_at = time.monotonic()
+        elif message.type == "resume":
+            if self.paused_at is not None:
+                self.paused_total += time.monotonic() - self.paused_at
+                self.paused_at = None
+            stream.resume()
+
+    def _apply(self, message: PromptMessage | UpdateMessage) -> None:
+        stream = self.stream
+        assert stream is not None
+        if isinstance(message, PromptMessage):
+            stream.queue(_prompt(self.engine, "prompt", message.prompt))
+        elif isinstance(message, UpdateMessage):
+            changes: dict[str, Any] = {}
+            if message.start is not None:
+                changes["start"] = _prompt(self.engine, "start", message.start)
+            if message.end is not None:
+                changes["end"] = _prompt(self.engine, "end", message.end)
+            if message.seed_image_id is not None:
+                changes["seed_image"] = _image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
+            if message.mask_image_id is not None:
+                changes["mask"] = _image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L")
+            try:
+                stream.update(**changes)
+            except RiffusionError as exc:
+                raise MessageError(next(iter(changes), "update"), str(exc)) from None
+
+
+def _describe(prompt: PromptInput) -> dict[str, Any]:
+    return {
+        "prompt": prompt.prompt,
+        "seed": prompt.seed,
+        "negative_prompt": prompt.negative_prompt,
+        "guidance": prompt.guidance,
+        "denoising": prompt.denoising,
+    }

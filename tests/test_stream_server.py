@@ -1,0 +1,268 @@
+"""``/stream`` through real clients: the ``websockets`` client library and the player page
+in a headless Chromium driven by Playwright. Oracles: the engine's one-shot run of the
+request each clip event describes, the protocol's documented bounds, the page's own
+AudioContext."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+websockets = pytest.importorskip("websockets")
+
+from riffusion_engine.engine.pipeline import PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.seeds import seed_image  # noqa: E402
+from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(torch_engine):
+    """A server over random:tiny: two streams at most, two clips ahead of playback."""
+    app = create_app(torch_engine, ServerConfig(max_streams=2, stream_buffer=2, max_steps=1000))
+    with background(app) as url:
+        yield url, app
+
+
+def ws_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/stream"
+
+
+def start(prompt: str = "jazz", **fields: Any) -> str:
+    return json.dumps(
+        {"type": "start", "start": {"prompt": prompt, "seed": 1}, "num_inference_steps": 3, **fields}
+    )
+
+
+def receive(ws: Any, *, played: bool = True, timeout: float = 120) -> tuple[dict[str, Any], bytes | None]:
+    """The next event (skipping none) and, for clip and tail events, their audio frame;
+    tells the server the clip began playing unless ``played`` is False."""
+    event = json.loads(ws.recv(timeout=timeout))
+    audio = None
+    if event["type"] in ("clip", "tail"):
+        audio = ws.recv(timeout=timeout)
+        assert isinstance(audio, bytes)
+        if played and event["type"] == "clip":
+            ws.send(json.dumps({"type": "played", "clip": event["index"]}))
+    return event, audio
+
+
+def clip_events(ws: Any, count: int, **kwargs: Any) -> list[tuple[dict[str, Any], bytes]]:
+    out = []
+    while len(out) < count:
+        event, audio = receive(ws, **kwargs)
+        if event["type"] == "clip":
+            out.append((event, audio))
+    return out
+
+
+def metric(url: str, name: str) -> float:
+    import httpx
+
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_the_stream_sends_the_one_shot_clips_joined(server, torch_engine) -> None:
+    url, _ = server
+    with connect(ws_url(url)) as ws:
+        ws.send(start(alpha_step=0.5))
+        ready, _ = receive(ws)
+        assert ready["type"] == "ready" and ready["format"] == "pcm_s16le" and ready["sample_rate"] == 44100
+        overlap = round(ready["overlap_s"] * 44100)
+        clips = clip_events(ws, 3)
+        ws.send(json.dumps({"type": "stop"}))
+        rest = [receive(ws) for _ in range(2)]
+    assert [e["alpha"] for e, _ in clips] == [0.0, 0.5, 1.0]
+    assert rest[-1][0] == {"type": "stopped", "reason": "stopped by the client"}
+    beat = seed_image("og_beat", torch_engine.params)
+    for event, audio in clips:
+        assert event["image"].startswith("data:image/jpeg;base64,")
+        start_, end = (PromptInput(**{k: v for k, v in event[n].items()}) for n in ("start", "end"))
+        request = Request(start_, end, event["alpha"], steps=3, width=512, seed_image=beat)
+        (alone,) = torch_engine.run([request])
+        pcm = np.frombuffer(audio, dtype="<i2")
+        # The chunk is the clip less its held tail, its head crossfaded with the previous tail.
+        assert np.array_equal(pcm[overlap:], alone.audio[0, overlap:-overlap])
+        if event["index"] == 0:
+            assert np.array_equal(pcm[:overlap], alone.audio[0, :overlap])
+    assert [e["start_s"] for e, _ in clips] == pytest.approx([0, 4.91, 9.82])
+
+
+def test_bad_control_messages_are_error_events_and_the_stream_goes_on(server) -> None:
+    url, _ = server
+    with connect(ws_url(url)) as ws:
+        for bad, field in (
+            ("not json", "message"),
+            (json.dumps({"type": "dance"}), "type"),
+            (json.dumps({"type": "prompt", "prompt": {"prompt": "x", "seed": 1}}), "type"),  # before start
+            (start(alpha_step=2), "alpha_step"),
+            (start(num_inference_steps=5000), "num_inference_steps"),
+            (start(seed_image_id="nope"), "seed_image_id"),
+            (start(prompt=""), "start.prompt"),
+        ):
+            ws.send(bad)
+            event, _ = receive(ws)
+            assert event["type"] == "error" and event["field"] == field, (bad, event)
+        ws.send(start())
+        assert receive(ws)[0]["type"] == "ready"
+        for bad, field in (
+            (json.dumps({"type": "prompt", "prompt": {"prompt": "x", "seed": -1}}), "prompt.seed"),
+            (
+                json.dumps({"type": "prompt", "prompt": {"prompt": "x", "seed": 1, "guidance": "7"}}),
+                "prompt.guidance",
+            ),
+            (json.dumps({"type": "update", "seed_image_id": "../etc"}), "seed_image_id"),
+            (start(), "type"),
+            (json.dumps({"type": "played", "clip": -3}), "clip"),
+        ):
+            ws.send(bad)
+            event, _ = receive(ws)
+            while event["type"] != "error":  # clips keep coming meanwhile
+                event, _ = receive(ws)
+            assert event["field"] == field, (bad, event)
+        ws.send(json.dumps({"type": "prompt", "prompt": {"prompt": "techno", "seed": 9}}))
+        ends = [e["end"]["prompt"] for e, _ in clip_events(ws, 7)]
+        assert "techno" in ends  # the queued prompt became the end at a wrap
+
+
+def no_streams(url: str) -> None:
+    """Wait for the streams of earlier tests to wind down (a closed client's stream ends
+    at the server once its current step has run)."""
+    deadline = time.monotonic() + 60
+    while metric(url, "riffusion_streams_open") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(url, "riffusion_streams_open") == 0
+
+
+def test_streams_over_the_limit_are_refused_with_a_reason(server) -> None:
+    url, _ = server
+    no_streams(url)
+    with connect(ws_url(url)) as first, connect(ws_url(url)) as second:
+        first.send(start())
+        second.send(start())
+        assert receive(first)[0]["type"] == receive(second)[0]["type"] == "ready"
+        refused_before = metric(url, "riffusion_streams_refused_total")
+        third = connect(ws_url(url))
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            third.recv(timeout=30)
+        third.close()
+        assert closed.value.rcvd.code == 1013 and "at most 2" in closed.value.rcvd.reason
+        assert metric(url, "riffusion_streams_refused_total") == refused_before + 1
+        assert metric(url, "riffusion_streams_open") == 2
+    no_streams(url)
+
+
+def test_a_client_that_never_reads_gets_a_bounded_stream(server) -> None:
+    """A raw client that sends its start and then reads nothing (so it never says a clip
+    played): the server makes its buffer's clips and no more."""
+    url, _ = server
+    sent_before = metric(url, "riffusion_stream_clips_total")
+    with connect(ws_url(url)) as ws:
+        ws.send(start())
+        time.sleep(8.0)  # several clips' time
+        sent = metric(url, "riffusion_stream_clips_total") - sent_before
+        time.sleep(4.0)
+        assert metric(url, "riffusion_stream_clips_total") - sent_before == sent <= 2  # the buffer
+
+
+def test_a_disconnect_stops_the_work_at_the_next_step(server) -> None:
+    """A stream whose clip takes ~1000 UNet steps; the client leaves while it denoises:
+    a one-shot request right after is answered without waiting for that clip."""
+    import httpx
+
+    url, _ = server
+    body = {
+        "alpha": 0.0,
+        "num_inference_steps": 2,
+        "start": {"prompt": "a", "seed": 1},
+        "end": {"prompt": "b", "seed": 2},
+        "format": "wav",
+    }
+    begin = time.perf_counter()
+    assert httpx.post(url + "/run_inference/", json=body, timeout=120).status_code == 200
+    one_shot = time.perf_counter() - begin
+    with connect(ws_url(url)) as ws:
+        ws.send(start(num_inference_steps=1000, seed_image_id="og_beat"))
+        assert receive(ws)[0]["type"] == "ready"
+        time.sleep(1.0)  # denoising now
+    begin = time.perf_counter()
+    assert httpx.post(url + "/run_inference/", json=body, timeout=120).status_code == 200
+    # 1000 steps of the tiny UNet at 512 px take tens of seconds; one step well under one.
+    assert time.perf_counter() - begin < one_shot + 5.0
+
+
+def test_the_lifetime_ends_a_stream(torch_engine) -> None:
+    app = create_app(torch_engine, ServerConfig(stream_lifetime_s=3.0))
+    with background(app) as url, connect(ws_url(url)) as ws:
+        ws.send(start())
+        events = []
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK):
+            while True:
+                events.append(receive(ws)[0])
+    assert events[-1]["type"] == "stopped" and "lifetime of 3 s" in events[-1]["reason"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM} (Debian's chromium package)"
+)
+def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, _ = server
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url + "/?steps=3&alpha_step=1&seed=5")
+            page.click("#play")
+            page.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+            page.fill("#prompt", "dub techno with a choir")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)
+            played = page.evaluate("window.riffusionPlayer.samplesPlayed")
+            page.wait_for_timeout(1500)
+            state = page.evaluate("window.riffusionPlayer")
+            assert state["samplesPlayed"] > played  # the AudioContext plays
+            assert page.evaluate("document.querySelector('#behind') !== null")
+            page.wait_for_function(
+                "window.riffusionPlayer.events.some(e => e.end.prompt === 'dub techno with a choir')",
+                timeout=120_000,
+            )
+            assert not errors and not state["errors"], (errors, state["errors"])
+        finally:
+            browser.close()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
