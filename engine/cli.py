@@ -379,6 +379,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         seed_images=Path(args.seed_images) if args.seed_images else None,
         cors_origins=tuple(args.cors_origin),
         degrade_steps=args.degrade_steps,
+        max_streams=args.max_streams,
+        stream_buffer=args.stream_buffer,
+        stream_lifetime_s=args.stream_lifetime,
     )
     sock = bind(args.host, args.port)  # before the model loads: a bad or busy port fails at once
     try:
@@ -642,11 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve Riffusion's HTTP API (POST /run_inference/)",
+        help="serve Riffusion's HTTP API (POST /run_inference/) and an endless stream (/stream, page at /)",
         description="Riffusion's inference API on FastAPI + uvicorn: the original's request and "
         "response, seed images and masks under the original's ids, requests batched within a "
         "window, a bounded queue (503 + Retry-After when full), a per-request timeout (504), "
-        "GET /health, GET /metrics (Prometheus) and /docs. Ctrl-C finishes the requests in flight.",
+        "GET /health, GET /metrics (Prometheus) and /docs; an endless stream over a WebSocket at /stream "
+        "(clips due soonest run first, sharing the batcher) and a page at / that plays it. Ctrl-C "
+        "finishes the requests in flight.",
     )
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -684,6 +689,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="let browser pages from ORIGIN (scheme://host[:port], or * for any) call the API; "
         "repeatable (default: none, same-origin only)",
     )
+    p.add_argument(
+        "--max-streams", type=int, default=4, help="most /stream WebSockets open at once; one more is refused"
+    )
+    p.add_argument(
+        "--stream-buffer", type=int, default=3, help="clips a stream makes ahead of its listener's playback"
+    )
+    p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

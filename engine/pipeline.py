@@ -22,6 +22,7 @@ equals the same request run alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -310,6 +311,12 @@ class Engine:
         def prompt_input(value: PromptInput | str) -> PromptInput:
             return PromptInput(value) if isinstance(value, str) else value
 
+        fields = {f.name for f in dataclasses.fields(StreamSettings)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise RiffusionError(
+                f"unknown stream setting {unknown[0]!r}; choose from {', '.join(sorted(fields))}"
+            )
         if isinstance(seed_image, str):
             if seed_image not in SEED_AUDIO:
                 raise RiffusionError(

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 from riffusion_engine.kernels.errors import RiffusionError
+from riffusion_engine.kernels.joins import Joiner
 
 from .pipeline import MAX_SEED, SCHEDULERS, Cancelled, Clip, Engine, PromptInput, Request
 
@@ -150,53 +151,6 @@ def _next_seed(prompt: PromptInput) -> PromptInput:
     return replace(prompt, seed=(prompt.seed + 1) % (MAX_SEED + 1))
 
 
-def equal_power(samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fade-out and fade-in gains of an equal-power crossfade over ``samples``
-    (``cos`` and ``sin`` of a quarter turn; their squares sum to 1)."""
-    t = (np.arange(samples, dtype=np.float64) + 0.5) / max(samples, 1)
-    return np.cos(t * np.pi / 2), np.sin(t * np.pi / 2)
-
-
-def crossfade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """``tail`` faded out over ``head`` faded in (same shape), as float64."""
-    out_gain, in_gain = equal_power(tail.shape[-1])
-    return tail.astype(np.float64) * out_gain + head.astype(np.float64) * in_gain
-
-
-def _int16(audio: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(audio), -32768, 32767).astype(np.int16)
-
-
-class Joiner:
-    """Turns clips into gapless chunks (module docstring: joins)."""
-
-    def __init__(self, overlap: int) -> None:
-        self.overlap = overlap  # C: samples crossfaded at each join
-        self.tail: np.ndarray | None = None
-        self.position = 0  # samples emitted so far
-
-    def add(self, audio: np.ndarray) -> tuple[np.ndarray, int]:
-        """The chunk for the next clip's ``audio`` (channels, samples) and where it starts."""
-        c = self.overlap
-        if audio.shape[-1] <= 2 * c:
-            raise RiffusionError(f"a clip of {audio.shape[-1]} samples is too short for a {c}-sample join")
-        body = audio[:, : audio.shape[-1] - c]
-        if self.tail is not None and c:
-            body = np.concatenate(
-                [_int16(crossfade(self.tail, audio[:, :c])), audio[:, c : audio.shape[-1] - c]], 1
-            )
-        self.tail = audio[:, audio.shape[-1] - c :]
-        start, self.position = self.position, self.position + body.shape[-1]
-        return body.astype(np.int16, copy=False), start
-
-    def flush(self) -> tuple[np.ndarray, int] | None:
-        if self.tail is None or not self.tail.shape[-1]:
-            return None
-        tail, self.tail = self.tail, None
-        start, self.position = self.position, self.position + tail.shape[-1]
-        return tail, start
-
-
 def continuation_inputs(previous: Any, base: Any, columns: int) -> tuple[Any, Any]:
     """Seed image and mask for a clip that keeps ``previous``'s last ``columns`` columns:
     those columns, then ``base`` (the stream's seed image) from that column on; the
@@ -243,6 +197,8 @@ class Stream:
         runner: Runner | None = None,
         deadline: Callable[[int], float] | None = None,
     ) -> None:
+        if max_clips is not None and (not isinstance(max_clips, int) or max_clips < 1):
+            raise RiffusionError(f"max_clips must be an integer >= 1 or None, got {max_clips!r}")
         self.engine = engine
         self.settings = settings or StreamSettings()
         self.walk = Walk(start, end, self.settings)
@@ -343,7 +299,12 @@ class Stream:
 
     def __iter__(self) -> Iterator[StreamChunk]:
         while True:
-            item = self._out.get()
+            try:
+                item = self._out.get(timeout=0.1)
+            except queue.Empty:
+                if not any(t.is_alive() for t in self._threads) and self._out.empty():
+                    return  # the threads ended without an end marker (stopped, nobody reading)
+                continue
             if isinstance(item, BaseException):
                 raise item
             if item is None:
@@ -436,19 +397,26 @@ class Stream:
             self._flush()
 
     def _put_final(self, target: queue.Queue[Any], item: Any) -> None:
-        # The end marker gets through even after stop(), unless nobody will ever read it.
-        for _ in range(200):
+        """Put the end of the stream, waiting for room as long as the stream runs; once
+        stopped, for half a second (the reader also ends when the threads have)."""
+        waited = 0.0
+        while not self._stopped.is_set() or waited < 0.5:
             try:
                 target.put(item, timeout=0.05)
                 return
             except queue.Full:
-                continue
+                waited += 0.05 if self._stopped.is_set() else 0.0
 
     def _audio_loop(self) -> None:
         try:
             with _audio_stream(self.engine):
                 while True:
-                    item = self._images.get()
+                    try:
+                        item = self._images.get(timeout=0.05)
+                    except queue.Empty:
+                        if self._stopped.is_set() and not self._threads[0].is_alive():
+                            break  # stopped: the diffusion thread ended without an end marker
+                        continue
                     if item is None:
                         break
                     if isinstance(item, BaseException):

@@ -183,6 +183,7 @@ def test_prompt_changes_pause_resume_and_stop_from_another_thread(torch_engine) 
     assert not any(t.is_alive() for t in stream._threads)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); seconds of waiting
 def test_a_reader_that_stops_reading_stops_the_stream(torch_engine) -> None:
     with torch_engine.stream("jazz", seed_image=None, buffer=2, **FAST) as stream:
         next(iter(stream))
@@ -208,6 +209,10 @@ def test_bad_stream_settings_are_clear_errors(torch_engine) -> None:
         torch_engine.stream("", seed_image=None)
     with pytest.raises(RiffusionError, match="seed_image is 512x512; this clip is 256x512"):
         torch_engine.stream("jazz", width=256)
+    with pytest.raises(RiffusionError, match="unknown stream setting 'lookahed'"):
+        torch_engine.stream("jazz", seed_image=None, lookahed=2)
+    with pytest.raises(RiffusionError, match="max_clips"):
+        torch_engine.stream("jazz", seed_image=None, max_clips=0)
     with pytest.raises(RiffusionError, match="unknown seed image"):
         torch_engine.stream("jazz", seed_image="nope")
 

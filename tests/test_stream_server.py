@@ -156,16 +156,16 @@ def test_streams_over_the_limit_are_refused_with_a_reason(server) -> None:
         second.send(start())
         assert receive(first)[0]["type"] == receive(second)[0]["type"] == "ready"
         refused_before = metric(url, "riffusion_streams_refused_total")
-        third = connect(ws_url(url))
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
-            third.recv(timeout=30)
-        third.close()
+            with connect(ws_url(url)) as third:
+                third.recv(timeout=30)
         assert closed.value.rcvd.code == 1013 and "at most 2" in closed.value.rcvd.reason
         assert metric(url, "riffusion_streams_refused_total") == refused_before + 1
         assert metric(url, "riffusion_streams_open") == 2
     no_streams(url)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); 12 s of waiting
 def test_a_client_that_never_reads_gets_a_bounded_stream(server) -> None:
     """A raw client that sends its start and then reads nothing (so it never says a clip
     played): the server makes its buffer's clips and no more."""
@@ -266,3 +266,33 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
         finally:
             browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_clips_due_soonest_run_first_and_share_batches(torch_engine) -> None:
+    """The batcher's order: a stream's clip due in a second runs before a one-shot request
+    that arrived earlier (due at its arrival plus the timeout); clips of two streams that
+    share a shape run as one batch."""
+    from riffusion_engine.engine.serve.batcher import Batcher
+
+    batcher = Batcher(torch_engine, ServerConfig(max_batch=4, batch_window_ms=0, timeout_s=300))
+    order: list[str] = []
+    beat = seed_image("og_beat", torch_engine.params)
+    one_shot = Request(PromptInput("a", 1), steps=2, width=256)
+    clip = Request(PromptInput("b", 2), steps=3, width=512, seed_image=beat)
+    other_stream = Request(PromptInput("c", 3), steps=3, width=512, seed_image=beat)
+    job = batcher.submit(one_shot)
+    job.future.add_done_callback(lambda f: order.append("one-shot"))
+    now = time.monotonic()
+    (first,) = batcher.submit_images([clip], [now + 1])
+    (second,) = batcher.submit_images([other_stream], [now + 2])
+    for name, j in (("stream b", first), ("stream c", second)):
+        j.future.add_done_callback(lambda f, name=name: order.append(name))
+    batcher.start()
+    assert job.future.result(120).audio.shape[-1] > 0
+    batcher.close()
+    assert order[-1] == "one-shot" and set(order[:2]) == {"stream b", "stream c"}
+    registry = batcher.metrics.registry
+    # two batches for three jobs: the two streams' clips in one, then the request
+    assert registry.get_sample_value("riffusion_batch_size_count") == 2
+    assert registry.get_sample_value("riffusion_batch_size_sum") == 3
+    assert first.future.result().shape == (512, 512, 3)  # a stream's job gives the image row

@@ -220,7 +220,12 @@ class _Session:
     async def run(self) -> None:
         try:
             while self.stream is None:
-                text = await self._receive()
+                left = self.config.stream_lifetime_s - (time.monotonic() - self.began)
+                try:
+                    text = await asyncio.wait_for(self._receive(), timeout=max(left, 0))
+                except asyncio.TimeoutError:  # a client holding a slot without starting
+                    await self.socket.close(1000, "no start message within the stream's lifetime")
+                    return
                 if text is None:
                     return
                 try:

@@ -1,0 +1,175 @@
+"""Streams: real-time margin, per-clip latency and underruns, with pipelining off and on,
+lookahead 1, 2 and 4, and several streams at once through the server's scheduler.
+
+    python benchmarks/bench_stream.py --model random:tiny --duration 60 \\
+        --json benchmarks/results/stream-random-tiny-cpu.json
+    python benchmarks/bench_stream.py --model random:full --device cuda --precision fp16 --duration 60
+
+Each stream walks at Riffusion's web-app settings (50 steps, denoising 0.75 on the
+og_beat seed image, alpha step 0.25) until it has made ``--duration`` seconds of audio.
+The margin is audio seconds made per wall second (1 or more keeps up with playback);
+an underrun is a clip ready after it was due, playback having started when the first
+clip was ready. Several streams share one engine through the server's batcher (clips
+due soonest first, batched when they share a shape), as ``serve`` runs them.
+Configurations run one after another in one process, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """``streams`` streams at once, each to ``duration`` seconds of audio; their figures."""
+    from riffusion_engine.engine.pipeline import PromptInput
+    from riffusion_engine.engine.seeds import SeedLibrary, seed_image
+    from riffusion_engine.engine.serve.api import ServerConfig
+    from riffusion_engine.engine.serve.batcher import Batcher
+    from riffusion_engine.engine.serve.streams import StreamHub
+    from riffusion_engine.engine.stream import Stream, StreamSettings, clips_for
+
+    config = StreamSettings(**settings)
+    clips = clips_for(config, engine.params, duration)
+    beat = seed_image("og_beat", engine.params)
+    batcher = hub = None
+    if streams > 1:
+        server = ServerConfig(max_batch=4, batch_window_ms=20)
+        batcher = Batcher(engine, server)
+        batcher.start()
+        hub = StreamHub(engine, batcher, SeedLibrary(params=engine.params), server, batcher.metrics)
+    results: list[dict[str, Any]] = [{} for _ in range(streams)]
+
+    def one(i: int) -> None:
+        start = PromptInput("church bells on sunday", 1000 * i)
+        began = time.perf_counter()
+        made: list[float] = []
+        seconds = 0.0
+        runner = hub.runner if hub is not None else None
+        with Stream(
+            engine, start, settings=config, seed_image=beat, max_clips=clips, runner=runner
+        ) as stream:
+            for chunk in stream:
+                seconds += chunk.duration_s
+                if not chunk.final:
+                    made.append(time.perf_counter())
+        wall = time.perf_counter() - began
+        step = (stream.length_samples(2) - stream.length_samples(1)) / engine.params.sample_rate
+        # playback starts when clip 0 is ready; clip k is due k clip-steps later
+        late = [t - (made[0] + k * step) for k, t in enumerate(made)]
+        gaps = [b - a for a, b in itertools.pairwise([began, *made])]
+        results[i] = {
+            "audio_s": seconds,
+            "wall_s": wall,
+            "margin": seconds / wall,
+            "clip_latency_s": statistics.median(gaps),
+            "first_clip_s": made[0] - began,
+            "underruns": sum(1 for x in late if x > 0),
+        }
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if batcher is not None:
+        batcher.close()
+    return {
+        "streams": streams,
+        "settings": settings,
+        "clips_per_stream": clips,
+        "margin_min": min(r["margin"] for r in results),
+        "margin_mean": statistics.mean(r["margin"] for r in results),
+        "clip_latency_s": statistics.median(r["clip_latency_s"] for r in results),
+        "first_clip_s": max(r["first_clip_s"] for r in results),
+        "underruns": sum(r["underruns"] for r in results),
+        "per_stream": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
+    parser.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--precision", default="fp32", help="fp32 or fp16 (default: fp32)")
+    parser.add_argument("--duration", type=float, default=60.0, help="audio seconds per stream (default: 60)")
+    parser.add_argument("--steps", type=int, default=50, help="steps per clip (default: 50, the web app's)")
+    parser.add_argument("--streams", type=int, default=2, help="streams at once in the last row (default: 2)")
+    parser.add_argument(
+        "--rows",
+        default="off1,on1,on2,on4,streams",
+        help="which rows: off1 (no pipelining), on1, on2, on4 (pipelining, lookahead 1/2/4), streams "
+        "(--streams at once) (default: all)",
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine.kernels.errors import RiffusionError
+
+    try:
+        engine = Engine.load(
+            args.model, backend=args.backend, device=args.device, precision=args.precision, progress=True
+        )
+    except RiffusionError as exc:
+        raise SystemExit(f"bench_stream: {exc}") from None
+    base = {"steps": args.steps, "alpha_step": 0.25}
+    table = {
+        "off1": (1, {**base, "pipeline": False, "lookahead": 1}),
+        "on1": (1, {**base, "pipeline": True, "lookahead": 1}),
+        "on2": (1, {**base, "pipeline": True, "lookahead": 2}),
+        "on4": (1, {**base, "pipeline": True, "lookahead": 4}),
+        "streams": (args.streams, {**base, "pipeline": True, "lookahead": 1}),
+    }
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise SystemExit(f"bench_stream: --rows takes {', '.join(table)}; got {args.rows!r}")
+    configs = [table[n] for n in names]
+    run_streams(engine, streams=1, duration=5, settings={**base, "steps": min(args.steps, 5)})  # warm-up
+    rows = []
+    print(
+        f"{'streams':>7} {'pipeline':>8} {'lookahead':>9} {'margin':>7} {'clip s':>7} "
+        f"{'first s':>7} {'underruns':>9}"
+    )
+    for streams, settings in configs:
+        row = run_streams(engine, streams=streams, duration=args.duration, settings=settings)
+        rows.append(row)
+        print(
+            f"{streams:>7} {'on' if settings['pipeline'] else 'off':>8} {settings['lookahead']:>9} "
+            f"{row['margin_min']:>6.2f}x {row['clip_latency_s']:>7.2f} {row['first_clip_s']:>7.2f} "
+            f"{row['underruns']:>9}"
+        )
+    speedup = None
+    if "off1" in names and "on1" in names:
+        sequential, pipelined = (
+            rows[names.index("off1")]["margin_min"],
+            rows[names.index("on1")]["margin_min"],
+        )
+        speedup = pipelined / sequential
+        print(f"pipelining: {speedup:.2f}x the sequential margin")
+    if args.json:
+        out = {
+            "model": args.model,
+            "backend": args.backend,
+            "device": args.device,
+            "precision": args.precision,
+            "duration_s": args.duration,
+            "rows": dict(zip(names, rows, strict=True)),
+            "pipelining_speedup": speedup,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
