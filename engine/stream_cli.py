@@ -18,8 +18,9 @@ def add_parser(sub: Any, add_engine_args: Any, add_run_args: Any) -> None:
         description="Riffusion's web-app walk as one long file: clips at alpha 0, 0.25, ... from --start "
         "to --end, then on through the --prompts, each end becoming the next start; the clips are "
         "joined by an equal-power crossfade (or, with --continuation, each keeps the previous clip's "
-        "last spectrogram columns and the join spans them). Prints the real-time margin: audio seconds "
-        "made per wall second (1 or more keeps up with playback).",
+        "last spectrogram columns and the join spans them). Clips start from --seed-image, by default "
+        "the web app's og_beat (a drum loop this project synthesizes). Prints the real-time margin: "
+        "audio seconds made per wall second (1 or more keeps up with playback).",
     )
     p.add_argument("--start", required=True, help="the first prompt")
     p.add_argument("--end", default=None, help="the prompt it moves to (default: --start, next seed)")
@@ -42,7 +43,11 @@ def add_parser(sub: Any, add_engine_args: Any, add_run_args: Any) -> None:
     p.add_argument("--continuation-columns", type=int, default=64, help="columns kept (multiple of 8)")
     p.add_argument("--lookahead", type=int, default=1, help="clips denoised as one batch")
     p.add_argument(
-        "--no-pipeline", action="store_true", help="make each clip's audio before the next clip denoises"
+        "--pipeline",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="make a clip's audio while the next clip denoises (a second thread); auto: on a GPU only "
+        "(on a CPU both share the cores)",
     )
     add_engine_args(p)
     add_run_args(p)
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
     from riffusion_engine.kernels.audio import check_audio_output, save_audio
     from tqdm.auto import tqdm
 
-    from .cli import _beat_seed_image, _load_engine, _open_image
+    from .cli import _load_engine, _open_image
+    from .seeds import SEED_AUDIO, image_of_audio
 
     out = check_audio_output(args.output)
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
         continuation=args.continuation,
         continuation_columns=args.continuation_columns,
         lookahead=args.lookahead,
-        pipeline=not args.no_pipeline,
+        pipeline={"auto": None, "on": True, "off": False}[args.pipeline],
     )
     prompts = _prompts(args.prompts)
 
@@ -101,7 +107,9 @@ def run(args: argparse.Namespace) -> None:
 
     start = ending(args.start, args.seed)
     end = ending(args.end, args.seed + 1) if args.end else None
-    seed_image = _open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
+    seed_image = _open_image(args.seed_image, "seed image")
+    if seed_image is None:  # the web app's og_beat, as wide as the clips
+        seed_image = image_of_audio(SEED_AUDIO["og_beat"], args.width).convert("RGB")
     mask = _open_image(args.mask, "mask")
     engine = _load_engine(args)
     clips = clips_for(settings, engine.params, args.duration)

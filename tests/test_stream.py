@@ -18,7 +18,9 @@ from riffusion_engine.engine.pipeline import PromptInput  # noqa: E402
 from riffusion_engine.engine.stream import StreamSettings, Walk  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
-FAST = dict(steps=3, width=256)  # a quarter of the work of a 512-wide clip
+# A quarter of the work of a 512-wide clip; pipelined (two threads: on a CPU the default
+# is one), the path a GPU takes.
+FAST = dict(steps=3, width=256, pipeline=True)
 
 
 def naive_join(clips: list[np.ndarray], overlap: int) -> np.ndarray:
@@ -90,11 +92,14 @@ def test_stream_clips_equal_one_shot_runs_and_join_as_documented(torch_engine) -
 
 
 def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
-    settings = dict(seed_image=None, max_clips=3, **FAST)
+    settings = dict(seed_image=None, max_clips=3, steps=3, width=256)
     with torch_engine.stream("jazz", pipeline=False, **settings) as stream:
         sequential = list(stream)
-    with torch_engine.stream("jazz", lookahead=3, **settings) as stream:
+        assert len(stream._threads) == 1
+    with torch_engine.stream("jazz", lookahead=3, pipeline=True, **settings) as stream:
         batched = list(stream)
+    with torch_engine.stream("jazz", **settings) as stream:
+        assert not stream.pipelined  # the default on a CPU
     assert len(sequential) == len(batched) == 4
     for a, b in zip(sequential[:-1], batched[:-1], strict=True):
         (alone,) = torch_engine.run([a.request])
@@ -108,7 +113,7 @@ def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
 def test_a_seed_image_stream_is_the_web_apps_request(torch_engine) -> None:
     from riffusion_engine.engine.seeds import seed_image
 
-    with torch_engine.stream("jazz", max_clips=1, steps=4) as stream:
+    with torch_engine.stream("jazz", max_clips=1, steps=4, pipeline=True) as stream:
         (chunk, _tail) = list(stream)
     assert chunk.request.seed_image.tobytes() == seed_image("og_beat", torch_engine.params).tobytes()
     assert chunk.request.start.denoising == 0.75 and chunk.request.steps == 4
