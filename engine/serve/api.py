@@ -139,6 +139,38 @@ def default_steps(config: ServerConfig) -> int:
     return min(InferenceInput.model_fields["num_inference_steps"].default, config.max_steps)
 
 
+class FieldError(RiffusionError):
+    """A request field the server refuses: which one, and why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def checked_steps(config: ServerConfig, steps: int | None) -> int:
+    """``steps`` (None: left out, so :func:`default_steps`) within the server's cap."""
+    steps = default_steps(config) if steps is None else steps
+    if steps > config.max_steps:
+        raise FieldError("num_inference_steps", f"at most {config.max_steps} on this server, got {steps}")
+    return steps
+
+
+def prompt_input(engine: Engine, name: str, value: ApiPromptInput) -> PromptInput:
+    """The engine's :class:`PromptInput` for the API's ``name`` end, its texts checked
+    (FieldError naming ``name.prompt`` or ``name.negative_prompt``)."""
+    for field, text, negative in (
+        ("prompt", value.prompt, False),
+        ("negative_prompt", value.negative_prompt, True),
+    ):
+        if text is None:
+            continue
+        try:
+            engine.check_text(text, negative=negative)
+        except RiffusionError as exc:
+            raise FieldError(f"{name}.{field}", str(exc)) from None
+    return PromptInput(value.prompt, value.seed, value.negative_prompt, value.guidance, value.denoising)
+
+
 def parse_input(body: bytes) -> InferenceInput:
     """The request body as :class:`InferenceInput` (JSON whatever the Content-Type)."""
     try:
@@ -155,15 +187,12 @@ def engine_request(
     inputs: InferenceInput, engine: Engine, seeds: SeedLibrary, config: ServerConfig
 ) -> Request:
     """The engine request for ``inputs``, every field checked (ApiError naming the field)."""
-    if "num_inference_steps" not in inputs.model_fields_set:
-        # Left out: the API's default (50), or the server's cap where that is lower.
-        inputs = inputs.model_copy(update={"num_inference_steps": default_steps(config)})
-    if inputs.num_inference_steps > config.max_steps:
-        raise ApiError(
-            422,
-            f"num_inference_steps: at most {config.max_steps} on this server, "
-            f"got {inputs.num_inference_steps}",
-        )
+    # Left out: the API's default (50), or the server's cap where that is lower.
+    given = inputs.num_inference_steps if "num_inference_steps" in inputs.model_fields_set else None
+    try:
+        steps = checked_steps(config, given)
+    except FieldError as exc:
+        raise ApiError(422, str(exc)) from None
 
     def image(field_name: str, image_id: str, mode: str) -> Any:
         try:
@@ -179,21 +208,19 @@ def engine_request(
 
     seed_image = image("seed_image_id", inputs.seed_image_id, "RGB")
     mask = image("mask_image_id", inputs.mask_image_id, "L") if inputs.mask_image_id else None
-    ends = []
-    for name, end in (("start", inputs.start), ("end", inputs.end)):
-        checked(f"{name}.prompt", lambda e=end: engine.check_text(e.prompt))
-        if end.negative_prompt is not None:
-            checked(
-                f"{name}.negative_prompt", lambda e=end: engine.check_text(e.negative_prompt, negative=True)
-            )
-        ends.append(PromptInput(end.prompt, end.seed, end.negative_prompt, end.guidance, end.denoising))
+    try:
+        ends = [
+            prompt_input(engine, name, end) for name, end in (("start", inputs.start), ("end", inputs.end))
+        ]
+    except FieldError as exc:
+        raise ApiError(422, str(exc)) from None
     request = checked(
         "seed_image_id",
         lambda: Request(
             ends[0],
             ends[1],
             inputs.alpha,
-            inputs.num_inference_steps,
+            steps,
             seed_image.width,
             seed_image=seed_image,
             mask=mask,

@@ -47,7 +47,7 @@ from riffusion_engine.kernels.errors import RiffusionError
 from ..pipeline import Cancelled, Engine, PromptInput, Request
 from ..seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, clip_samples, overlap_samples
-from .api import ApiPromptInput, JsonInt, ServerConfig, default_steps, jpeg_data_url
+from .api import ApiPromptInput, FieldError, JsonInt, ServerConfig, checked_steps, jpeg_data_url, prompt_input
 from .batcher import Batcher, Metrics, QueueFull
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,11 @@ def parse_message(text: str) -> Any:
 
 
 def _prompt(engine: Engine, name: str, value: ApiPromptInput) -> PromptInput:
+    """The API's validation of a prompt input (``/run_inference/``'s), as a message error."""
     try:
-        engine.check_text(value.prompt)
-    except RiffusionError as exc:
-        raise MessageError(f"{name}.prompt", str(exc)) from None
-    if value.negative_prompt is not None:
-        try:
-            engine.check_text(value.negative_prompt, negative=True)
-        except RiffusionError as exc:
-            raise MessageError(f"{name}.negative_prompt", str(exc)) from None
-    return PromptInput(value.prompt, value.seed, value.negative_prompt, value.guidance, value.denoising)
+        return prompt_input(engine, name, value)
+    except FieldError as exc:
+        raise MessageError(exc.field, exc.reason) from None
 
 
 def _image(seeds: SeedLibrary, field: str, image_id: str | None, mode: str) -> Any:
@@ -270,11 +265,10 @@ class _Session:
 
     def _start(self, message: StartMessage) -> Stream:
         engine, seeds, config = self.engine, self.hub.seeds, self.config
-        steps = message.num_inference_steps or default_steps(config)
-        if steps > config.max_steps:
-            raise MessageError(
-                "num_inference_steps", f"at most {config.max_steps} on this server, got {steps}"
-            )
+        try:
+            steps = checked_steps(config, message.num_inference_steps)
+        except FieldError as exc:
+            raise MessageError(exc.field, exc.reason) from None
         start = _prompt(engine, "start", message.start)
         end = _prompt(engine, "end", message.end) if message.end is not None else None
         seed_image = _image(seeds, "seed_image_id", message.seed_image_id, "RGB")
