@@ -33,7 +33,7 @@ def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[st
     from riffusion_engine.engine.serve.api import ServerConfig
     from riffusion_engine.engine.serve.batcher import Batcher
     from riffusion_engine.engine.serve.streams import StreamHub
-    from riffusion_engine.engine.stream import Stream, StreamSettings, clips_for
+    from riffusion_engine.engine.stream import Stream, StreamSettings, advance_samples, clips_for
 
     config = StreamSettings(**settings)
     clips = clips_for(config, engine.params, duration)
@@ -60,7 +60,7 @@ def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[st
                 if not chunk.final:
                     made.append(time.perf_counter())
         wall = time.perf_counter() - began
-        step = (stream.length_samples(2) - stream.length_samples(1)) / engine.params.sample_rate
+        step = advance_samples(config, engine.params) / engine.params.sample_rate
         # playback starts when clip 0 is ready; clip k is due k clip-steps later
         late = [t - (made[0] + k * step) for k, t in enumerate(made)]
         gaps = [b - a for a, b in itertools.pairwise([began, *made])]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,25 +224,45 @@ def _repository_files(path: Path) -> list[str]:
     )
 
 
+def _snapshot(
+    repo_id: str,
+    what: str,
+    cached: list[str],
+    wanted: Callable[[], list[str]],
+    error: Callable[[Exception], str],
+) -> Path:
+    """A local snapshot of ``repo_id``: the files of the hub cache matching ``cached``,
+    else a download of the patterns ``wanted()`` returns; RiffusionError(``error(exc)``)
+    when that fails too (offline, say)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=cached, local_files_only=True))
+    except Exception:
+        log.info("%s is not in the local hub cache; downloading it", what)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=wanted()))
+    except Exception as exc:
+        raise RiffusionError(error(exc)) from exc
+
+
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     # What may be in the cache already: the components' folders (the cache holds what an
     # earlier download selected).
     cached = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=cached, local_files_only=True))
-    except Exception:
-        log.info("%s is not in the local hub cache; downloading", repo_id)
-    try:
-        wanted = select_files(HfApi().list_repo_files(repo_id))
-        return Path(snapshot_download(repo_id, allow_patterns=wanted))
-    except Exception as exc:
-        raise RiffusionError(
+    return _snapshot(
+        repo_id,
+        repo_id,
+        cached,
+        lambda: select_files(HfApi().list_repo_files(repo_id)),
+        lambda exc: (
             f"model {repo_id!r} is not in the local cache and could not be downloaded "
             f"({type(exc).__name__}); fetch it where there is network with "
             f"`hf download {repo_id}` or pass a local diffusers-format directory"
-        ) from exc
+        ),
+    )
 
 
 def checkpoint_config(checkpoint: Path) -> Path:
@@ -251,22 +272,19 @@ def checkpoint_config(checkpoint: Path) -> Path:
     tokenizer files of :data:`DEFAULT_MODEL` (kilobytes from the hub, or its cache)."""
     if (checkpoint.parent / "model_index.json").is_file():
         return checkpoint.parent
-    from huggingface_hub import snapshot_download
-
     configs = ["model_index.json", *(f"{c}/*.{ext}" for c in COMPONENTS for ext in ("json", "txt"))]
-    try:
-        return Path(snapshot_download(DEFAULT_MODEL, allow_patterns=configs, local_files_only=True))
-    except Exception:
-        log.info("%s's configuration is not in the local hub cache; downloading it", DEFAULT_MODEL)
-    try:
-        return Path(snapshot_download(DEFAULT_MODEL, allow_patterns=configs))
-    except Exception as exc:
-        raise RiffusionError(
+    return _snapshot(
+        DEFAULT_MODEL,
+        f"{DEFAULT_MODEL}'s configuration",
+        configs,
+        lambda: configs,
+        lambda exc: (
             f"checkpoint {str(checkpoint)!r} needs a model configuration: put it in a folder with "
             f"model_index.json and the component folders' configs (a diffusers-format directory's "
             f".json and .txt files), or fetch {DEFAULT_MODEL}'s where there is network with "
             f"`hf download {DEFAULT_MODEL} --include '*.json' '*.txt'` ({type(exc).__name__})"
-        ) from exc
+        ),
+    )
 
 
 def _load_checkpoint(path: Path, model_id: str) -> Components:

@@ -386,9 +386,13 @@ class Engine:
         self.check_images(request)
         for end in (request.start, request.end):
             if end is not None:
-                self.check_text(end.prompt)
-                if end.negative_prompt is not None:
-                    self.check_text(end.negative_prompt, negative=True)
+                self.check_prompt(end)
+
+    def check_prompt(self, prompt: PromptInput) -> None:
+        """Raise RiffusionError for a prompt input whose texts this engine cannot encode."""
+        self.check_text(prompt.prompt)
+        if prompt.negative_prompt is not None:
+            self.check_text(prompt.negative_prompt, negative=True)
 
     def check_images(self, request: Request) -> None:
         """The part of :meth:`check` that is not the prompts: width, seed image and mask."""
@@ -599,21 +603,38 @@ class Engine:
     def to_clip(self, image: Any, timings: dict[str, float]) -> Clip:
         """One row of :meth:`images` ``(height, width, 3)`` -> spectrogram -> audio, on the
         backend's device (``timings`` gains ``image_to_audio``)."""
-        import torch
         from riffusion_engine.kernels import xp as xpm
         from riffusion_engine.kernels.convert import audio_from_spectrogram
-        from riffusion_engine.kernels.image import image_from_pixels, spectrogram_from_pixels
+        from riffusion_engine.kernels.image import spectrogram_from_pixels
 
         begin = time.perf_counter()
-        pixels = (image * 255).round().to(torch.uint8)  # (height, width, 3), as diffusers rounds
+        pixels = _pixels(image)
         xp = xpm.get_xp(self.backend.device)
         mel = spectrogram_from_pixels(
             xpm.as_array(pixels, xp), self.params, max_value=DEFAULT_MAX_VALUE, xp=xp
         )
         audio = audio_from_spectrogram(mel, self.params, self.griffin_lim, device=self.backend.device)
         timings["image_to_audio"] = time.perf_counter() - begin
-        picture = image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
-        return Clip(audio=audio, sample_rate=self.params.sample_rate, image=picture, timings=timings)
+        return Clip(
+            audio=audio, sample_rate=self.params.sample_rate, image=self._picture(pixels), timings=timings
+        )
+
+    def picture(self, image: Any) -> Any:
+        """One row of :meth:`images` -> the PIL spectrogram image a clip carries, its
+        parameters in the EXIF."""
+        return self._picture(_pixels(image))
+
+    def _picture(self, pixels: Any) -> Any:
+        from riffusion_engine.kernels.image import image_from_pixels
+
+        return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
+
+
+def _pixels(image: Any) -> Any:
+    """An image row in [0, 1] -> its 8-bit pixels ``(height, width, 3)``, rounded as diffusers rounds."""
+    import torch
+
+    return (image * 255).round().to(torch.uint8)
 
 
 def _image_batch(images: list[Any]) -> Any:

@@ -206,7 +206,6 @@ class Stream:
         self.settings = settings or StreamSettings()
         self.walk = Walk(start, end, self.settings)
         self.walk.seed_image, self.walk.mask = seed_image, mask
-        self.base_image = seed_image
         self.max_clips = max_clips
         self._runner = runner or self._run_engine
         self._deadline = deadline or (lambda index: math.inf)
@@ -242,9 +241,7 @@ class Stream:
 
     def queue(self, prompt: PromptInput) -> None:
         """``prompt`` becomes the end at the next wrap (after those queued before it)."""
-        self.engine.check_text(prompt.prompt)
-        if prompt.negative_prompt is not None:
-            self.engine.check_text(prompt.negative_prompt, negative=True)
+        self.engine.check_prompt(prompt)
         with self._lock:
             self.walk.queue(prompt)
 
@@ -268,8 +265,6 @@ class Stream:
             self.check(trial.peek())
             walk.start, walk.end, walk.alpha = trial.start, trial.end, trial.alpha
             walk.seed_image, walk.mask = trial.seed_image, trial.mask
-            if seed_image is not ...:
-                self.base_image = seed_image
 
     def pause(self) -> None:
         """Make no new clip until :meth:`resume` (the one denoising finishes)."""
@@ -350,7 +345,7 @@ class Stream:
                 request = self.walk.next()
                 if self.settings.continuation and self._previous_image is not None:
                     seed, mask = continuation_inputs(
-                        self._previous_image, self.base_image, self.settings.continuation_columns
+                        self._previous_image, self.walk.seed_image, self.settings.continuation_columns
                     )
                     request = replace(request, seed_image=seed, mask=mask)
                 requests.append(request)
@@ -379,7 +374,7 @@ class Stream:
                             image = _keep_columns(
                                 image, self._previous_image, self.settings.continuation_columns
                             )
-                        self._previous_image = _picture(image, self.engine)
+                        self._previous_image = self.engine.picture(image)
                     if self.pipelined and self.engine.backend.device == "cuda":
                         import torch
 
@@ -483,6 +478,11 @@ def overlap_samples(settings: StreamSettings, params: Any) -> int:
     return round(settings.crossfade_s * params.sample_rate)
 
 
+def advance_samples(settings: StreamSettings, params: Any) -> int:
+    """L - C: how far each clip after the first moves the stream on."""
+    return clip_samples(settings, params) - overlap_samples(settings, params)
+
+
 def length_samples(settings: StreamSettings, params: Any, clips: int) -> int:
     """Samples of ``clips`` joined clips: ``N * L - (N - 1) * C``."""
     return clips * clip_samples(settings, params) - max(clips - 1, 0) * overlap_samples(settings, params)
@@ -490,19 +490,8 @@ def length_samples(settings: StreamSettings, params: Any, clips: int) -> int:
 
 def clips_for(settings: StreamSettings, params: Any, seconds: float) -> int:
     """The fewest clips whose joined audio lasts ``seconds``."""
-    new = clip_samples(settings, params) - overlap_samples(settings, params)
     need = math.ceil(seconds * params.sample_rate) - overlap_samples(settings, params)
-    return max(1, math.ceil(max(need, 0) / new))
-
-
-def _picture(image: Any, engine: Engine) -> Any:
-    """A decoded image row -> the PIL spectrogram image a clip carries."""
-    import torch
-    from riffusion_engine.kernels.image import image_from_pixels
-    from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE
-
-    pixels = (image * 255).round().to(torch.uint8).cpu().numpy()
-    return image_from_pixels(pixels, engine.params, max_value=DEFAULT_MAX_VALUE)
+    return max(1, math.ceil(max(need, 0) / advance_samples(settings, params)))
 
 
 @contextlib.contextmanager

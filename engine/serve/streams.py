@@ -46,7 +46,7 @@ from riffusion_engine.kernels.errors import RiffusionError
 
 from ..pipeline import Cancelled, Engine, PromptInput, Request
 from ..seeds import ID_PATTERN, SeedLibrary
-from ..stream import Stream, StreamSettings, clip_samples, overlap_samples
+from ..stream import Stream, StreamSettings, advance_samples, clip_samples
 from .api import ApiPromptInput, FieldError, JsonInt, ServerConfig, checked_steps, jpeg_data_url, prompt_input
 from .batcher import Batcher, Metrics, QueueFull
 
@@ -284,9 +284,7 @@ class _Session:
             )
         except RiffusionError as exc:
             raise MessageError("start", str(exc)) from None
-        self.step_s = (clip_samples(settings, engine.params) - overlap_samples(settings, engine.params)) / (
-            engine.params.sample_rate
-        )
+        self.step_s = advance_samples(settings, engine.params) / engine.params.sample_rate
         try:
             return Stream(
                 engine,
@@ -337,7 +335,8 @@ class _Session:
             now = time.monotonic()
             if self.playback is None:
                 self.playback = now
-            late = chunk.made_at - self._deadline(chunk.index) if chunk.index > 0 and not chunk.final else 0.0
+            due = self._deadline(chunk.index)
+            late = chunk.made_at - due if chunk.index > 0 and not chunk.final else 0.0
             made_s += chunk.duration_s
             working = max(now - self.began - self.paused_total, 1e-6)
             margin = made_s / working
@@ -354,7 +353,7 @@ class _Session:
                     start=_describe(request.start),
                     end=_describe(request.end or request.start),
                     alpha=request.alpha,
-                    ahead_s=round(self._deadline(chunk.index) - now, 3),
+                    ahead_s=round(due - now, 3),
                     behind=late > 0,
                     image=await asyncio.to_thread(jpeg_data_url, chunk.clip.image),
                 )
