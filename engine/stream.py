@@ -497,7 +497,17 @@ def clips_for(settings: StreamSettings, params: Any, seconds: float) -> int:
 @contextlib.contextmanager
 def _audio_stream(engine: Engine) -> Iterator[None]:
     """On CUDA, the audio kernels (CuPy) in a non-blocking stream of their own, so they
-    overlap the diffusion on torch's stream (CuPy's current stream is per thread)."""
+    overlap the diffusion on torch's stream.
+
+    Contracts relied on: CuPy's ``Stream(non_blocking=True)`` does not synchronize with
+    the legacy default stream torch computes on, and ``with stream:`` makes it the
+    current stream of this thread only (``cupy.cuda.Stream`` reference). The image row
+    reaches CuPy through DLPack (``kernels.xp.as_array``): ``cupy.from_dlpack`` hands its
+    current stream to ``Tensor.__dlpack__(stream=...)``, which makes that stream wait for
+    torch's current one (torch 2.13 ``_tensor.py``), so the pixels torch rounds in this
+    thread are written before CuPy reads them; the diffusion thread synchronizes its own
+    stream before handing the row over. ``to_numpy`` (``.get()``) ends each clip's audio
+    synchronously. Covered by ``test_pipelined_stream_on_cuda_equals_its_one_shot_runs``."""
     if engine.backend.device != "cuda":
         yield
         return
