@@ -159,11 +159,13 @@ el("play").addEventListener("click", async () => {
     await context.suspend();
     socket.send(JSON.stringify({ type: "pause" }));
     player.state = "paused";
+    status("paused");
     el("play").textContent = "Play";
   } else {
     await context.resume();
     socket.send(JSON.stringify({ type: "resume" }));
     player.state = "playing";
+    status("playing");
     el("play").textContent = "Pause";
     requestAnimationFrame(frame);
   }
