@@ -383,6 +383,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         stream_buffer=args.stream_buffer,
         stream_lifetime_s=args.stream_lifetime,
     )
+    if args.ray:
+        return _serve_cluster(args, config)
+    given = [f for f in CLUSTER_FLAGS if getattr(args, f.lstrip("-").replace("-", "_")) not in (None, False)]
+    if given:
+        raise RiffusionError(f"{given[0]} is an option of --ray")
     sock = bind(args.host, args.port)  # before the model loads: a bad or busy port fails at once
     try:
         engine = _load_engine(args)
@@ -392,6 +397,42 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         serve(engine, config, sock=sock, model=model, log_level="info" if args.verbose else "warning")
     finally:
         sock.close()
+
+
+CLUSTER_FLAGS = ("--address", "--replicas", "--min-replicas", "--max-replicas", "--target-ongoing-requests")
+
+
+def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
+    from riffusion_engine.engine.serve import cluster
+    from riffusion_engine.engine.serve.app import bind
+
+    cluster._ray()  # the extra is installed: before any export
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    if autoscale and args.replicas is not None:
+        raise RiffusionError("--replicas is a fixed count: give it, or --min-replicas/--max-replicas")
+    fewest = 1 if args.min_replicas is None else args.min_replicas
+    options = cluster.ClusterConfig(
+        replicas=None if autoscale else (args.replicas or 1),
+        min_replicas=fewest,
+        max_replicas=max(fewest, 1) if args.max_replicas is None else args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        max_ongoing_requests=args.max_ongoing_requests,
+        gpus_per_replica=(1.0 if args.device == "cuda" else 0.0)
+        if args.gpus_per_replica is None
+        else args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    if args.address is None:
+        bind(args.host, args.port).close()  # a bad or busy port fails before Ray starts
+    spec = cluster.prepare(
+        args.model,
+        args.artifacts,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+    )
+    cluster.run(spec, config, options, address=args.address, host=args.host, port=args.port)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -696,6 +737,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-buffer", type=int, default=3, help="clips a stream makes ahead of its listener's playback"
     )
     p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
+    ray = p.add_argument_group(
+        "cluster (Ray Serve)",
+        "--ray serves the same API from engine replicas on a Ray cluster (the cluster extra): each "
+        "replica loads one prebuilt export (made here first unless --artifacts names one), --max-queue "
+        "requests wait at the ingress past the replicas' --max-ongoing-requests, then 503",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
+    ray.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one",
+    )
+    count = ray.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default: 1)")
+    count.add_argument(
+        "--min-replicas", type=int, default=None, help="autoscale: fewest replicas (default: 1)"
+    )
+    ray.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscale: most replicas (default: --min-replicas)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="autoscale: ongoing requests per replica to aim for (default: --max-batch)",
+    )
+    ray.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=8,
+        help="requests a replica holds at once, running or batching (default: 8)",
+    )
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs each replica reserves (default: 1 with --device cuda, else 0)",
+    )
+    ray.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="CPUs each replica reserves; on the CPU its engine runs that many threads (default: 1)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -795,7 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds as Ctrl-C does, so finally blocks remove temporary files and folders
     # (the server handles both signals itself: it finishes the requests in flight).
     previous = None
-    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+    handles_signals = args.command == "serve" and not args.ray
+    if not handles_signals and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         func(args)

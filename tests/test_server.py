@@ -640,3 +640,32 @@ def test_left_out_steps_follow_the_cap(server) -> None:
     assert "got 9" in post(server, {**ORIGINAL, "num_inference_steps": 9}).json()["detail"]
     metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
+
+
+class HangingEngine(Engine):
+    """The engine, hanging in its batches until released (a stuck device call)."""
+
+    release = threading.Event()
+
+    def images(self, requests, **kwargs):
+        self.release.wait()
+        return super().images(requests, **kwargs)
+
+
+def test_a_batch_without_progress_reports_the_batcher_stalled(torch_engine) -> None:
+    """What a cluster replica's health check asks: a batch that reaches no UNet step for
+    longer than the limit is stalled; a working or idle batcher is not."""
+    engine = HangingEngine(
+        torch_engine.backend, torch_engine.tokenizer, torch_engine.scheduler_config, torch_engine.shape
+    )
+    batcher = Batcher(engine, ServerConfig(batch_window_ms=0))
+    batcher.start()
+    assert batcher.stalled(0.2) is None  # idle
+    job = batcher.submit(Request(PromptInput("a", 1), steps=2, width=256))
+    time.sleep(0.5)
+    assert "no progress" in (batcher.stalled(0.2) or "")
+    assert batcher.stalled(60) is None  # not past a longer limit
+    engine.release.set()
+    assert job.future.result(120).audio.shape[-1] > 0
+    assert batcher.stalled(0.2) is None  # it moved on and finished
+    batcher.close()

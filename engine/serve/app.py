@@ -41,20 +41,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from riffusion_engine.kernels.errors import RiffusionError
 
-from ..pipeline import Engine, PromptInput, Request
+from ..pipeline import Engine
 from ..seeds import SeedLibrary
-from .api import (
-    ApiError,
-    InferenceInput,
-    InferenceOutput,
-    ServerConfig,
-    default_steps,
-    encode_output,
-    engine_request,
-    parse_input,
-)
-from .batcher import Batcher, Metrics, QueueFull
-from .streams import StreamHub
+from .api import ApiError, InferenceInput, InferenceOutput, ServerConfig, default_steps
+from .core import Answer, EngineServer
 
 log = logging.getLogger(__name__)
 
@@ -132,33 +122,52 @@ async def _read_body(request: HttpRequest, limit: int) -> bytes:
 
 def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str = "") -> FastAPI:
     """The FastAPI application serving ``engine``."""
-    config = config or ServerConfig()
-    if engine.shape.max_batch is not None and config.max_batch > engine.shape.max_batch:
-        raise RiffusionError(
-            f"max_batch {config.max_batch} is more than this model's export takes "
-            f"({engine.shape.max_batch}); export with a larger --max-batch or serve with a smaller one"
-        )
-    seeds = SeedLibrary(config.seed_images, engine.params)
-    metrics = Metrics(config.max_batch)
-    batcher = Batcher(engine, config, metrics)
+    server = EngineServer(engine, config or ServerConfig(), model=model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(seeds.build)  # the built-ins, made once, up front
-        if config.degrade_steps is not None:
-            # The deadline estimate needs the per-step cost before the first request.
-            warm_up = Request(PromptInput("warm-up"), steps=config.degrade_steps)
-            await asyncio.to_thread(batcher.measure, warm_up)
-        batcher.start()
-        log.info(
-            "serving %s on the %s backend (%s)",
-            model or "a model",
-            engine.backend.name,
-            engine.backend.device,
-        )
+        await asyncio.to_thread(server.start)
         yield
-        await asyncio.to_thread(batcher.close)
+        await asyncio.to_thread(server.close)
 
+    app = api_app(server.config, server.seeds, lifespan)
+    app.state.batcher = server.batcher
+    app.state.metrics = server.metrics
+    metrics = server.metrics
+
+    async def run_inference(request: HttpRequest) -> Response:
+        try:
+            body = await _read_body(request, server.config.max_body_bytes)
+        except ApiError as exc:
+            metrics.requests.labels(str(exc.status)).inc()
+            return _error(exc.status, str(exc), exc.headers)
+        return _respond(await server.infer(body))
+
+    add_inference_routes(app, run_inference, server.config, server.seeds)
+
+    @app.websocket("/stream")
+    async def stream(socket: WebSocket) -> None:
+        await server.hub.serve(socket)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return server.health()
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics (text exposition format)",
+    )
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def api_app(config: ServerConfig, seeds: SeedLibrary, lifespan: Any) -> FastAPI:
+    """A FastAPI application with the server's title, CORS policy and the player page;
+    the front end adds the inference route, ``/stream``, ``/health`` and ``/metrics``."""
     app = FastAPI(
         title="riffusion-engine",
         summary="Riffusion's inference API: prompts in, spectrogram image and audio out.",
@@ -174,57 +183,26 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
             expose_headers=["Retry-After"],
             max_age=600,
         )
-    app.state.batcher = batcher
-    app.state.metrics = metrics
+
+    @app.get("/", include_in_schema=False)
+    def player() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/player.js", include_in_schema=False)
+    def player_script() -> FileResponse:
+        return FileResponse(STATIC / "player.js", media_type="text/javascript")
+
+    return app
+
+
+def _respond(answer: Answer) -> JSONResponse:
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+def add_inference_routes(app: FastAPI, endpoint: Any, config: ServerConfig, seeds: SeedLibrary) -> None:
+    """``POST /run_inference/`` (and without the slash) to ``endpoint``, documented with
+    the request schema this server enforces and every answer it gives."""
     body_schema = request_schema(config, seeds)
-
-    async def run_inference(request: HttpRequest) -> Response:
-        arrived = time.monotonic()
-        status = 500
-        try:
-            body = await _read_body(request, config.max_body_bytes)
-            inputs = parse_input(body)
-            job_request = await asyncio.to_thread(engine_request, inputs, engine, seeds, config)
-            asked = job_request.steps  # the body's, or the default where it left them out
-            try:
-                if config.degrade_steps is not None:
-                    left = config.timeout_s - (time.monotonic() - arrived)
-                    job_request = batcher.fit_steps(job_request, left, config.degrade_steps)
-                job = batcher.submit(job_request)
-            except QueueFull as exc:
-                raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
-            left = config.timeout_s - (time.monotonic() - arrived)
-            waiter = asyncio.wrap_future(job.future)
-            try:
-                clip = await asyncio.wait_for(asyncio.shield(waiter), max(left, 0.0))
-            except asyncio.TimeoutError:  # TimeoutError from 3.11; its own class on 3.10
-                batcher.cancel(job)
-                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits now
-                raise ApiError(
-                    504, f"no answer within the server's timeout of {config.timeout_s:g} s"
-                ) from None
-            payload = await asyncio.to_thread(encode_output, clip, inputs.format)
-            status = 200
-            ran = job.request.steps  # the batcher may have lowered them while it waited
-            metrics.steps.observe(ran)
-            headers = {"X-Inference-Steps": str(ran)}
-            if ran != asked:
-                metrics.degraded.inc()
-                headers["X-Requested-Steps"] = str(asked)
-            return JSONResponse(payload, headers=headers)
-        except ApiError as exc:
-            status = exc.status
-            return _error(exc.status, str(exc), exc.headers)
-        except RiffusionError as exc:  # found by the engine while running
-            status = 422
-            return _error(422, str(exc))
-        except Exception as exc:
-            log.exception("inference failed")
-            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
-        finally:
-            metrics.requests.labels(str(status)).inc()
-            metrics.latency.observe(time.monotonic() - arrived)
-
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
     responses: dict[int | str, dict[str, Any]] = {
         200: {
@@ -244,54 +222,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str
     for path in ("/run_inference/", "/run_inference"):
         app.add_api_route(
             path,
-            run_inference,
+            endpoint,
             methods=["POST"],
             summary="Generate a clip (Riffusion's API)",
             openapi_extra=extra,
             responses=responses,
             include_in_schema=path.endswith("/"),
         )
-
-    hub = StreamHub(engine, batcher, seeds, config, metrics)
-
-    @app.websocket("/stream")
-    async def stream(socket: WebSocket) -> None:
-        await hub.serve(socket)
-
-    @app.get("/", include_in_schema=False)
-    def player() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @app.get("/player.js", include_in_schema=False)
-    def player_script() -> FileResponse:
-        return FileResponse(STATIC / "player.js", media_type="text/javascript")
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model,
-            "backend": engine.backend.name,
-            "device": engine.backend.device,
-            "queue_depth": batcher.depth,
-            "max_queue": config.max_queue,
-            "max_batch": config.max_batch,
-            "max_steps": config.max_steps,
-            "streams_open": hub.open,
-            "max_streams": config.max_streams,
-            "image_ids": seeds.ids(),
-        }
-
-    @app.get(
-        "/metrics",
-        response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
-        summary="Prometheus metrics (text exposition format)",
-    )
-    def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 @contextlib.contextmanager

@@ -136,6 +136,7 @@ class Batcher:
         self._costs: dict[int, tuple[float, float]] = {}
         self._running_left = 0.0  # estimated seconds left in the batch being run
         self._steps_done = 0  # UNet steps the running batch has started
+        self._progress_at: float | None = None  # when the running batch last moved on; None: idle
         self._thread = threading.Thread(target=self._loop, name="riffusion-batcher", daemon=True)
 
     @property
@@ -145,6 +146,16 @@ class Batcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why this batcher is stuck, or None: its worker died, or the running batch has
+        not reached its next UNet step (or its end) for more than ``limit_s`` seconds."""
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._closing:
+            return "the batcher's worker thread has died"
+        since = self._progress_at
+        if since is not None and time.monotonic() - since > limit_s:
+            return f"the running batch has made no progress for {time.monotonic() - since:.0f} s"
+        return None
 
     def submit(self, request: Request) -> Job:
         """Queue ``request``; QueueFull if every slot is taken or the server is closing."""
@@ -291,6 +302,7 @@ class Batcher:
     def _progress(self, jobs: Sequence[Job], total: int) -> bool:
         """Called before each UNet step of a batch: counts the work left; True stops it."""
         with self._cond:
+            self._progress_at = time.monotonic()
             self._steps_done += 1
             if self._costs:
                 left = max(total - self._steps_done + 1, 0)
@@ -304,6 +316,7 @@ class Batcher:
         begin = time.perf_counter()
         total = unet_calls(jobs[0].request)
         with self._cond:
+            self._progress_at = time.monotonic()
             self._steps_done = 0
             if self._costs:
                 self._running_left = sum(self._cost(j.request) for j in jobs)
@@ -339,6 +352,7 @@ class Batcher:
     ) -> None:
         with self._cond:
             self._running_left = 0.0
+            self._progress_at = None
             for i, job in enumerate(jobs):
                 self._release(job)
                 if results is not None:

@@ -1,0 +1,139 @@
+"""One engine serving Riffusion's API: its seed images, batcher, streams and metrics, and
+the answer to a request body. The single-process server (:mod:`.app`) and each replica
+of the cluster (:mod:`.cluster`) are this, behind different front ends, so both answer
+every request the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from riffusion_engine.kernels.errors import RiffusionError
+
+from ..pipeline import Engine, PromptInput, Request
+from ..seeds import SeedLibrary
+from .api import ApiError, ServerConfig, encode_output, engine_request, parse_input
+from .batcher import Batcher, Metrics, QueueFull
+from .streams import StreamHub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """An HTTP answer: status, JSON body, extra headers (plain data: it crosses processes)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def error(cls, status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
+        return cls(status, {"detail": message}, dict(headers or {}))
+
+
+class EngineServer:
+    """``engine`` serving the API: ``start`` (seed images, the batcher), then ``infer``
+    per request body, ``hub`` for streams, ``close``."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, *, model: str = "") -> None:
+        if engine.shape.max_batch is not None and config.max_batch > engine.shape.max_batch:
+            raise RiffusionError(
+                f"max_batch {config.max_batch} is more than this model's export takes "
+                f"({engine.shape.max_batch}); export with a larger --max-batch or serve with a smaller one"
+            )
+        self.engine, self.config, self.model = engine, config, model
+        self.seeds = SeedLibrary(config.seed_images, engine.params)
+        self.metrics = Metrics(config.max_batch)
+        self.batcher = Batcher(engine, config, self.metrics)
+        self.hub = StreamHub(engine, self.batcher, self.seeds, config, self.metrics)
+
+    def start(self) -> None:
+        """Make the built-in seed images, measure the per-step cost where the deadline
+        estimate needs it, start the batcher (blocking: call it off the event loop)."""
+        self.seeds.build()
+        if self.config.degrade_steps is not None:
+            # The deadline estimate needs the per-step cost before the first request.
+            self.batcher.measure(Request(PromptInput("warm-up"), steps=self.config.degrade_steps))
+        self.batcher.start()
+        log.info(
+            "serving %s on the %s backend (%s)",
+            self.model or "a model",
+            self.engine.backend.name,
+            self.engine.backend.device,
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued requests, then stop the batcher (blocking, ``timeout`` at most)."""
+        self.batcher.close(timeout)
+
+    async def infer(self, body: bytes, seconds_left: float | None = None) -> Answer:
+        """The answer to ``POST /run_inference/`` with ``body``, within ``seconds_left``
+        (default: the server's timeout; 504 past it)."""
+        arrived = time.monotonic()
+        config, batcher, metrics = self.config, self.batcher, self.metrics
+        budget = config.timeout_s if seconds_left is None else seconds_left
+        answer = Answer.error(500, "inference failed")
+        try:
+            inputs = parse_input(body)
+            job_request = await asyncio.to_thread(engine_request, inputs, self.engine, self.seeds, config)
+            asked = job_request.steps  # the body's, or the default where it left them out
+            try:
+                if config.degrade_steps is not None:
+                    left = budget - (time.monotonic() - arrived)
+                    job_request = batcher.fit_steps(job_request, left, config.degrade_steps)
+                job = batcher.submit(job_request)
+            except QueueFull as exc:
+                raise ApiError(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+            left = budget - (time.monotonic() - arrived)
+            waiter = asyncio.wrap_future(job.future)
+            try:
+                clip = await asyncio.wait_for(asyncio.shield(waiter), max(left, 0.0))
+            except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+                # TimeoutError from 3.11 (its own class on 3.10); cancelled: the caller gave up.
+                batcher.cancel(job)
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits now
+                if isinstance(exc, asyncio.CancelledError):
+                    answer = Answer.error(499, "the caller gave up")  # nginx's code, for the metrics
+                    raise
+                raise ApiError(
+                    504, f"no answer within the server's timeout of {config.timeout_s:g} s"
+                ) from None
+            payload = await asyncio.to_thread(encode_output, clip, inputs.format)
+            ran = job.request.steps  # the batcher may have lowered them while it waited
+            metrics.steps.observe(ran)
+            answer = Answer(200, payload, {"X-Inference-Steps": str(ran)})
+            if ran != asked:
+                metrics.degraded.inc()
+                answer.headers["X-Requested-Steps"] = str(asked)
+        except ApiError as exc:
+            answer = Answer.error(exc.status, str(exc), exc.headers)
+        except RiffusionError as exc:  # found by the engine while running
+            answer = Answer.error(422, str(exc))
+        except Exception as exc:
+            log.exception("inference failed")
+            answer = Answer.error(500, f"inference failed: {type(exc).__name__}: {exc}")
+        finally:
+            metrics.requests.labels(str(answer.status)).inc()
+            metrics.latency.observe(time.monotonic() - arrived)
+        return answer
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` says about this engine."""
+        config = self.config
+        return {
+            "status": "ok",
+            "model": self.model,
+            "backend": self.engine.backend.name,
+            "device": self.engine.backend.device,
+            "queue_depth": self.batcher.depth,
+            "max_queue": config.max_queue,
+            "max_batch": config.max_batch,
+            "max_steps": config.max_steps,
+            "streams_open": self.hub.open,
+            "max_streams": config.max_streams,
+            "image_ids": self.seeds.ids(),
+        }

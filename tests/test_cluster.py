@@ -1,0 +1,308 @@
+"""The Ray Serve application (``serve --ray``) on a local Ray instance bound to 127.0.0.1:
+two engine replicas of random:tiny's export, checked against the single-process server.
+
+Marked ``cluster`` (a Ray instance and its replicas take a few minutes on two cores):
+``pytest -m cluster``; ``.ci/run`` runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+soundfile = pytest.importorskip("soundfile")
+websockets = pytest.importorskip("websockets")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from riffusion_engine.engine.pipeline import Engine  # noqa: E402
+from riffusion_engine.engine.serve import cluster  # noqa: E402
+from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from test_server import ORIGINAL  # noqa: E402  (the web app's request)
+
+APP = "riffusion-test"
+TIMEOUT_S = 30.0  # the server's request timeout, and so the stall a health check tolerates
+# Small limits, so that 16 concurrent requests overflow them: 2 replicas x 2 ongoing + 4 queued.
+CONFIG = ServerConfig(max_batch=2, max_queue=4, timeout_s=TIMEOUT_S, max_steps=8, max_body_bytes=4096)
+CLUSTER = cluster.ClusterConfig(
+    replicas=2, max_ongoing_requests=2, health_check_period_s=1.0, test_hooks=True
+)
+WAV = {**ORIGINAL, "format": "wav"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    started = cluster.connect(None, dashboard=False, log_to_driver=False)
+    assert started, "a Ray instance was already running in this process"
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_export) -> cluster.EngineSpec:
+    return cluster.EngineSpec(str(tiny_export[0]), "onnxruntime", "cpu", "random:tiny")
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, spec) -> str:
+    return cluster.deploy(spec, CONFIG, CLUSTER, port=free_port(), name=APP)
+
+
+@pytest.fixture(scope="module")
+def reference(spec) -> Iterator[str]:
+    """The single-process server over the same export, one engine thread as each replica."""
+    engine = Engine.load(artifacts=spec.artifacts, backend="onnxruntime", threads=1)
+    with background(create_app(engine, CONFIG)) as base:
+        yield base
+
+
+def post(base: str, body: object, timeout: float = 120.0) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{base}/run_inference/", content=content, timeout=timeout)
+
+
+def samples(response: httpx.Response) -> np.ndarray:
+    data = response.json()["audio"].split(",", 1)[1]
+    audio, _ = soundfile.read(io.BytesIO(base64.b64decode(data)), dtype="int16")
+    return audio
+
+
+def replica_actors() -> dict[str, str]:
+    """The engine replicas' actor names by replica id (Ray's named actors: no dashboard needed)."""
+    return {
+        a["name"].rsplit("#", 1)[-1]: a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"{APP}#EngineReplica#" in a["name"]
+    }
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def running_replicas(base: str) -> int:
+    return httpx.get(f"{base}/health", timeout=30).json().get("replicas", {}).get("RUNNING", 0)
+
+
+def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path):
+    """``riffusion-engine serve --ray --replicas 2 --model random:tiny`` as a user runs it:
+    the export is made first, Ray starts locally, the original's request is answered, and
+    SIGTERM takes the application and Ray down. (First in this module: before the module's
+    own Ray instance starts.)"""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}  # the CLI sets it
+    command = [sys.executable, "-m", "riffusion_engine.engine.cli", "serve", "--ray", "--replicas", "2"]
+    command += ["--model", "random:tiny", "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving random:tiny"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(600), "".join(lines[-40:])
+        assert f"2 replica(s)) on http://127.0.0.1:{port}" in "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        answer = post(base, ORIGINAL)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Replica"]
+        assert httpx.get(f"{base}/health", timeout=30).json()["replicas"] == {"RUNNING": 2}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+    def closed() -> bool:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        except httpx.TransportError:
+            return True
+        return False
+
+    wait_for(closed, 60, "the local Ray and its HTTP proxy gone after the command ended")
+
+
+def test_the_original_request_gets_the_single_process_servers_audio(url, reference):
+    got, expected = post(url, WAV), post(reference, WAV)
+    assert got.status_code == expected.status_code == 200, got.text
+    assert got.headers["X-Replica"] in replica_actors()
+    assert got.headers["X-Inference-Steps"] == expected.headers["X-Inference-Steps"]
+    assert np.array_equal(samples(got), samples(expected))
+    assert got.json()["duration_s"] == expected.json()["duration_s"]
+    # The default format too (MP3), without the trailing slash.
+    mp3 = httpx.post(f"{url}/run_inference", json=ORIGINAL, timeout=120)
+    assert mp3.status_code == 200 and mp3.json()["audio"].startswith("data:audio/mpeg;base64,")
+
+
+def test_bad_input_gets_the_single_process_servers_answer(url, reference):
+    bad: list[object] = [
+        b"{not json",
+        {**ORIGINAL, "seed_image_id": "no_such_image"},
+        {**ORIGINAL, "num_inference_steps": 9},  # over max_steps
+        {**ORIGINAL, "alpha": "half"},
+        {**ORIGINAL, "start": {**ORIGINAL["start"], "prompt": "   "}},
+        {**ORIGINAL, "start": {**ORIGINAL["start"], "negative_prompt": "x" * 5000}},
+        {**ORIGINAL, "padding": "x" * 5000},  # over max_body_bytes
+    ]
+    for body in bad:
+        got, expected = post(url, body), post(reference, body)
+        assert 400 <= expected.status_code < 500, expected.text
+        assert (got.status_code, got.json()) == (expected.status_code, expected.json()), body
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    assert schema["paths"].keys() == httpx.get(f"{reference}/openapi.json", timeout=30).json()["paths"].keys()
+
+
+def test_sixteen_concurrent_requests_are_each_answered_once_by_both_replicas(url):
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post(url, ORIGINAL, timeout=TIMEOUT_S + 30), range(16)))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, [(a.status_code, a.text[:200]) for a in answers]
+    served = {a.headers["X-Replica"] for a in answers if a.status_code == 200}
+    assert served == set(replica_actors()), "both replicas served requests"
+    refused = [a for a in answers if a.status_code == 503]
+    assert refused, "2 replicas x 2 ongoing + 4 queued cannot hold 16"
+    assert all(int(a.headers["Retry-After"]) >= 1 for a in refused)
+
+    def counted() -> dict[str, float] | None:
+        text = httpx.get(f"{url}/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        per_replica: dict[str, float] = {}
+        for sample in families["riffusion_requests"].samples:
+            if sample.name.endswith("_total") and sample.labels["status"] == "200":
+                replica = sample.labels["replica"]
+                per_replica[replica] = per_replica.get(replica, 0.0) + sample.value
+        return per_replica if set(per_replica) >= served else None
+
+    per_replica = wait_for(counted, 3 * cluster.METRICS_PERIOD_S + 10, "every replica's metrics")
+    assert all(per_replica[r] >= 1 for r in served)
+
+
+def test_a_stream_stays_on_one_replica_and_plays_as_on_one_server(url, reference):
+    start = {"type": "start", "start": {"prompt": "jazz", "seed": 3}, "num_inference_steps": 4}
+
+    async def first_clip(base: str) -> tuple[dict, bytes, str]:
+        async with websockets.connect(base.replace("http", "ws") + "/stream", max_size=None) as ws:
+            await ws.send(json.dumps(start))
+            ready = json.loads(await ws.recv())
+            event = json.loads(await ws.recv())
+            assert event["type"] == "clip" and event["index"] == 0, event
+            audio = await ws.recv()
+            await ws.send(json.dumps({"type": "stop"}))
+            last = None
+            async for message in ws:
+                if isinstance(message, str):
+                    last = json.loads(message)
+            assert last is not None and last["type"] == "stopped"
+            assert ws.close_code == 1000
+            return ready, audio, event["image"]
+
+    got_ready, got_audio, got_image = asyncio.run(first_clip(url))
+    ready, audio, image = asyncio.run(first_clip(reference))
+    assert got_ready == ready
+    assert got_audio == audio and got_image == image
+
+
+def ingress_retries(base: str) -> float:
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
+    return sum(s.value for s in families["riffusion_ingress_retries"].samples if s.name.endswith("_total"))
+
+
+def test_a_replica_killed_during_load_leaves_no_request_unanswered(url):
+    before = replica_actors()
+    victim = sorted(before)[0]
+    retries = ingress_retries(url)
+    # Longer requests (9 UNet calls each, two per replica at once): the victim is mid-request.
+    slow = {**ORIGINAL, "num_inference_steps": 8, "start": {**ORIGINAL["start"], "denoising": 1.0}}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(post, url, slow, TIMEOUT_S + 30) for _ in range(4)]
+        time.sleep(1.5)  # the requests are on the replicas
+        ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
+        answers = [f.result() for f in futures]  # each returns: none hangs past the client's timeout
+    assert {a.status_code for a in answers} <= {200, 503}, [a.text[:200] for a in answers]
+    assert ingress_retries(url) > retries, "the victim's requests were retried on the other replica"
+    replaced = wait_for(
+        lambda: (set(replica_actors()) - set(before)) and running_replicas(url) == 2,
+        120,
+        "a new replica in the killed one's place",
+    )
+    assert replaced
+    assert victim not in replica_actors()
+    after = [post(url, ORIGINAL) for _ in range(3)]
+    assert [a.status_code for a in after] == [200] * 3
+
+
+def test_a_stalled_replica_is_reported_unhealthy_and_replaced(url):
+    before = replica_actors()
+    handle = serve.get_deployment_handle("EngineReplica", app_name=APP)
+    stalled = handle.stall.remote().result(timeout_s=30)
+    assert stalled in before
+    begin = time.monotonic()
+    # Its health check fails once its batch has made no progress for the request timeout.
+    wait_for(lambda: stalled not in replica_actors(), TIMEOUT_S + 60, "the stalled replica removed")
+    assert time.monotonic() - begin >= TIMEOUT_S - 2, "not before its batch was stuck for the timeout"
+    wait_for(lambda: running_replicas(url) == 2, 120, "a replacement running")
+    answers = [post(url, ORIGINAL) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert stalled not in {a.headers["X-Replica"] for a in answers}
+
+
+def test_replica_metrics_merge_with_a_replica_label():
+    text_a = '# HELP x_total things\n# TYPE x_total counter\nx_total{status="200"} 3.0\n'
+    text_b = '# HELP x_total things\n# TYPE x_total counter\nx_total{status="200"} 4.0\n'
+    merged = cluster.merge_metrics({"a": text_a, "b": text_b})
+    (family,) = text_string_to_metric_families(merged)
+    values = {s.labels["replica"]: s.value for s in family.samples if s.name == "x_total"}
+    assert values == {"a": 3.0, "b": 4.0}
+    assert merged.count("# TYPE") == 1
+
+
+def test_nothing_is_deployed_without_an_export(tmp_path: Path):
+    spec = cluster.EngineSpec(str(tmp_path), "onnxruntime", "cpu", "missing")
+    with pytest.raises(cluster.RiffusionError, match="no export at"):
+        spec.check()
+    with pytest.raises(cluster.RiffusionError, match="torch backend"):
+        cluster.prepare("random:tiny", None, backend="torch", device="cpu", precision="fp32", cache_dir=None)
