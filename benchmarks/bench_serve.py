@@ -8,6 +8,20 @@ Each client sends its requests one after another (a closed loop), each with its 
 seeds, so at most ``--clients`` requests are in the server at once. "off" serves with
 ``--max-batch 1``; "on" with ``--max-batch`` and ``--batch-window-ms``. Prints clips
 per second, latency percentiles and the mean batch size per mode.
+
+With ``--ray`` the rows are the single-process server (its engine on ``--cpus``
+threads) against the Ray Serve application (``serve --ray``) on a local Ray, for each
+count in ``--replicas``: N replicas, each reserving and pinned to ``--cpus / N`` cores
+with that many engine threads, batching on. ``--serve-batch`` adds rows whose replicas
+batch with Ray's ``@serve.batch`` instead of the project's batcher:
+
+    python benchmarks/bench_serve.py --ray --replicas 1,2 --serve-batch --model random:tiny \\
+        --clients 8 --requests 4 --rounds 1 --json benchmarks/results/serve-ray-random-tiny-cpu.json
+
+On a machine with N GPUs, one replica per GPU (an export for CUDA is made first):
+
+    python benchmarks/bench_serve.py --ray --replicas 1,N --device cuda --model DIR_OR_HUB_ID \\
+        --clients 32 --steps 50
 """
 
 from __future__ import annotations
@@ -87,24 +101,103 @@ def load(url: str, *, clients: int, requests: int, steps: int, desc: str = "") -
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
-    parser.add_argument("--backend", default="auto", help="engine backend (default: auto)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
-    parser.add_argument(
-        "--requests", type=int, default=16, help="requests per client per round (default: 16)"
-    )
-    parser.add_argument("--steps", type=int, default=8, help="num_inference_steps (default: 8)")
-    parser.add_argument("--max-batch", type=int, default=4, help="batch size with batching on (default: 4)")
-    parser.add_argument("--batch-window-ms", type=float, default=50.0, help="batching window (default: 50)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per mode, alternated (default: 2)")
-    parser.add_argument("--json", default=None, help="write the figures here")
-    args = parser.parse_args()
+def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each row's medians over its rounds."""
+    summary = {}
+    for name, results in rounds.items():
+        summary[name] = {
+            "clips_per_s": statistics.median(r["clips_per_s"] for r in results),
+            "p50_s": statistics.median(r["latency_s"]["p50"] for r in results),
+            "p90_s": statistics.median(r["latency_s"]["p90"] for r in results),
+            "p99_s": statistics.median(r["latency_s"]["p99"] for r in results),
+            "mean_batch": statistics.fmean(r.get("mean_batch", float("nan")) for r in results),
+            "errors": sum(r["errors"] for r in results),
+        }
+    return summary
 
-    from riffusion_engine.engine.bench import environment
+
+def print_summary(summary: dict[str, dict[str, Any]], label: str) -> None:
+    print(f"{label:<34}{'clips/s':>9}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'mean batch':>12}{'errors':>8}")
+    for name, s in summary.items():
+        print(
+            f"{name:<34}{s['clips_per_s']:>9.3f}{s['p50_s']:>8.2f}{s['p90_s']:>8.2f}{s['p99_s']:>8.2f}"
+            f"{s['mean_batch']:>12.2f}{s['errors']:>8d}"
+        )
+
+
+def measured(app: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the mean batch size from the single-process ``app``'s metrics."""
+    registry = app.state.metrics.registry
+    batches = registry.get_sample_value("riffusion_batch_size_count") or 1
+    result["mean_batch"] = registry.get_sample_value("riffusion_batch_size_sum") / batches
+    return result
+
+
+def replicas_mean_batch(url: str) -> float:
+    """The mean batch size over every replica, from the ingress's /metrics (after the
+    replicas' next push)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from riffusion_engine.engine.serve.cluster import METRICS_PERIOD_S
+
+    time.sleep(METRICS_PERIOD_S + 1)
+    sums = {"riffusion_batch_size_sum": 0.0, "riffusion_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums["riffusion_batch_size_sum"] / max(sums["riffusion_batch_size_count"], 1)
+
+
+def pinned_replica(cores: int) -> type:
+    """The engine replica, pinned before it loads to its share of the first ``cores``
+    cores (by its rank on the node), so that replicas do not compete for cores."""
+    import os
+
+    from ray import serve
+    from riffusion_engine.engine.serve.cluster import EngineReplica
+
+    class PinnedReplica(EngineReplica):
+        def __init__(self, spec: Any, config: Any, cluster: Any) -> None:
+            share = max(1, int(cluster.cpus_per_replica))
+            first = serve.get_replica_context().rank.local_rank * share
+            os.sched_setaffinity(0, {(first + i) % cores for i in range(share)})
+            super().__init__(spec, config, cluster)
+
+    return PinnedReplica
+
+
+def serve_batch_replica(cores: int, max_batch: int, window_ms: float) -> type:
+    """The pinned replica batching with Ray's ``@serve.batch`` instead of the project's
+    batcher: the same validation and encoding, no deadlines, cancellation or batch keys
+    (the benchmark's requests all share one key)."""
+    import asyncio
+
+    from ray import serve
+    from riffusion_engine.engine.serve.api import encode_output, engine_request, parse_input
+    from riffusion_engine.engine.serve.core import Answer
+
+    class ServeBatchReplica(pinned_replica(cores)):  # type: ignore[misc]
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=window_ms / 1000)
+        async def run(self, requests: list[Any]) -> list[Any]:
+            self.server.metrics.batch_size.observe(len(requests))
+            return await asyncio.to_thread(self.server.engine.run, requests)
+
+        async def infer(self, body: bytes, seconds_left: float) -> Any:
+            server = self.server
+            inputs = parse_input(body)
+            request = await asyncio.to_thread(
+                engine_request, inputs, server.engine, server.seeds, server.config
+            )
+            clip = await self.run(request)
+            payload = await asyncio.to_thread(encode_output, clip, inputs.format)
+            return Answer(200, payload, {"X-Replica": self.replica})
+
+    return ServeBatchReplica
+
+
+def run_batching(args: Any) -> dict[str, Any]:
+    """One process, batching off against on."""
     from riffusion_engine.engine.pipeline import Engine
     from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
@@ -127,39 +220,124 @@ def main() -> None:
                     steps=args.steps,
                     desc=f"round {r} batching {name}" if r else f"warm-up, batching {name}",
                 )
-            registry = app.state.metrics.registry
-            batches = registry.get_sample_value("riffusion_batch_size_count") or 1
-            result["mean_batch"] = registry.get_sample_value("riffusion_batch_size_sum") / batches
+            measured(app, result)
             if r:
                 rounds[name].append(result)
                 print(
                     f"round {r} batching {name:>3}: {result['clips_per_s']:.3f} clips/s, "
                     f"p50 {result['latency_s']['p50']:.2f} s, mean batch {result['mean_batch']:.2f}"
                 )
-
-    summary = {}
-    for name, results in rounds.items():
-        summary[name] = {
-            "clips_per_s": statistics.median(r["clips_per_s"] for r in results),
-            "p50_s": statistics.median(r["latency_s"]["p50"] for r in results),
-            "p90_s": statistics.median(r["latency_s"]["p90"] for r in results),
-            "p99_s": statistics.median(r["latency_s"]["p99"] for r in results),
-            "mean_batch": statistics.fmean(r["mean_batch"] for r in results),
-            "errors": sum(r["errors"] for r in results),
-        }
+    summary = summarize(rounds)
     print(f"\n{args.model}, {engine.backend.name} backend, {args.clients} clients, {args.steps} steps")
-    print(
-        f"{'batching':<10}{'clips/s':>9}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'mean batch':>12}{'errors':>8}"
-    )
-    for name, s in summary.items():
-        print(
-            f"{name:<10}{s['clips_per_s']:>9.3f}{s['p50_s']:>8.2f}{s['p90_s']:>8.2f}{s['p99_s']:>8.2f}"
-            f"{s['mean_batch']:>12.2f}{s['errors']:>8d}"
-        )
+    print_summary(summary, "batching")
     print(f"throughput with batching: {summary['on']['clips_per_s'] / summary['off']['clips_per_s']:.2f}x")
+    return {"config": vars(args), "backend": engine.backend.name, "summary": summary, "rounds": rounds}
+
+
+def run_ray(args: Any) -> dict[str, Any]:
+    """One process against the Ray Serve application, rounds alternated."""
+    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine.engine.serve import cluster
+    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
+
+    gpu = args.device == "cuda"
+    spec = cluster.prepare(
+        args.model, None, backend=args.backend, device=args.device, precision="fp32", cache_dir=None
+    )
+    config = ServerConfig(
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_queue=args.clients, timeout_s=3600
+    )
+    unit = "GPU" if gpu else "CPU"
+    rows: dict[str, tuple[int, Any]] = {f"one process, {args.cpus} threads": (0, None)}
+    for n in (int(c) for c in args.replicas.split(",")):
+        share = 1 if gpu else max(1, args.cpus // n)
+        rows[f"ray, {n} replica(s) x {share} {unit}"] = (n, pinned_replica(args.cpus))
+        if args.serve_batch:
+            batched = serve_batch_replica(args.cpus, args.max_batch, args.batch_window_ms)
+            rows[f"ray, {n} x {share} {unit}, @serve.batch"] = (n, batched)
+    threads = {} if gpu else {"threads": args.cpus}
+    engine = Engine.load(artifacts=spec.artifacts, backend=spec.backend, device=args.device, **threads)
+    cluster.connect(None, dashboard=False, log_to_driver=False)
+    import ray
+    from ray import serve
+
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    try:
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for name, (n, replica) in rows.items():
+                desc = f"round {r} {name}" if r else f"warm-up, {name}"
+                requests = args.requests if r else 1
+                if replica is None:
+                    app = create_app(engine, config, model=args.model)
+                    with background(app) as url:
+                        result = load(
+                            url, clients=args.clients, requests=requests, steps=args.steps, desc=desc
+                        )
+                    measured(app, result)
+                else:
+                    options = cluster.ClusterConfig(
+                        replicas=n,
+                        max_ongoing_requests=args.clients,
+                        gpus_per_replica=1.0 if gpu else 0.0,
+                        cpus_per_replica=1.0 if gpu else float(max(1, args.cpus // n)),
+                    )
+                    url = cluster.deploy(spec, config, options, port=args.port, name="bench", replica=replica)
+                    result = load(url, clients=args.clients, requests=requests, steps=args.steps, desc=desc)
+                    result["mean_batch"] = replicas_mean_batch(url)
+                    serve.delete("bench")
+                if r:
+                    rounds[name].append(result)
+                    print(
+                        f"round {r} {name}: {result['clips_per_s']:.3f} clips/s, "
+                        f"p50 {result['latency_s']['p50']:.2f} s, {result['errors']} errors"
+                    )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    summary = summarize(rounds)
+    print(f"\n{args.model}, {spec.backend} backend, {args.clients} clients, {args.steps} steps")
+    print_summary(summary, "server")
+    first = next(iter(rows))
+    for name in list(rows)[1:]:
+        ratio = summary[name]["clips_per_s"] / summary[first]["clips_per_s"]
+        print(f"{name}: {ratio:.2f}x the throughput of {first}")
+    return {"config": vars(args), "backend": spec.backend, "summary": summary, "rounds": rounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
+    parser.add_argument("--backend", default="auto", help="engine backend (default: auto)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    parser.add_argument(
+        "--requests", type=int, default=16, help="requests per client per round (default: 16)"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="num_inference_steps (default: 8)")
+    parser.add_argument("--max-batch", type=int, default=4, help="batch size with batching on (default: 4)")
+    parser.add_argument("--batch-window-ms", type=float, default=50.0, help="batching window (default: 50)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per mode, alternated (default: 2)")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--ray", action="store_true", help="the Ray Serve application against one process")
+    parser.add_argument("--replicas", default="1,2", help="--ray: replica counts, a row each (default: 1,2)")
+    parser.add_argument(
+        "--cpus", type=int, default=2, help="--ray, CPU: cores shared by the replicas (default: 2)"
+    )
+    parser.add_argument(
+        "--serve-batch", action="store_true", help="--ray: add rows batching with @serve.batch"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="--ray: cpu or cuda (default: cpu)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="--ray: Serve's HTTP port (default: 8000)")
+    args = parser.parse_args()
+
+    from riffusion_engine.engine.bench import environment
+
+    report = run_ray(args) if args.ray else run_batching(args)
+    report["environment"] = environment()
     if args.json:
-        report = {"config": vars(args), "backend": engine.backend.name, "summary": summary, "rounds": rounds}
-        report["environment"] = environment()
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
 

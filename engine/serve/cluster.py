@@ -535,12 +535,19 @@ class Ingress:
             engine = await asyncio.wait_for(_result(self.engines.health.remote()), 10.0)
         except Exception as exc:
             return {"status": "unavailable", "detail": f"{type(exc).__name__}: {exc}", "replicas": replicas}
-        return {**engine, "replicas": replicas}
+        limits = {
+            "max_queue": self.config.max_queue,  # at the ingress; a replica's own is its max_ongoing_requests
+            "max_ongoing_requests": self.cluster.max_ongoing_requests,
+        }
+        return {**engine, **limits, "replicas": replicas}
 
     async def stream(self, socket: Any) -> None:
         """Relay ``socket`` to a stream session on one replica, for the stream's life."""
         from fastapi import WebSocketDisconnect
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
         from ray.util.queue import Queue
+
+        from .streams import TRY_AGAIN_LATER
 
         await socket.accept()
         inbox = Queue(actor_options={"num_cpus": 0})
@@ -566,6 +573,9 @@ class Ingress:
             await socket.close(1011, "the stream's replica ended it")
         except WebSocketDisconnect:
             pass
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            with contextlib.suppress(Exception):
+                await socket.close(TRY_AGAIN_LATER, f"no replica can take a stream now: {exc}"[:120])
         except Exception as exc:
             log.warning("stream relay failed: %s", exc)
             with contextlib.suppress(Exception):
@@ -583,11 +593,14 @@ async def _result(response: Any) -> Any:
     return await response
 
 
-def build(spec: EngineSpec, config: ServerConfig, cluster: ClusterConfig) -> Any:
-    """The Ray Serve application: the ingress bound to the engine deployment."""
+def build(
+    spec: EngineSpec, config: ServerConfig, cluster: ClusterConfig, replica: type = EngineReplica
+) -> Any:
+    """The Ray Serve application: the ingress bound to the engine deployment (``replica``:
+    its class, an :class:`EngineReplica`)."""
     from ray import serve
 
-    engine = serve.deployment(EngineReplica, name="EngineReplica", **cluster.engine_options(config))
+    engine = serve.deployment(replica, name="EngineReplica", **cluster.engine_options(config))
     ingress = serve.deployment(
         serve.ingress()(Ingress),
         name="Ingress",
@@ -600,6 +613,72 @@ def build(spec: EngineSpec, config: ServerConfig, cluster: ClusterConfig) -> Any
     return ingress.bind(engine.bind(spec, replica_config, cluster), config, cluster)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application from a Ray Serve config file: ``import_path:
+    riffusion_engine.engine.serve.cluster:app_builder`` (``serve run``, ``serve deploy``,
+    KubeRay's ``serveConfigV2``), its ``args``: ``artifacts`` (required: the export
+    directory, at the same path on every node), ``backend`` (default ``onnxruntime``),
+    ``device`` (``cpu``), ``model`` (the name ``/health`` gives), and any field of
+    :class:`~.api.ServerConfig` (``max_batch``, ``timeout_s``, ...) or
+    :class:`ClusterConfig` (``replicas``, ``min_replicas``, ``gpus_per_replica``, ...).
+    Values may be strings (``serve run ... key=value``): they are converted to the
+    field's type. Nothing is exported here: the replicas load the export."""
+    import dataclasses
+    import typing
+
+    args = dict(args)
+    if "artifacts" not in args:
+        raise RiffusionError("app_builder needs args.artifacts: the export directory every node sees")
+    spec = EngineSpec(
+        str(args.pop("artifacts")),
+        str(args.pop("backend", "onnxruntime")),
+        str(args.pop("device", "cpu")),
+        str(args.pop("model", "")),
+    )
+    if spec.backend == "torch":
+        raise RiffusionError(
+            "the cluster's replicas load an export: backend onnxruntime, tensorrt or openvino"
+        )
+    chosen: dict[type, dict[str, Any]] = {ServerConfig: {}, ClusterConfig: {}}
+    for key, value in args.items():
+        owner = next((c for c in chosen if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise RiffusionError(f"app_builder: unknown argument {key!r}")
+        chosen[owner][key] = _typed(typing.get_type_hints(owner)[key], value, key)
+    if (
+        "replicas" not in chosen[ClusterConfig]
+        and {"min_replicas", "max_replicas"} & chosen[ClusterConfig].keys()
+    ):
+        chosen[ClusterConfig]["replicas"] = None  # autoscaled
+    return build(spec, ServerConfig(**chosen[ServerConfig]), ClusterConfig(**chosen[ClusterConfig]))
+
+
+def _typed(kind: Any, value: Any, key: str) -> Any:
+    """``value`` (from YAML, or a ``key=value`` string) as the field type ``kind``."""
+    import types
+    import typing
+
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    members = typing.get_args(kind) if union else (kind,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in members:
+            return None
+        raise RiffusionError(f"app_builder: {key} cannot be null")
+    target = next(t for t in members if t is not type(None))
+    try:
+        if target is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if target in (int, float):
+            return target(value)
+        if typing.get_origin(target) is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
+        if target is Path:
+            return Path(value)
+    except (TypeError, ValueError):
+        raise RiffusionError(f"app_builder: {key} must be {kind}, got {value!r}") from None
+    return value
+
+
 def deploy(
     spec: EngineSpec,
     config: ServerConfig,
@@ -608,12 +687,13 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8000,
     name: str = APP_NAME,
+    replica: type = EngineReplica,
 ) -> str:
     """Deploy the application (waits until every replica is up); its base URL."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    serve.run(build(spec, config, cluster), name=name, route_prefix="/")
+    serve.run(build(spec, config, cluster, replica), name=name, route_prefix="/")
     return f"http://{host}:{port}"
 
 

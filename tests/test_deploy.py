@@ -1,0 +1,160 @@
+"""``deploy/rayservice.yaml``: valid YAML, the RayService's fields named as KubeRay's CRD
+names them, a Serve config Ray Serve's own schema accepts, whose application builds, and
+an export Job whose command the CLI parses."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "rayservice.yaml"
+
+# The RayService fields this manifest may use, as KubeRay's CRD (ray.io/v1,
+# config/crd/bases/ray.io_rayservices.yaml, KubeRay 1.x) names them; "template" is a
+# Kubernetes PodTemplateSpec, checked with POD below.
+RAYSERVICE = {
+    "apiVersion": None,
+    "kind": None,
+    "metadata": {"name": None, "namespace": None, "labels": None, "annotations": None},
+    "spec": {
+        "serveConfigV2": None,
+        "serviceUnhealthySecondThreshold": None,
+        "deploymentUnhealthySecondThreshold": None,
+        "excludeHeadPodFromServeSvc": None,
+        "serveService": None,
+        "upgradeStrategy": None,
+        "rayClusterConfig": {
+            "rayVersion": None,
+            "enableInTreeAutoscaling": None,
+            "autoscalerOptions": None,
+            "headGroupSpec": {"rayStartParams": None, "serviceType": None, "template": "POD"},
+            "workerGroupSpecs": [
+                {
+                    "groupName": None,
+                    "replicas": None,
+                    "minReplicas": None,
+                    "maxReplicas": None,
+                    "rayStartParams": None,
+                    "idleTimeoutSeconds": None,
+                    "template": "POD",
+                }
+            ],
+        },
+    },
+}
+CONTAINER = {
+    "name": None,
+    "image": None,
+    "command": None,
+    "args": None,
+    "env": [{"name": None, "value": None}],
+    "ports": [{"containerPort": None, "name": None, "protocol": None}],
+    "resources": {"limits": None, "requests": None},
+    "volumeMounts": [{"name": None, "mountPath": None, "readOnly": None}],
+}
+POD = {
+    "metadata": {"labels": None, "annotations": None},
+    "spec": {
+        "containers": [CONTAINER],
+        "volumes": [{"name": None, "persistentVolumeClaim": {"claimName": None, "readOnly": None}}],
+        "restartPolicy": None,
+        "tolerations": None,
+        "nodeSelector": None,
+    },
+}
+
+
+def check_fields(value: Any, allowed: Any, path: str) -> None:
+    """Every key of ``value`` is a field ``allowed`` names (None: any content below)."""
+    if allowed is None:
+        return
+    if allowed == "POD":
+        allowed = POD
+    if isinstance(allowed, list):
+        assert isinstance(value, list), f"{path} is a list"
+        for i, item in enumerate(value):
+            check_fields(item, allowed[0], f"{path}[{i}]")
+        return
+    assert isinstance(value, dict), f"{path} is an object"
+    for key, item in value.items():
+        assert key in allowed, f"{path}.{key} is not a field of the CRD here"
+        check_fields(item, allowed[key], f"{path}.{key}")
+
+
+def documents() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d is not None]
+    return {d["kind"]: d for d in docs}
+
+
+def test_the_manifest_is_a_volume_an_export_job_and_a_rayservice():
+    docs = documents()
+    assert set(docs) == {"PersistentVolumeClaim", "Job", "RayService"}
+    service = docs["RayService"]
+    assert service["apiVersion"] == "ray.io/v1"
+    check_fields(service, RAYSERVICE, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    (worker,) = workers["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    mounted = {v["persistentVolumeClaim"]["claimName"] for v in workers["template"]["spec"]["volumes"]}
+    assert mounted == {claim}
+    for container in (worker, *cluster["headGroupSpec"]["template"]["spec"]["containers"]):
+        assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in container["env"]
+    job = docs["Job"]["spec"]["template"]
+    check_fields(job, POD, "Job.template")
+
+
+def test_the_serve_config_is_valid_and_its_application_builds():
+    pytest.importorskip("ray.serve")
+    from ray.serve.schema import ServeDeploySchema
+    from riffusion_engine.engine.serve.cluster import app_builder
+
+    config = yaml.safe_load(documents()["RayService"]["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "riffusion_engine.engine.serve.cluster:app_builder"
+    app = app_builder(application.args)
+    from ray.serve import Application
+
+    assert isinstance(app, Application)
+    # What the export Job writes is what the replicas load.
+    job = documents()["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert application.args["artifacts"] == job["command"][job["command"].index("-o") + 1]
+
+
+def test_the_export_job_runs_a_valid_export_command():
+    from riffusion_engine.engine.cli import build_parser
+
+    job = documents()["Job"]["spec"]["template"]["spec"]["containers"][0]
+    command = job["command"]
+    assert command[0] == "riffusion-engine"
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.target, args.device) == ("export", "tensorrt", "cuda"), shlex.join(command)
+
+
+def test_the_app_builder_types_string_arguments_and_refuses_unknown_ones():
+    """``serve run ...:app_builder key=value`` passes strings: they become the fields' types."""
+    pytest.importorskip("ray.serve")
+    import typing
+
+    from riffusion_engine.engine.serve.api import ServerConfig
+    from riffusion_engine.engine.serve.cluster import RiffusionError, _typed, app_builder
+
+    hints = typing.get_type_hints(ServerConfig)
+    assert _typed(hints["max_batch"], "2", "max_batch") == 2
+    assert _typed(hints["degrade_steps"], "none", "degrade_steps") is None
+    assert _typed(hints["cors_origins"], "http://a,http://b", "cors_origins") == ("http://a", "http://b")
+    assert app_builder({"artifacts": "/x", "replicas": "2", "timeout_s": "50"}) is not None
+    with pytest.raises(RiffusionError, match="unknown argument 'replica'"):
+        app_builder({"artifacts": "/x", "replica": "2"})
+    with pytest.raises(RiffusionError, match="max_batch must be"):
+        app_builder({"artifacts": "/x", "max_batch": "four"})
+    with pytest.raises(RiffusionError, match=r"needs args\.artifacts"):
+        app_builder({})
