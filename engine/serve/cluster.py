@@ -18,7 +18,8 @@ Two deployments:
   prebuilt export directory that every replica can read (nothing is exported or built
   at replica start), behind the project's batcher (earliest deadline first, batch
   keys, cancellation of timed-out requests; ``@serve.batch`` has none of these, and on
-  identical requests it measured no faster: ``benchmarks/bench_serve.py``). Its health
+  requests sharing one key it measured the same throughput, 0.97x-1.03x:
+  ``benchmarks/bench_serve.py --ray --serve-batch``). Its health
   check fails, and Ray replaces it, when its worker thread died or its running batch
   has made no progress for longer than the request timeout.
 
