@@ -300,9 +300,11 @@ def test_replica_metrics_merge_with_a_replica_label():
     assert merged.count("# TYPE") == 1
 
 
-def test_nothing_is_deployed_without_an_export(tmp_path: Path):
-    spec = cluster.EngineSpec(str(tmp_path), "onnxruntime", "cpu", "missing")
+def test_nothing_is_deployed_without_an_export_that_takes_the_batch(tmp_path: Path, spec):
+    missing = cluster.EngineSpec(str(tmp_path), "onnxruntime", "cpu", "missing")
     with pytest.raises(cluster.RiffusionError, match="no export at"):
-        spec.check()
+        missing.check()
+    with pytest.raises(cluster.RiffusionError, match="is more than this model's export takes"):
+        cluster.deploy(spec, ServerConfig(max_batch=64), CLUSTER, port=free_port(), name="refused")
     with pytest.raises(cluster.RiffusionError, match="torch backend"):
         cluster.prepare("random:tiny", None, backend="torch", device="cpu", precision="fp32", cache_dir=None)

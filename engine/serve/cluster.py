@@ -107,6 +107,9 @@ class ClusterConfig:
             # engine stopped: at least one request timeout.
             "health_check_timeout_s": max(server.timeout_s, 2 * self.health_check_period_s),
             "graceful_shutdown_timeout_s": server.timeout_s,
+            # A replica that fails to start (a node without the export, a broken device) fails
+            # the same way again: give up after a few tries instead of Ray's 20.
+            "max_constructor_retry_count": 3,
         }
         if self.replicas is not None:
             options["num_replicas"] = self.replicas
@@ -128,12 +131,22 @@ class EngineSpec:
     device: str
     model: str  # what /health names
 
-    def check(self) -> None:
-        """The directory holds an export (on this node: every node needs it at this path)."""
-        if not (Path(self.artifacts) / "manifest.json").is_file():
+    def check(self, config: ServerConfig | None = None) -> None:
+        """The directory holds an export (on this node: every node needs it at this path)
+        whose batch size takes ``config``'s."""
+        import json
+
+        manifest = Path(self.artifacts) / "manifest.json"
+        if not manifest.is_file():
             raise RiffusionError(
                 f"no export at {self.artifacts!r} on this node: every node running a replica must "
                 "see the export directory at the same path (shared storage, or export there first)"
+            )
+        limit = json.loads(manifest.read_text()).get("profile", {}).get("max_batch")
+        if config is not None and limit is not None and config.max_batch > limit:
+            raise RiffusionError(
+                f"max_batch {config.max_batch} is more than this model's export takes ({limit}); "
+                "export with a larger --max-batch or serve with a smaller one"
             )
 
     def load(self, threads: int) -> Any:
@@ -471,9 +484,10 @@ class Ingress:
         async def stream(socket: WebSocket) -> None:
             await self.stream(socket)
 
-        @app.get("/health")
-        async def health() -> dict[str, Any]:
-            return await self.health()
+        @app.get("/health", responses={503: {"description": "no engine replica answers"}})
+        async def health() -> Response:
+            report = await self.health()
+            return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
         @app.get(
             "/metrics",
@@ -526,7 +540,8 @@ class Ingress:
         raise AssertionError("unreachable")
 
     async def health(self) -> dict[str, Any]:
-        """One replica's health (the one Ray routes to), with the cluster's shape."""
+        """One replica's health (the one Ray routes to), with the cluster's shape; status
+        ``unavailable`` (503) when no replica answers within 10 s."""
         from ray import serve
 
         status = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
@@ -693,6 +708,7 @@ def deploy(
     """Deploy the application (waits until every replica is up); its base URL."""
     from ray import serve
 
+    spec.check(config)  # before anything is deployed
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     serve.run(build(spec, config, cluster, replica), name=name, route_prefix="/")
     return f"http://{host}:{port}"
