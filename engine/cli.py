@@ -399,7 +399,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         sock.close()
 
 
-CLUSTER_FLAGS = ("--address", "--replicas", "--min-replicas", "--max-replicas", "--target-ongoing-requests")
+CLUSTER_FLAGS = (
+    "--address",
+    "--replicas",
+    "--min-replicas",
+    "--max-replicas",
+    "--target-ongoing-requests",
+    "--gpus-per-replica",
+)
 
 
 def _serve_cluster(args: argparse.Namespace, config: Any) -> None:

@@ -435,6 +435,15 @@ def test_serve_cli_rejects_bad_options() -> None:
     code, _, err = run_cli("serve", "--model", "random:tiny", "--backend", "torch", "--max-queue", "0")
     assert code == 2
     assert err.strip().count("\n") == 0 and "max_queue" in err
+    # The cluster's options: one line each, before Ray starts or anything is exported.
+    for argv, message in (
+        (("--replicas", "2"), "--replicas is an option of --ray"),
+        (("--ray", "--replicas", "2", "--max-replicas", "3"), "--replicas is a fixed count"),
+        (("--ray", "--max-ongoing-requests", "0"), "max_ongoing_requests out of range"),
+        (("--ray", "--backend", "torch"), "the torch backend runs from a model source"),
+    ):
+        code, _, err = run_cli("serve", "--model", "random:tiny", *argv)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, err
 
 
 # -- seed images and masks -----------------------------------------------------------
