@@ -1,5 +1,6 @@
-"""The Ray Serve application (``serve --ray``) on a local Ray instance bound to 127.0.0.1:
-two engine replicas of random:tiny's export, checked against the single-process server.
+"""The Ray Serve application (``serve --ray``) on a local Ray instance (no dashboard, Serve's
+HTTP proxy on 127.0.0.1): two engine replicas of random:tiny's export, checked against
+the single-process server.
 
 Marked ``cluster`` (a Ray instance and its replicas take a few minutes on two cores):
 ``pytest -m cluster``; ``.ci/run`` runs them."""
