@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # -- metrics --------------------------------------------------------------------------
 
 
+# Request latency buckets (seconds), at a server and at a cluster's ingress.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
@@ -44,7 +48,7 @@ class Metrics:
         self.latency = Histogram(
             "riffusion_request_seconds",
             "Inference request latency, arrival to answer",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(

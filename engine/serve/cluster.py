@@ -142,12 +142,10 @@ class EngineSpec:
                 f"no export at {self.artifacts!r} on this node: every node running a replica must "
                 "see the export directory at the same path (shared storage, or export there first)"
             )
-        limit = json.loads(manifest.read_text()).get("profile", {}).get("max_batch")
-        if config is not None and limit is not None and config.max_batch > limit:
-            raise RiffusionError(
-                f"max_batch {config.max_batch} is more than this model's export takes ({limit}); "
-                "export with a larger --max-batch or serve with a smaller one"
-            )
+        if config is not None:
+            from .core import check_max_batch
+
+            check_max_batch(config, json.loads(manifest.read_text()).get("profile", {}).get("max_batch"))
 
     def load(self, threads: int) -> Any:
         from ..pipeline import Engine
@@ -359,14 +357,18 @@ class EngineReplica:
         self._pusher.start()
 
     def _push_metrics(self, app_name: str) -> None:
+        import ray
         from prometheus_client import generate_latest
 
+        board = None
         while not self._stop.wait(METRICS_PERIOD_S):
             try:
-                board = _board(app_name)
-                board.report.remote(self.replica, generate_latest(self.server.metrics.registry).decode())
-            except Exception as exc:  # the board's owner (the ingress) is restarting: next time
+                board = board or _board(app_name)
+                text = generate_latest(self.server.metrics.registry).decode()
+                ray.get(board.report.remote(self.replica, text), timeout=METRICS_PERIOD_S)
+            except Exception as exc:  # the board's owner (the ingress) is restarting: look it up again
                 log.debug("metrics push failed: %s", exc)
+                board = None
 
     async def infer(self, body: bytes, seconds_left: float) -> Any:
         answer = await self.server.infer(body, seconds_left)
@@ -431,6 +433,8 @@ class Ingress:
         from prometheus_client import CollectorRegistry, Counter, Histogram
         from ray import serve
 
+        from .batcher import LATENCY_BUCKETS
+
         self.engines, self.config, self.cluster = engines, config, cluster
         self.app_name = serve.get_replica_context().app_name
         self.board = _board(self.app_name)
@@ -449,7 +453,7 @@ class Ingress:
         self.latency = Histogram(
             "riffusion_ingress_request_seconds",
             "Inference request latency at the ingress, arrival to answer",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.mean_s = 1.0  # running mean latency of answered requests, for Retry-After

@@ -35,16 +35,21 @@ class Answer:
         return cls(status, {"detail": message}, dict(headers or {}))
 
 
+def check_max_batch(config: ServerConfig, limit: int | None) -> None:
+    """``config.max_batch`` within ``limit``, the most clips the export takes (None: any)."""
+    if limit is not None and config.max_batch > limit:
+        raise RiffusionError(
+            f"max_batch {config.max_batch} is more than this model's export takes "
+            f"({limit}); export with a larger --max-batch or serve with a smaller one"
+        )
+
+
 class EngineServer:
     """``engine`` serving the API: ``start`` (seed images, the batcher), then ``infer``
     per request body, ``hub`` for streams, ``close``."""
 
     def __init__(self, engine: Engine, config: ServerConfig, *, model: str = "") -> None:
-        if engine.shape.max_batch is not None and config.max_batch > engine.shape.max_batch:
-            raise RiffusionError(
-                f"max_batch {config.max_batch} is more than this model's export takes "
-                f"({engine.shape.max_batch}); export with a larger --max-batch or serve with a smaller one"
-            )
+        check_max_batch(config, engine.shape.max_batch)
         self.engine, self.config, self.model = engine, config, model
         self.seeds = SeedLibrary(config.seed_images, engine.params)
         self.metrics = Metrics(config.max_batch)
