@@ -19,7 +19,8 @@ An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx
     tools           {"torch", "onnx", "onnxruntime", "diffusers", "transformers", "tensorrt"}
     gpu             {"name", "compute_capability"} or null
     stages          {name: {"precision", "fallback" (why fp16 was refused, or null),
-                            "fusions" ({op: count}), "spec" (inputs/outputs, dims with
+                            "fusions" ({op: count}), "fusions_refused" ({CUDA fusion flag:
+                            the kernel limit its operator broke}), "spec" (inputs/outputs, dims with
                             min/opt/max), "files" ({file: {"sha256", "bytes"}}),
                             "verification" ({output: {"max_abs", "max_rel", "tolerance",
                             "runtime"}}), "seconds"}}

@@ -282,7 +282,7 @@ def _export_stage(
 ) -> dict[str, Any]:
     from riffusion_engine.engine.stages import stage_module
 
-    from .onnx_export import export_stage, optimize
+    from .onnx_export import Optimized, export_stage, optimize
 
     start = time.perf_counter()
     module = stage_module(components, spec.name)
@@ -302,12 +302,12 @@ def _export_stage(
     bar.update()
     precision: Precision = config.precision if config.target == "onnx" else "fp32"
     fallback = None
-    fusions: dict[str, int] = {}
+    optimized = Optimized(fusions={}, refused={})
     cuda = config.cuda
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     if config.optimized:
         step("optimize")
-        fusions = optimize(plain, spec, final, fuse=config.fuse, fp16=precision == "fp16", cuda=cuda)
+        optimized = optimize(plain, spec, final, fuse=config.fuse, fp16=precision == "fp16", cuda=cuda)
         if precision == "fp16" and spec.name in FP16_FALLBACK_STAGES:
             run, _session = onnxruntime_runner(final, spec.output_names, provider=provider)
             if not all_finite(run, spec):
@@ -315,7 +315,7 @@ def _export_stage(
                 log.warning("%s: %s; keeping this stage in fp32", spec.name, fallback)
                 _remove_onnx(final)
                 precision = "fp32"
-                fusions = optimize(plain, spec, final, fuse=config.fuse, fp16=False, cuda=cuda)
+                optimized = optimize(plain, spec, final, fuse=config.fuse, fp16=False, cuda=cuda)
         bar.update()
     step("verify")
     run, _session = onnxruntime_runner(final, spec.output_names, provider=provider)
@@ -338,7 +338,9 @@ def _export_stage(
     return {
         "precision": precision,
         "fallback": fallback,
-        "fusions": fusions,
+        "fusions": optimized.fusions,
+        # CUDA fusions left out: the installed ONNX Runtime's kernel would refuse their shapes.
+        "fusions_refused": optimized.refused,
         "spec": spec.to_dict(),
         "files": {f: artifacts.file_record(work / f) for f in files},
         "verification": verification,

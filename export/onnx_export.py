@@ -10,6 +10,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,43 +92,56 @@ def proto_too_large(model: Any) -> bool:
     return total > PROTOBUF_LIMIT - (64 << 20)  # room for the graph itself
 
 
-def fusion_options(model_type: str, *, cuda: bool, fp16: bool) -> Any:
+def fusion_options(model_type: str, *, cuda: bool, fp16: bool, without: tuple[str, ...] = ()) -> Any:
     """ONNX Runtime's FusionOptions for a stage that will run on CUDA (``cuda``) or on the
     CPU: the CUDA-only fusions only for CUDA, the packed attention layouts only for fp16
-    on CUDA."""
+    on CUDA; never the flags in ``without``."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
     disabled = () if cuda else CUDA_ONLY_FUSIONS
     if not (cuda and fp16):
         disabled += PACKED_ATTENTION_FUSIONS
-    for flag in disabled:
+    for flag in (*disabled, *without):
         setattr(options, flag, False)
     return options
 
 
-def optimize(
-    source: Path, spec: StageSpec, path: Path, *, fuse: bool, fp16: bool, cuda: bool
-) -> dict[str, int]:
+@dataclass
+class Optimized:
+    fusions: dict[str, int]  # fused operator -> count
+    refused: dict[str, str]  # CUDA fusion flag left out -> the kernel limit its operator broke
+
+
+def optimize(source: Path, spec: StageSpec, path: Path, *, fuse: bool, fp16: bool, cuda: bool) -> Optimized:
     """``source`` -> ``path`` through ONNX Runtime's transformer optimizer. With ``fuse``:
     attention, layer norm and GELU fusions, and when ``cuda`` (the export's target device)
     also the CUDA-only GroupNorm, NHWC conv and bias-split-GELU fusions (see
-    :func:`fusion_options`). With ``fp16``: half precision inside, fp32 inputs and outputs.
-    Returns the fused operator counts."""
+    :func:`fusion_options`), each kept only where the installed ONNX Runtime's CUDA kernel
+    takes the shapes it fused (``ort_cuda_kernels``); a fusion whose operators a kernel
+    would refuse is left out of the stage. With ``fp16``: half precision inside, fp32
+    inputs and outputs."""
     import onnx
+    import onnxruntime
     from onnxruntime.transformers.onnx_model import OnnxModel
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    with _numpy2_num_heads(), _quiet_ort_logging():
+    from .ort_cuda_kernels import violations
+
+    refused: dict[str, str] = {}
+    with _quiet_ort_logging():
         if fuse:
-            options = fusion_options(spec.model_type, cuda=cuda, fp16=fp16)
-            model = optimize_model(
-                str(source),
-                model_type=spec.model_type,
-                opt_level=0,
-                optimization_options=options,
-                use_gpu=cuda,
-            )
+            for _ in range(len(CUDA_ONLY_FUSIONS) + 1):
+                options = fusion_options(spec.model_type, cuda=cuda, fp16=fp16, without=tuple(refused))
+                model = fuse_graph(source, spec.model_type, options, cuda=cuda)
+                found = violations(model.model, onnxruntime.__version__) if cuda else []
+                if not found:
+                    break
+                # A flag already left out cannot have made the operator again.
+                assert all(v.fusion not in refused for v in found), found
+                for v in found:
+                    refused.setdefault(v.fusion, f"{v.reason} ({v.source})")
+            for flag, why in refused.items():
+                log.info("%s: %s left out: %s", spec.name, flag, why)
             fusions = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
         else:
             model, fusions = OnnxModel(onnx.load(str(source))), {}
@@ -135,7 +149,17 @@ def optimize(
             model.convert_float_to_float16(keep_io_types=True)
         large = proto_too_large(model.model)
         model.save_model_to_file(str(path), use_external_data_format=large, all_tensors_to_one_file=True)
-    return fusions
+    return Optimized(fusions, refused)
+
+
+def fuse_graph(source: Path, model_type: str, options: Any, *, cuda: bool) -> Any:
+    """ONNX Runtime's transformer optimizer on ``source`` with ``options`` (its OnnxModel)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _numpy2_num_heads():
+        return optimize_model(
+            str(source), model_type=model_type, opt_level=0, optimization_options=options, use_gpu=cuda
+        )
 
 
 @contextlib.contextmanager
