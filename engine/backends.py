@@ -64,6 +64,17 @@ class Backend(ABC):
 
         return torch.device(self.device)
 
+    def synchronize(self) -> None:
+        """Wait until the work this backend queued on its device has finished (a stage's
+        timer calls it at both ends). torch, TensorRT and ONNX Runtime's CUDA providers
+        return once their kernels are queued, so on CUDA this waits for the whole device
+        (``torch.cuda.synchronize``: every stream, TensorRT's and ONNX Runtime's included);
+        on the CPU a run has finished when it returns."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
 
 def check_device(device: str) -> Device:
     if device not in ("cpu", "cuda"):
@@ -169,6 +180,9 @@ class OnnxRuntimeBackend(ExportBackend):
             ) from exc
         super().__init__(directory, device=device)
         provider = provider or ("cuda" if self.device == "cuda" else "cpu")
+        check_export_for_provider(self.manifest, provider, self.directory)
+        if provider == "tensorrt":
+            load_tensorrt_libraries()
         names = {
             "cpu": ["CPUExecutionProvider"],
             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -255,6 +269,43 @@ class OnnxRuntimeBackend(ExportBackend):
             torch.cuda.current_stream().synchronize()
         session.run_with_iobinding(binding)
         return out
+
+
+def check_export_for_provider(manifest: dict[str, Any], provider: str, directory: Path) -> None:
+    """One clear error for an export the provider cannot run: TensorRT parses standard ONNX
+    operators only, so ONNX Runtime would split a fused export around its com.microsoft
+    operators, and the split pieces' dynamic inputs have no profile (EP_FAIL "User needs
+    to provide all the dynamic shape inputs with associated profiles",
+    tensorrt_execution_provider.cc)."""
+    fused = sorted({op for stage in manifest["stages"].values() for op in stage.get("fusions", {})})
+    if provider == "tensorrt" and fused:
+        raise RiffusionError(
+            f"export {str(directory)!r} holds ONNX Runtime's fused operators ({', '.join(fused)}), "
+            "which TensorRT cannot parse; the tensorrt provider runs an unfused export "
+            "(riffusion-engine export --no-fuse)"
+        )
+
+
+def load_tensorrt_libraries() -> None:
+    """Make TensorRT's libraries loadable for ONNX Runtime's TensorRT provider.
+
+    ``libonnxruntime_providers_tensorrt.so`` links ``libnvinfer.so.10`` and
+    ``libnvonnxparser.so.10`` and has no RUNPATH, while pip's TensorRT keeps them in
+    ``site-packages/tensorrt_libs``: ``import tensorrt`` imports ``tensorrt_libs``, whose
+    ``__init__`` loads every library there with ``ctypes.CDLL``, and the dynamic loader then
+    resolves the provider's needs by soname from the libraries already loaded. Without it
+    the provider fails to load ("libnvinfer.so.10: cannot open shared object file") and
+    ONNX Runtime falls back to the CUDA provider, which ``session`` refuses."""
+    from .tensorrt_runtime import check_tensorrt_version
+
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RiffusionError(
+            "ONNX Runtime's TensorRT provider needs TensorRT's libraries (libnvinfer.so.10), which "
+            "pip's TensorRT brings: pip install 'riffusion-engine[tensorrt]'"
+        ) from exc
+    check_tensorrt_version(tensorrt)
 
 
 def tensorrt_provider_options(spec: dict[str, Any], *, cache: Path, fp16: bool) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def load_engine(
         artifacts = export_on_first_use(
             model or DEFAULT_MODEL,
             backend=backend,
+            provider=options.get("provider"),
             device=device,
             precision=precision,
             cache_dir=cache_dir,
@@ -116,6 +117,7 @@ def export_on_first_use(
     model: str,
     *,
     backend: str,
+    provider: str | None = None,
     device: str = "cpu",
     precision: str,
     cache_dir: str | Path | None,
@@ -125,15 +127,32 @@ def export_on_first_use(
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there."""
     # The one place the runtime reaches for the exporter, and only when asked to.
-    from riffusion_engine.export.exporter import ExportConfig, export
+    from riffusion_engine.export.exporter import export
+
+    name, config = first_use_export(
+        model, backend=backend, provider=provider, device=device, precision=precision, seed=seed
+    )
+    directory = Path(cache_dir or default_cache_dir()) / name
+    result = export(config, directory, progress=progress)
+    log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
+    return directory
+
+
+def first_use_export(
+    model: str, *, backend: str, provider: str | None, device: str, precision: str, seed: int
+) -> tuple[str, Any]:
+    """The cache directory's name and the ExportConfig of the export ``backend`` (and
+    ONNX Runtime's ``provider``) runs when made on first use."""
+    from riffusion_engine.export.exporter import ExportConfig
     from riffusion_engine.export.specs import ShapeProfile
 
     target = "tensorrt" if backend == "tensorrt" else "onnx"
-    fuse = backend != "openvino"  # ONNX Runtime's fused operators are its own
+    # ONNX Runtime's fused operators are its own: OpenVINO computes them differently, and
+    # TensorRT (ONNX Runtime's tensorrt provider too) cannot parse them.
+    fuse = backend != "openvino" and provider != "tensorrt"
     flavour = target if fuse else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
     digest = hashlib.sha256(json.dumps([model, seed, flavour, precision, device]).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{flavour}-{device}-{precision}-{digest}"
     config = ExportConfig(
         model=model,
         target=target,  # type: ignore[arg-type]
@@ -145,6 +164,4 @@ def export_on_first_use(
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
         profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None),
     )
-    result = export(config, directory, progress=progress)
-    log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
-    return directory
+    return f"{name}-{flavour}-{device}-{precision}-{digest}", config

@@ -571,32 +571,31 @@ class Engine:
         if "generator" in step_parameters:  # ancestral samplers draw per request, seeded
             step_kwargs["generator"] = generators[0] if len(requests) == 1 else generators
         scale = self._column(guidance, 4)
-        unet_seconds = 0.0
         bar = tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)
-        for i, t in enumerate(bar):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"stopped before step {i + 1} of {len(timesteps)}")
-            rows = torch.cat([latents] * 2) if cfg else latents
-            rows = scheduler.scale_model_input(rows, t)
-            timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
-            begin = time.perf_counter()
-            predicted = self.backend.run(
-                "unet", {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
-            )
-            unet_seconds += time.perf_counter() - begin
-            if cfg:
-                uncond, text = predicted.chunk(2)
-                predicted = uncond + scale * (text - uncond)
-            latents = scheduler.step(predicted, t, latents, **step_kwargs, return_dict=False)[0]
-            if mask is not None:
-                if i + 1 < len(timesteps):
-                    level = timesteps[i + 1 : i + 2].repeat(len(requests))
-                    kept = scheduler.add_noise(init, noise, level)
-                else:
-                    kept = init
-                # Requests without a mask regenerate everywhere.
-                latents = kept * (1 - mask) + latents * mask
-        timings["unet"] = timings.get("unet", 0.0) + unet_seconds
+        # "unet": the denoising loop, UNet calls with the guidance and scheduler steps between
+        # them, timed as one stage: the device is synchronized at its ends only, not per step.
+        with _timer(timings, "unet", self.backend):
+            for i, t in enumerate(bar):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped before step {i + 1} of {len(timesteps)}")
+                rows = torch.cat([latents] * 2) if cfg else latents
+                rows = scheduler.scale_model_input(rows, t)
+                timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
+                predicted = self.backend.run(
+                    "unet", {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
+                )
+                if cfg:
+                    uncond, text = predicted.chunk(2)
+                    predicted = uncond + scale * (text - uncond)
+                latents = scheduler.step(predicted, t, latents, **step_kwargs, return_dict=False)[0]
+                if mask is not None:
+                    if i + 1 < len(timesteps):
+                        level = timesteps[i + 1 : i + 2].repeat(len(requests))
+                        kept = scheduler.add_noise(init, noise, level)
+                    else:
+                        kept = init
+                    # Requests without a mask regenerate everywhere.
+                    latents = kept * (1 - mask) + latents * mask
         timings["unet_steps"] = len(timesteps)
         return latents
 
@@ -685,17 +684,17 @@ def _too_wide(width: int, clips: int, exc: BaseException) -> str:
 
 
 class _timer:
-    """Adds the block's wall time to ``timings[name]``, after the device finishes."""
+    """Adds the block's wall time to ``timings[name]``: from a device with nothing queued to
+    the device having finished the block's work (``Backend.synchronize`` at both ends, so
+    work queued before the block is not counted in it, nor the block's in the next)."""
 
     def __init__(self, timings: dict[str, float], name: str, backend: Backend) -> None:
         self.timings, self.name, self.backend = timings, name, backend
 
     def __enter__(self) -> None:
+        self.backend.synchronize()
         self.begin = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        if self.backend.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+        self.backend.synchronize()
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.begin
