@@ -497,7 +497,8 @@ def clips_for(settings: StreamSettings, params: Any, seconds: float) -> int:
 @contextlib.contextmanager
 def _audio_stream(engine: Engine) -> Iterator[None]:
     """On CUDA, the audio kernels (CuPy) in a non-blocking stream of their own, so they
-    overlap the diffusion on torch's stream.
+    overlap the diffusion on torch's stream. One such stream per process and device,
+    shared by every stream session (:func:`audio_cuda_stream`).
 
     Contracts relied on: CuPy's ``Stream(non_blocking=True)`` does not synchronize with
     the legacy default stream torch computes on, and ``with stream:`` makes it the
@@ -511,9 +512,29 @@ def _audio_stream(engine: Engine) -> Iterator[None]:
     if engine.backend.device != "cuda":
         yield
         return
-    import cupy
-
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = audio_cuda_stream()
     with stream:
         yield
     stream.synchronize()
+
+
+_audio_streams: dict[int, Any] = {}
+_audio_streams_lock = threading.Lock()
+
+
+def audio_cuda_stream() -> Any:
+    """The process's CuPy stream for the audio kernels on the current device, made once.
+
+    CuPy's memory pool keeps freed blocks per stream (``SingleDeviceMemoryPool`` arenas are
+    keyed by the stream's pointer, cupy/cuda/memory.pyx), and a block freed on one stream is
+    reused on that stream only: a new stream per session would strand its blocks when the
+    session ends. Sessions on one shared stream reuse one arena; their kernels queue on it
+    in order, and each session's ``synchronize`` waits for its own work (and any queued
+    before it)."""
+    import cupy
+
+    device = cupy.cuda.Device().id
+    with _audio_streams_lock:
+        if device not in _audio_streams:
+            _audio_streams[device] = cupy.cuda.Stream(non_blocking=True)
+        return _audio_streams[device]
