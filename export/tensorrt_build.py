@@ -21,7 +21,10 @@ from .verify import Runner
 
 log = logging.getLogger(__name__)
 
-INSTALL = "pip install 'riffusion-engine[tensorrt]' on a machine with an NVIDIA GPU and CUDA 12"
+INSTALL = (
+    "pip install 'riffusion-engine[tensorrt]' (CUDA 13; tensorrt-cu12 for CUDA 12) "
+    "on a machine with an NVIDIA GPU"
+)
 
 
 def require_tensorrt() -> Any:
@@ -73,10 +76,12 @@ class EngineOptions:
 
 def build_engine(onnx_path: Path, spec: StageSpec, engine_path: Path, options: EngineOptions) -> None:
     """Parse ``onnx_path``, build an engine with the spec's profile, write ``engine_path``."""
-    trt = require_tensorrt()
+    require_tensorrt()
     from polygraphy.backend.trt import engine_from_network, network_from_onnx_path, save_engine
 
-    network = network_from_onnx_path(str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])
+    # TensorRT 10's parser imports InstanceNormalization natively by default
+    # (OnnxParserFlag.NATIVE_INSTANCENORM is on unless cleared).
+    network = network_from_onnx_path(str(onnx_path))
     engine = engine_from_network(
         network, config=options.create_config(spec), save_timing_cache=str(options.timing_cache)
     )
