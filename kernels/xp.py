@@ -31,7 +31,8 @@ def get_xp(device: Device) -> ModuleType:
             import cupy
         except ImportError as exc:
             raise RiffusionError(
-                "device 'cuda' needs CuPy: pip install 'riffusion-engine[gpu]' (cupy-cuda12x)"
+                "device 'cuda' needs CuPy: pip install 'riffusion-engine[gpu]' "
+                "(CUDA 13; gpu-cu12 for CUDA 12)"
             ) from exc
         try:
             cupy.cuda.runtime.getDeviceCount()
