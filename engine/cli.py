@@ -445,7 +445,7 @@ def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> None:
     import json
 
-    from riffusion_engine.engine.doctor import HEADER, format_row, run_doctor
+    from riffusion_engine.engine.doctor import HEADER, check_cuda_ready, format_row, run_doctor
     from riffusion_engine.kernels.files import atomic_path, check_output_path
 
     json_out = check_output_path(args.json, (".json",)) if args.json else None
@@ -454,6 +454,8 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        check_cuda_ready()  # before the table: a GPU check that cannot check the GPU fails
     print(f"riffusion-engine doctor on {device}: random:tiny, {args.steps} steps, against torch cpu fp32")
     print(HEADER, flush=True)
     report = run_doctor(device, steps=args.steps, report=lambda check: print(format_row(check), flush=True))
@@ -812,8 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
         "dynamic and static), every backend (torch, onnxruntime on the CPU, CUDA and TensorRT "
         "providers, openvino, tensorrt with CUDA graphs), the CuPy kernels and the DLPack hand-off, "
         "export on first use, and one request through the HTTP server, each compared with the torch "
-        "backend in fp32 on the CPU. Prints path, status (ok / failed / skipped and why), error "
-        "against the reference and time; exits non-zero when any path that could run failed.",
+        "backend in fp32 on the CPU. On cuda it first reports the driver and the CUDA each GPU "
+        "library was built for, and fails when they mix majors or the driver is too old. Prints "
+        "path, status (ok / failed / skipped and why), error against the reference and time; exits "
+        "non-zero when any path that could run failed, and, on cuda, at once in one line where no "
+        "CUDA device is usable or the gpu extra (CuPy) is missing.",
     )
     p.add_argument(
         "--device",

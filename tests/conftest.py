@@ -31,8 +31,32 @@ def _cuda_device() -> str | None:
         return f"no CUDA GPU ({type(exc).__name__})"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--allow-no-gpu",
+        action="store_true",
+        help="let the selected gpu tests skip where no CUDA device is usable (without it such a run fails)",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run that selected ``gpu`` tests (``pytest -m gpu``) fails at once, in one line,
+    where no CUDA device is usable: skipping all of them would pass having run nothing.
+    ``--allow-no-gpu`` lets them skip instead."""
+    if session.config.getoption("allow_no_gpu") or session.config.getoption("collectonly"):
+        return
+    selected = sum(item.get_closest_marker("gpu") is not None for item in session.items)
+    reason = _cuda_device() if selected else None
+    if reason is not None:
+        pytest.exit(
+            f"{selected} gpu test(s) selected and {reason}: nothing would run on a GPU "
+            "(--allow-no-gpu skips them instead)",
+            returncode=pytest.ExitCode.TESTS_FAILED,
+        )
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """``gpu`` tests (``pytest -m gpu``) skip, saying why, where no CUDA device is usable."""
+    """``gpu`` tests skip, saying why, where no CUDA device is usable (``--allow-no-gpu``)."""
     if item.get_closest_marker("gpu") is not None:
         reason = _cuda_device()
         if reason is not None:

@@ -39,6 +39,8 @@ def test_doctor_on_the_cpu(tmp_path: Path) -> None:
             assert 0 <= check["error"] <= check["tolerance"], check
     for path in gpu:
         assert checks[path]["status"] == "skipped" and checks[path]["detail"], checks[path]
+        # What each GPU row asked for (test_doctor_on_cuda requires a row whose needs are met to pass).
+        assert "cuda" in checks[path]["needs"], checks[path]
     # The backends really were compared with the reference, not with themselves.
     assert checks["onnxruntime cpu fp32"]["error"] > 0
     assert checks["onnxruntime cpu fp16"]["error"] > checks["onnxruntime cpu fp32"]["error"]
