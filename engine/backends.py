@@ -66,14 +66,16 @@ class Backend(ABC):
 
     def synchronize(self) -> None:
         """Wait until the work this backend queued on its device has finished (a stage's
-        timer calls it at both ends). torch, TensorRT and ONNX Runtime's CUDA providers
-        return once their kernels are queued, so on CUDA this waits for the whole device
-        (``torch.cuda.synchronize``: every stream, TensorRT's and ONNX Runtime's included);
-        on the CPU a run has finished when it returns."""
+        timer calls it at both ends). On CUDA, torch returns once its kernels are queued on
+        the current stream, and so does TensorRT (its side stream is joined back into the
+        current stream, ``CudaStreams.run``); ONNX Runtime's run synchronizes its own stream
+        before returning. Waiting for the current stream covers all three, and leaves other
+        streams (a stream session's CuPy audio kernels) running. On the CPU a run has
+        finished when it returns."""
         if self.device == "cuda":
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
 
 def check_device(device: str) -> Device:
@@ -180,9 +182,6 @@ class OnnxRuntimeBackend(ExportBackend):
             ) from exc
         super().__init__(directory, device=device)
         provider = provider or ("cuda" if self.device == "cuda" else "cpu")
-        check_export_for_provider(self.manifest, provider, self.directory)
-        if provider == "tensorrt":
-            load_tensorrt_libraries()
         names = {
             "cpu": ["CPUExecutionProvider"],
             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -196,6 +195,9 @@ class OnnxRuntimeBackend(ExportBackend):
             )
         if provider != "cpu" and self.device != "cuda":
             raise RiffusionError(f"the {provider} execution provider needs --device cuda")
+        check_export_for_provider(self.manifest, provider, self.directory)
+        if provider == "tensorrt":
+            load_tensorrt_libraries()
         made_for_cuda = self.manifest["target"] == "onnx" and self.manifest.get("device", "cpu") == "cuda"
         if provider == "cpu" and made_for_cuda:
             raise RiffusionError(

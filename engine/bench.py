@@ -28,7 +28,9 @@ JSON schema (``schema`` 2)::
                                     "spectral_convergence", "spectral_convergence_vs_reference"}}}
 
 Stages: ``text_encoder`` (prompt and negative prompt), ``unet_step`` (one guided UNet
-call), ``vae_decoder``, ``image_to_audio``, ``end_to_end``. ``spectral_convergence`` is
+call for the reference; for the engine, its denoising loop over its steps, the guidance
+and scheduler arithmetic between calls included, timed from an idle device to a finished
+one), ``vae_decoder``, ``image_to_audio``, ``end_to_end``. ``spectral_convergence`` is
 the audio's against the generated image's mel spectrogram (lower is better);
 ``spectral_convergence_vs_reference`` against the reference audio's.
 """

@@ -497,8 +497,8 @@ def clips_for(settings: StreamSettings, params: Any, seconds: float) -> int:
 @contextlib.contextmanager
 def _audio_stream(engine: Engine) -> Iterator[None]:
     """On CUDA, the audio kernels (CuPy) in a non-blocking stream of their own, so they
-    overlap the diffusion on torch's stream. One such stream per process and device,
-    shared by every stream session (:func:`audio_cuda_stream`).
+    overlap the diffusion on torch's stream. The stream comes from the process's pool
+    (:func:`audio_cuda_stream`) and goes back to it when the session ends.
 
     Contracts relied on: CuPy's ``Stream(non_blocking=True)`` does not synchronize with
     the legacy default stream torch computes on, and ``with stream:`` makes it the
@@ -512,29 +512,37 @@ def _audio_stream(engine: Engine) -> Iterator[None]:
     if engine.backend.device != "cuda":
         yield
         return
-    stream = audio_cuda_stream()
-    with stream:
-        yield
-    stream.synchronize()
+    with audio_cuda_stream() as stream:
+        try:
+            with stream:
+                yield
+        finally:
+            stream.synchronize()
 
 
-_audio_streams: dict[int, Any] = {}
+_free_audio_streams: dict[int, list[Any]] = {}  # device -> streams no session holds
 _audio_streams_lock = threading.Lock()
 
 
-def audio_cuda_stream() -> Any:
-    """The process's CuPy stream for the audio kernels on the current device, made once.
+@contextlib.contextmanager
+def audio_cuda_stream() -> Iterator[Any]:
+    """A CuPy stream for one session's audio kernels on the current device, taken from the
+    process's pool of them and given back after: streams are made only when every one is
+    held, and never destroyed, so there are at most as many as sessions ever ran at once.
 
-    CuPy's memory pool keeps freed blocks per stream (``SingleDeviceMemoryPool`` arenas are
-    keyed by the stream's pointer, cupy/cuda/memory.pyx), and a block freed on one stream is
-    reused on that stream only: a new stream per session would strand its blocks when the
-    session ends. Sessions on one shared stream reuse one arena; their kernels queue on it
-    in order, and each session's ``synchronize`` waits for its own work (and any queued
-    before it)."""
+    CuPy's memory pool keeps freed blocks per stream (``SingleDeviceMemoryPool._arenas``,
+    keyed by the stream's pointer, cupy/cuda/memory.pyx 14.x): a freed block goes back to
+    the arena of the stream it was allocated on and serves that stream only, and
+    ``Stream.__del__`` leaves its arena in the pool. A new stream per session would strand
+    its blocks when the session ends; a reused stream reuses its arena."""
     import cupy
 
     device = cupy.cuda.Device().id
     with _audio_streams_lock:
-        if device not in _audio_streams:
-            _audio_streams[device] = cupy.cuda.Stream(non_blocking=True)
-        return _audio_streams[device]
+        free = _free_audio_streams.setdefault(device, [])
+        stream = free.pop() if free else cupy.cuda.Stream(non_blocking=True)
+    try:
+        yield stream
+    finally:
+        with _audio_streams_lock:
+            _free_audio_streams[device].append(stream)

@@ -45,17 +45,19 @@ def plain(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     return made
 
 
-def fused_without_check(path: Path, model_type: str):
+@pytest.fixture(scope="module")
+def unchecked(plain) -> dict[str, object]:
     """Every CUDA fusion ONNX Runtime's optimizer makes, as the exporter made them before
     it checked them against the kernels."""
-    return fuse_graph(path, model_type, fusion_options(model_type, cuda=True, fp16=False), cuda=True).model
+    made = {}
+    for name, (path, spec) in plain.items():
+        options = fusion_options(spec.model_type, cuda=True, fp16=False)
+        made[name] = fuse_graph(path, spec.model_type, options, cuda=True).model
+    return made
 
 
-def test_unchecked_cuda_fusions_make_nodes_the_kernels_refuse(plain) -> None:
-    found = {
-        name: {v.fusion for v in violations(fused_without_check(path, spec.model_type), ort.__version__)}
-        for name, (path, spec) in plain.items()
-    }
+def test_unchecked_cuda_fusions_make_nodes_the_kernels_refuse(unchecked) -> None:
+    found = {name: {v.fusion for v in violations(m, ort.__version__)} for name, m in unchecked.items()}
     # The tiny VAE's 16 channels in 16 groups (1 a group); the tiny UNet's feed-forward
     # widths 256 and 512 (BiasSplitGelu takes 2560 and up).
     assert "enable_group_norm" in found["vae_decoder"] | found["unet"]
@@ -63,14 +65,15 @@ def test_unchecked_cuda_fusions_make_nodes_the_kernels_refuse(plain) -> None:
 
 
 @pytest.mark.parametrize("stage", ["unet", "vae_decoder"])
-def test_cuda_export_keeps_only_fusions_the_kernels_take(plain, tmp_path: Path, stage: str) -> None:
+def test_cuda_export_keeps_only_fusions_the_kernels_take(
+    plain, unchecked, tmp_path: Path, stage: str
+) -> None:
     path, spec = plain[stage]
     out = tmp_path / f"{stage}.onnx"
     result = optimize(path, spec, out, fuse=True, fp16=False, cuda=True)
     fused = onnx.load(str(out))
     assert violations(fused, ort.__version__) == []
-    unchecked = violations(fused_without_check(path, spec.model_type), ort.__version__)
-    assert set(result.refused) == {v.fusion for v in unchecked}
+    assert set(result.refused) == {v.fusion for v in violations(unchecked[stage], ort.__version__)}
     for flag, why in result.refused.items():
         assert "onnxruntime/contrib_ops/cuda/" in why, (flag, why)
     # The other CUDA fusions stay: NHWC convolutions in both graphs.

@@ -158,6 +158,7 @@ def test_io_binding_waits_for_torch_to_finish_writing_the_inputs(exports) -> Non
 
 def test_tensorrt_execution_provider(exports, reference) -> None:
     needs_provider("TensorrtExecutionProvider")
+    needs("tensorrt")  # the provider loads pip TensorRT's libraries
     directory = exports("unfused", fuse=False)
     engine = Engine.load(artifacts=directory, backend="onnxruntime", device="cuda", provider="tensorrt")
     assert engine.backend.session("unet").get_providers()[0] == "TensorrtExecutionProvider"
@@ -282,6 +283,7 @@ def test_device_memory_sees_allocations_outside_torch() -> None:
 
 
 def test_server_on_cuda() -> None:
+    needs("cupy")  # the engine's audio kernels on CUDA
     import httpx
     from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
@@ -302,6 +304,7 @@ def test_server_on_cuda() -> None:
 def test_pipelined_stream_on_cuda_equals_its_one_shot_runs() -> None:
     """The audio thread runs CuPy's kernels in a non-blocking stream of its own while the
     next clip denoises on torch's: each clip must still be its request's one-shot clip."""
+    needs("cupy")
     engine = Engine.load("random:tiny", backend="torch", device="cuda")
     with engine.stream("jazz", "techno", steps=4, max_clips=4, pipeline=True, lookahead=1) as stream:
         chunks = [c for c in stream if not c.final]
@@ -314,12 +317,62 @@ def test_pipelined_stream_on_cuda_equals_its_one_shot_runs() -> None:
             assert np.array_equal(chunk.clip.audio, alone.audio)  # then the audio kernels agree too
 
 
+def test_stream_sessions_do_not_strand_cupy_pool_memory(monkeypatch) -> None:
+    """CuPy's pool keeps freed blocks per stream: one session after another reuse one
+    audio stream (held here, so CUDA cannot hand a destroyed stream's handle to the next),
+    and 20 sessions hold what one does, not 20 times it."""
+    needs("cupy")
+    import cupy
+
+    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    pool = cupy.get_default_memory_pool()
+    seen = []  # the CuPy stream current where each clip's audio was made (kept alive)
+    to_clip = engine.to_clip
+
+    def watch(image, timings):
+        seen.append(cupy.cuda.get_current_stream())
+        return to_clip(image, timings)
+
+    monkeypatch.setattr(engine, "to_clip", watch)
+
+    def session() -> None:
+        with engine.stream("jazz", "techno", steps=2, max_clips=2, pipeline=True, lookahead=1) as stream:
+            assert len([c for c in stream if not c.final]) == 2
+
+    session()
+    held = pool.total_bytes()
+    assert held > 0  # the audio kernels ran on CuPy's pool
+    for _ in range(19):
+        session()
+    assert len({id(s) for s in seen}) == 1 and seen[0].ptr != 0 and len(seen) == 40
+    assert pool.total_bytes() <= 1.5 * held + 16 * 2**20
+
+
+def test_tensorrt_provider_exports_unfused_on_first_use(tmp_path: Path, reference) -> None:
+    """TensorRT cannot parse ONNX Runtime's fused operators: the export made on first use
+    for the tensorrt provider is unfused, and the provider loads TensorRT's libraries."""
+    needs_provider("TensorrtExecutionProvider")
+    needs("tensorrt")
+    engine = Engine.load(
+        "random:tiny", backend="onnxruntime", device="cuda", provider="tensorrt", cache_dir=tmp_path
+    )
+    assert all(not stage["fusions"] for stage in engine.backend.manifest["stages"].values())
+    assert engine.backend.session("unet").get_providers()[0] == "TensorrtExecutionProvider"
+    assert max_error(engine, reference, 1) <= FP32
+
+
 def test_doctor_on_cuda(tmp_path: Path) -> None:
+    """Every GPU row whose requirements are installed ran, and passed."""
+    from riffusion_engine.engine.doctor import REQUIREMENTS
+
     needs("cupy")
     out = tmp_path / "doctor.json"
     code, stdout, err = run_cli("doctor", "--device", "cuda", "--json", str(out))
     assert code == 0, stdout + err
     checks = json.loads(out.read_text())["checks"]
     assert not [c for c in checks if c["status"] == "failed"]
+    for check in checks:
+        if "cuda" in check["needs"] and all(REQUIREMENTS[n]() is None for n in check["needs"]):
+            assert check["status"] == "ok", check
     ran = {c["path"] for c in checks if c["status"] == "ok"}
     assert {"torch cuda fp32", "torch cuda fp16", "kernels cupy: image -> audio"} <= ran
