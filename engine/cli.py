@@ -313,7 +313,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         (name, t[key])
         for key, name in (
             ("text_encoder", "text encoder"),
-            ("unet", f"unet ({int(t['unet_steps'])} calls)"),
+            ("unet", f"unet + scheduler ({int(t['unet_steps'])} steps)"),
             ("vae_decoder", "vae decoder"),
             ("image_to_audio", "image -> audio"),
         )
