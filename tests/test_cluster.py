@@ -37,7 +37,7 @@ from riffusion_engine.engine.serve.app import ServerConfig, background, create_a
 from test_server import ORIGINAL  # noqa: E402  (the web app's request)
 
 APP = "riffusion-test"
-TIMEOUT_S = 30.0  # the server's request timeout, and so the stall a health check tolerates
+TIMEOUT_S = 60.0  # the server's request timeout, and so the stall a health check tolerates
 # Small limits, so that 16 concurrent requests overflow them: 2 replicas x 2 ongoing + 4 queued.
 CONFIG = ServerConfig(max_batch=2, max_queue=4, timeout_s=TIMEOUT_S, max_steps=8, max_body_bytes=4096)
 CLUSTER = cluster.ClusterConfig(
@@ -75,9 +75,14 @@ def url(ray_local, spec) -> str:
 
 @pytest.fixture(scope="module")
 def reference(spec) -> Iterator[str]:
-    """The single-process server over the same export, one engine thread as each replica."""
+    """The single-process server over the same export, one engine thread as each replica,
+    and one BLAS / OpenMP thread as Ray gives a replica of one CPU (it sets
+    OMP_NUM_THREADS to the actor's num_cpus): the audio's float sums then run in the same
+    order, to the last bit."""
+    from threadpoolctl import threadpool_limits
+
     engine = Engine.load(artifacts=spec.artifacts, backend="onnxruntime", threads=1)
-    with background(create_app(engine, CONFIG)) as base:
+    with threadpool_limits(limits=1), background(create_app(engine, CONFIG)) as base:
         yield base
 
 
@@ -256,8 +261,10 @@ def test_a_replica_killed_during_load_leaves_no_request_unanswered(url):
     before = replica_actors()
     victim = sorted(before)[0]
     retries = ingress_retries(url)
-    # Longer requests (9 UNet calls each, two per replica at once): the victim is mid-request.
-    slow = {**ORIGINAL, "num_inference_steps": 8, "start": {**ORIGINAL["start"], "denoising": 1.0}}
+    # Longer requests (5 UNet calls each, two per replica at once): the victim is mid-request,
+    # and its two, retried on the other replica after that one's own, end within the timeout
+    # on a 2-core machine.
+    slow = {**ORIGINAL, "num_inference_steps": 4, "start": {**ORIGINAL["start"], "denoising": 1.0}}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(post, url, slow, TIMEOUT_S + 30) for _ in range(4)]
         time.sleep(1.5)  # the requests are on the replicas
