@@ -83,14 +83,18 @@ def parse(version: str | int | None) -> Version | None:
         return None
 
 
-def _installed(names: dict[str, int]) -> Version | None:
-    for name, major in names.items():
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        return major, 0
-    return None
+def _installed(name: str) -> bool:
+    """Whether the distribution ``name`` is installed."""
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _major_of_installed(names: dict[str, int]) -> Version | None:
+    """The CUDA major in the name of the first of ``names`` installed."""
+    return next(((major, 0) for name, major in names.items() if _installed(name)), None)
 
 
 def torch_cuda() -> Version | None:
@@ -110,7 +114,7 @@ def cupy_cuda() -> Version | None:
 
         return parse(int(cupy.cuda.runtime.runtimeGetVersion()))
     except Exception:  # no CUDA runtime library loadable here: the wheel's name says the major
-        return _installed(_CUPY)
+        return _major_of_installed(_CUPY)
 
 
 def onnxruntime_cuda() -> Version | None:
@@ -145,20 +149,12 @@ SAME_MODULE = (
 
 def same_module_pairs() -> list[tuple[str, str]]:
     """The installed pairs of SAME_MODULE."""
-
-    def installed(name: str) -> bool:
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return False
-        return True
-
-    return [pair for pair in SAME_MODULE if all(installed(n) for n in pair)]
+    return [pair for pair in SAME_MODULE if all(_installed(n) for n in pair)]
 
 
 def tensorrt_cuda() -> Version | None:
     """The CUDA major of pip's TensorRT (tensorrt-cu12 / tensorrt-cu13)."""
-    return _installed(_TENSORRT) if importlib.util.find_spec("tensorrt") is not None else None
+    return _major_of_installed(_TENSORRT) if importlib.util.find_spec("tensorrt") is not None else None
 
 
 def driver() -> tuple[str | None, Version | None]:
