@@ -37,8 +37,8 @@ def main() -> None:
         parser.exit(2, "bench_int8.py: error: needs NNCF: pip install nncf (besides the openvino extra)\n")
     import openvino as ov
     import torch
-    from riffusion_engine.engine.backends import TorchBackend
-    from riffusion_engine.engine.models import load_components
+    from riffusion_engine.engine.runtime.backends import TorchBackend
+    from riffusion_engine.export.models import load_components
 
     components = load_components(args.model)
     hidden = components.text_encoder.config.hidden_size

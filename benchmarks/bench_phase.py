@@ -19,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from riffusion_engine.engine.seeds import SEED_AUDIO
+from riffusion_engine.engine.runtime.seeds import SEED_AUDIO
 from riffusion_engine.kernels import GriffinLimOptions, SpectrogramParams, spectral_convergence, synth
 from riffusion_engine.kernels.convert import image_from_audio
 from riffusion_engine.kernels.griffin_lim import waveform_from_mel

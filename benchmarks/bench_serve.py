@@ -198,10 +198,10 @@ def serve_batch_replica(cores: int, max_batch: int, window_ms: float) -> type:
 
 def run_batching(args: Any) -> dict[str, Any]:
     """One process, batching off against on."""
-    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine import load
     from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
-    engine = Engine.load(args.model, backend=args.backend, progress=True)
+    engine = load(args.model, backend=args.backend, progress=True)
     modes = {
         "off": ServerConfig(max_batch=1, batch_window_ms=0, max_queue=args.clients),
         "on": ServerConfig(
@@ -236,7 +236,7 @@ def run_batching(args: Any) -> dict[str, Any]:
 
 def run_ray(args: Any) -> dict[str, Any]:
     """One process against the Ray Serve application, rounds alternated."""
-    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine import load
     from riffusion_engine.engine.serve import cluster
     from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
@@ -256,7 +256,7 @@ def run_ray(args: Any) -> dict[str, Any]:
             batched = serve_batch_replica(args.cpus, args.max_batch, args.batch_window_ms)
             rows[f"ray, {n} x {share} {unit}, @serve.batch"] = (n, batched)
     threads = {} if gpu else {"threads": args.cpus}
-    engine = Engine.load(artifacts=spec.artifacts, backend=spec.backend, device=args.device, **threads)
+    engine = load(artifacts=spec.artifacts, backend=spec.backend, device=args.device, **threads)
     cluster.connect(None, dashboard=False, log_to_driver=False)
     import ray
     from ray import serve
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000, help="--ray: Serve's HTTP port (default: 8000)")
     args = parser.parse_args()
 
-    from riffusion_engine.engine.bench import environment
+    from riffusion_engine.engine.tools.bench import environment
 
     report = run_ray(args) if args.ray else run_batching(args)
     report["environment"] = environment()

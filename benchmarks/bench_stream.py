@@ -28,8 +28,8 @@ from typing import Any
 
 def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[str, Any]) -> dict[str, Any]:
     """``streams`` streams at once, each to ``duration`` seconds of audio; their figures."""
-    from riffusion_engine.engine.pipeline import PromptInput
-    from riffusion_engine.engine.seeds import SeedLibrary, seed_image
+    from riffusion_engine.engine.runtime.pipeline import PromptInput
+    from riffusion_engine.engine.runtime.seeds import SeedLibrary, seed_image
     from riffusion_engine.engine.serve.api import ServerConfig
     from riffusion_engine.engine.serve.batcher import Batcher
     from riffusion_engine.engine.serve.streams import StreamHub
@@ -113,11 +113,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine import load
     from riffusion_engine.kernels.errors import RiffusionError
 
     try:
-        engine = Engine.load(
+        engine = load(
             args.model, backend=args.backend, device=args.device, precision=args.precision, progress=True
         )
     except RiffusionError as exc:

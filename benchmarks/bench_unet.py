@@ -45,8 +45,8 @@ def main() -> None:
             )
 
     import torch
-    from riffusion_engine.engine.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend
-    from riffusion_engine.engine.models import load_components
+    from riffusion_engine.engine.runtime.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend
+    from riffusion_engine.export.models import load_components
 
     components = load_components(args.model)
     backends = {

@@ -55,12 +55,10 @@ def test_image_to_audio(benchmark, mel: np.ndarray) -> None:
 def engines(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from riffusion_engine.engine.pipeline import Engine
+    from riffusion_engine import load
 
     cache = tmp_path_factory.mktemp("exports")
-    return {
-        name: Engine.load("random:tiny", backend=name, cache_dir=cache) for name in ("torch", "onnxruntime")
-    }
+    return {name: load("random:tiny", backend=name, cache_dir=cache) for name in ("torch", "onnxruntime")}
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

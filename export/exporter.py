@@ -3,7 +3,7 @@
 ``export(config, output)`` loads the model, exports each stage to ONNX (optionally
 fused and fp16) and, for ``target="tensorrt"``, builds an engine from each ONNX file;
 every artifact is verified against the torch stage. The directory's ``manifest.json``
-(schema in ``riffusion_engine.engine.artifacts``) records hashes, versions, errors and
+(schema in ``riffusion_engine.export.artifacts``) records hashes, versions, errors and
 the cache key. Exporting again with the same key, into a directory whose files still
 match their hashes, does nothing; otherwise the directory is rebuilt in a temporary
 sibling and renamed into place under a lock (one that leaves no file), so an interrupted export never leaves
@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from riffusion_engine.engine import artifacts
-from riffusion_engine.engine.models import DEFAULT_MODEL, load_components, source_hash
-from riffusion_engine.kernels.errors import RiffusionError
-from riffusion_engine.kernels.files import exclusive_lock, umask_mode
 from tqdm.auto import tqdm
 
+from ..kernels.errors import RiffusionError
+from ..kernels.files import exclusive_lock, umask_mode
+from . import artifacts
+from .models import DEFAULT_MODEL, load_components, source_hash
 from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
 from .verify import TOLERANCE, Reference, all_finite, onnxruntime_runner, torch_references, verify_stage
 
@@ -280,9 +280,8 @@ def _export_stage(
     *,
     release: str | None,
 ) -> dict[str, Any]:
-    from riffusion_engine.engine.stages import stage_module
-
     from .onnx_export import Optimized, export_stage, optimize
+    from .stages import stage_module
 
     start = time.perf_counter()
     module = stage_module(components, spec.name)

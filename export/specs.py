@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
+
+from ..kernels.errors import RiffusionError
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 Which = Literal["min", "opt", "max"]

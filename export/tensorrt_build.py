@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
-
+from ..kernels.errors import RiffusionError
 from .specs import StageSpec
 from .verify import Runner
 
@@ -29,7 +28,7 @@ INSTALL = (
 
 def require_tensorrt() -> Any:
     """The tensorrt module (10.x), or one clear error saying what to install."""
-    from riffusion_engine.engine.tensorrt_runtime import check_tensorrt_version
+    from ..engine.runtime.tensorrt_runtime import check_tensorrt_version
 
     try:
         import polygraphy  # noqa: F401

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
 
+from ..kernels.errors import RiffusionError
 from .specs import StageSpec
 
 # Largest accepted max_rel per output. fp32: the runtimes differ from torch only in

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from riffusion_engine import load
 from riffusion_engine.kernels import SpectrogramParams
 from riffusion_engine.kernels.audio import spectrogram_from_waveform
 from riffusion_engine.kernels.synth import music_like
@@ -89,7 +90,7 @@ def music_mel(music: np.ndarray, params: SpectrogramParams) -> np.ndarray:
 def tiny():
     """random:tiny's components (torch), built once."""
     pytest.importorskip("torch")
-    from riffusion_engine.engine.models import load_components
+    from riffusion_engine.export.models import load_components
 
     return load_components("random:tiny")
 
@@ -98,9 +99,8 @@ def tiny():
 def torch_engine():
     """An Engine over random:tiny on the torch backend, built once."""
     pytest.importorskip("torch")
-    from riffusion_engine.engine.pipeline import Engine
 
-    return Engine.load("random:tiny", backend="torch")
+    return load("random:tiny", backend="torch")
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import librosa
 import numpy as np
-from riffusion_engine.engine.bench import librosa_mel_basis
+from riffusion_engine.engine.tools.bench import librosa_mel_basis
 from riffusion_engine.kernels import SpectrogramParams
 
 

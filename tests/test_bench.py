@@ -14,7 +14,7 @@ pytest.importorskip("librosa")
 
 from conftest import run_cli
 from PIL import Image
-from riffusion_engine.engine.bench import STAGES, BenchConfig
+from riffusion_engine.engine.tools.bench import STAGES, BenchConfig
 from riffusion_engine.kernels import RiffusionError
 
 
@@ -65,7 +65,7 @@ def test_peak_memory_is_the_device_level_rise_over_the_baseline() -> None:
     the work runs: a rise from any allocator counts, a level below the baseline does not."""
     import time
 
-    from riffusion_engine.engine.device_memory import PeakMemory
+    from riffusion_engine.engine.tools.device_memory import PeakMemory
 
     level = [1000]
     meter = PeakMemory(lambda: level[0], interval_s=0.001).start()

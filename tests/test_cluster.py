@@ -31,7 +31,7 @@ soundfile = pytest.importorskip("soundfile")
 websockets = pytest.importorskip("websockets")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from riffusion_engine.engine.pipeline import Engine  # noqa: E402
+from riffusion_engine import load  # noqa: E402
 from riffusion_engine.engine.serve import cluster  # noqa: E402
 from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
 from test_server import ORIGINAL  # noqa: E402  (the web app's request)
@@ -81,7 +81,7 @@ def reference(spec) -> Iterator[str]:
     order, to the last bit."""
     from threadpoolctl import threadpool_limits
 
-    engine = Engine.load(artifacts=spec.artifacts, backend="onnxruntime", threads=1)
+    engine = load(artifacts=spec.artifacts, backend="onnxruntime", threads=1)
     with threadpool_limits(limits=1), background(create_app(engine, CONFIG)) as base:
         yield base
 

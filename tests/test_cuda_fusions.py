@@ -18,8 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from onnx import helper  # noqa: E402
-from riffusion_engine.engine.models import load_components  # noqa: E402
-from riffusion_engine.engine.stages import stage_module  # noqa: E402
+from riffusion_engine.export.models import load_components  # noqa: E402
 from riffusion_engine.export.onnx_export import (  # noqa: E402
     CUDA_ONLY_FUSIONS,
     export_stage,
@@ -29,6 +28,7 @@ from riffusion_engine.export.onnx_export import (  # noqa: E402
 )
 from riffusion_engine.export.ort_cuda_kernels import RULES, violations  # noqa: E402
 from riffusion_engine.export.specs import ModelDims, ShapeProfile, stage_specs  # noqa: E402
+from riffusion_engine.export.stages import stage_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")

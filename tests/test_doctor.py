@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from conftest import run_cli
-from riffusion_engine.engine.doctor import Doctor, Skip
+from riffusion_engine.engine.tools.doctor import Doctor, Skip
 from riffusion_engine.kernels import RiffusionError
 
 GPU_WORDS = ("cuda", "cupy", "tensorrt", "DLPack")
@@ -88,7 +88,7 @@ def test_a_check_passes_fails_or_skips(tmp_path: Path) -> None:
 
 
 def test_a_failed_path_fails_the_command(monkeypatch, tmp_path: Path) -> None:
-    from riffusion_engine.engine import doctor as doctor_module
+    from riffusion_engine.engine.tools import doctor as doctor_module
 
     def only_two(self):
         yield "fine", lambda: (0.0, 1.0, "compared")

@@ -24,13 +24,13 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from conftest import TINY_EXPORT_ARGS, run_cli  # noqa: E402
-from riffusion_engine.engine import artifacts  # noqa: E402
 from riffusion_engine.engine.cli import main  # noqa: E402
-from riffusion_engine.engine.models import load_components  # noqa: E402
-from riffusion_engine.engine.stages import stage_module  # noqa: E402
+from riffusion_engine.export import artifacts  # noqa: E402
 from riffusion_engine.export import exporter as export_module  # noqa: E402
 from riffusion_engine.export.exporter import ExportConfig, ExportResult, export  # noqa: E402
+from riffusion_engine.export.models import load_components  # noqa: E402
 from riffusion_engine.export.specs import STAGES, ModelDims, ShapeProfile, stage_specs  # noqa: E402
+from riffusion_engine.export.stages import stage_module  # noqa: E402
 from riffusion_engine.export.verify import TOLERANCE, compare  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 

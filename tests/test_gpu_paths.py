@@ -20,7 +20,8 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
-from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine import Stream, load  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
 from riffusion_engine.export.exporter import ExportConfig, export  # noqa: E402
 from riffusion_engine.export.specs import ShapeProfile  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
@@ -85,7 +86,7 @@ def exports(tmp_path_factory):
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", FP32), ("fp16", FP16)])
 def test_torch_backend_on_cuda(reference, precision: str, tolerance: float) -> None:
-    engine = Engine.load("random:tiny", backend="torch", device="cuda", precision=precision)
+    engine = load("random:tiny", backend="torch", device="cuda", precision=precision)
     for count in (1, 3):
         assert max_error(engine, reference, count) <= tolerance
 
@@ -95,7 +96,7 @@ def test_engine_end_to_end_on_cuda_hands_the_vae_output_to_cupy_without_a_copy(m
     import cupy
     from riffusion_engine.kernels import xp as xpm
 
-    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    engine = load("random:tiny", backend="torch", device="cuda")
     seen = []
     original = xpm.as_array
 
@@ -127,7 +128,7 @@ def test_cuda_export_is_verified_on_cuda_and_runs_with_io_binding(
             assert report["runtime"] == "onnxruntime CUDAExecutionProvider"
     # Attention fused (the packed layouts only in fp16: test_export checks the options).
     assert "MultiHeadAttention" in manifest["stages"]["unet"]["fusions"]
-    engine = Engine.load(artifacts=directory, backend="onnxruntime", device="cuda")
+    engine = load(artifacts=directory, backend="onnxruntime", device="cuda")
     for count in (1, 3):
         assert max_error(engine, reference, count) <= tolerance
 
@@ -149,7 +150,7 @@ def test_io_binding_waits_for_torch_to_finish_writing_the_inputs(exports) -> Non
     """The inputs come straight from torch kernels still queued on torch's stream: ONNX
     Runtime (on its own stream) must see the finished values."""
     needs_provider("CUDAExecutionProvider")
-    from riffusion_engine.engine.backends import OnnxRuntimeBackend
+    from riffusion_engine.engine.runtime.backends import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(exports("cuda-fp32", device="cuda"), device="cuda")
     # GroupNorm's CUDA kernel is not deterministic: a race shows as far more than this.
@@ -160,7 +161,7 @@ def test_tensorrt_execution_provider(exports, reference) -> None:
     needs_provider("TensorrtExecutionProvider")
     needs("tensorrt")  # the provider loads pip TensorRT's libraries
     directory = exports("unfused", fuse=False)
-    engine = Engine.load(artifacts=directory, backend="onnxruntime", device="cuda", provider="tensorrt")
+    engine = load(artifacts=directory, backend="onnxruntime", device="cuda", provider="tensorrt")
     assert engine.backend.session("unet").get_providers()[0] == "TensorrtExecutionProvider"
     for count in (1, 3):
         assert max_error(engine, reference, count) <= FP32
@@ -180,7 +181,7 @@ def test_tensorrt_backend_matches_torch_for_one_two_and_three_requests(
     directory = exports(
         f"trt-{static}", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4, static=static)
     )
-    engine = Engine.load(artifacts=directory, backend="tensorrt", device="cuda")
+    engine = load(artifacts=directory, backend="tensorrt", device="cuda")
     for count in (1, 2, 3, 1):  # smaller after larger: the static buffers' spare rows do not leak
         assert max_error(engine, reference, count) <= FP16
     if static:
@@ -192,7 +193,7 @@ def test_tensorrt_backend_matches_torch_for_one_two_and_three_requests(
 
 def test_tensorrt_reads_inputs_torch_is_still_writing(exports) -> None:
     needs("tensorrt")
-    from riffusion_engine.engine.backends import TensorRTBackend
+    from riffusion_engine.engine.runtime.backends import TensorRTBackend
 
     directory = exports("trt-False", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4))
     assert_reads_finished_inputs(TensorRTBackend(directory), tolerance=1e-3)
@@ -200,7 +201,7 @@ def test_tensorrt_reads_inputs_torch_is_still_writing(exports) -> None:
 
 def test_tensorrt_refuses_a_shape_outside_its_profile(exports) -> None:
     needs("tensorrt")
-    from riffusion_engine.engine.backends import TensorRTBackend
+    from riffusion_engine.engine.runtime.backends import TensorRTBackend
 
     backend = TensorRTBackend(
         exports("trt-False", target="tensorrt", precision="fp16", profile=ShapeProfile(max_batch=4))
@@ -212,7 +213,7 @@ def test_tensorrt_refuses_a_shape_outside_its_profile(exports) -> None:
 def test_auto_on_cuda_exports_on_first_use(tmp_path: Path, reference) -> None:
     if importlib.util.find_spec("tensorrt") is None:
         needs_provider("CUDAExecutionProvider")
-    engine = Engine.load("random:tiny", backend="auto", device="cuda", cache_dir=tmp_path)
+    engine = load("random:tiny", backend="auto", device="cuda", cache_dir=tmp_path)
     expected = "tensorrt" if importlib.util.find_spec("tensorrt") else "onnxruntime"
     assert engine.backend.name == expected
     (directory,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -223,13 +224,9 @@ def test_auto_on_cuda_exports_on_first_use(tmp_path: Path, reference) -> None:
 
 def test_tensorrt_export_on_first_use(tmp_path: Path, reference) -> None:
     needs("tensorrt")
-    engine = Engine.load(
-        "random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path
-    )
+    engine = load("random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path)
     assert max_error(engine, reference, 1) <= FP16
-    again = Engine.load(
-        "random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path
-    )
+    again = load("random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path)
     assert again.backend.manifest["cache_key"] == engine.backend.manifest["cache_key"]
 
 
@@ -270,7 +267,7 @@ def test_bench_on_cuda_counts_device_memory(tmp_path: Path) -> None:
 def test_device_memory_sees_allocations_outside_torch() -> None:
     needs("cupy")
     import cupy
-    from riffusion_engine.engine.device_memory import PeakMemory, device_memory_reader
+    from riffusion_engine.engine.tools.device_memory import PeakMemory, device_memory_reader
 
     read, _ = device_memory_reader()
     cupy.get_default_memory_pool().free_all_blocks()  # a new allocation, not a cached block
@@ -287,7 +284,7 @@ def test_server_on_cuda() -> None:
     import httpx
     from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
 
-    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    engine = load("random:tiny", backend="torch", device="cuda")
     body = {
         "alpha": 0.25,
         "num_inference_steps": 4,
@@ -305,8 +302,8 @@ def test_pipelined_stream_on_cuda_equals_its_one_shot_runs() -> None:
     """The audio thread runs CuPy's kernels in a non-blocking stream of its own while the
     next clip denoises on torch's: each clip must still be its request's one-shot clip."""
     needs("cupy")
-    engine = Engine.load("random:tiny", backend="torch", device="cuda")
-    with engine.stream("jazz", "techno", steps=4, max_clips=4, pipeline=True, lookahead=1) as stream:
+    engine = load("random:tiny", backend="torch", device="cuda")
+    with Stream.open(engine, "jazz", "techno", steps=4, max_clips=4, pipeline=True, lookahead=1) as stream:
         chunks = [c for c in stream if not c.final]
     assert len(chunks) == 4
     for chunk in chunks:
@@ -324,7 +321,7 @@ def test_stream_sessions_do_not_strand_cupy_pool_memory(monkeypatch) -> None:
     needs("cupy")
     import cupy
 
-    engine = Engine.load("random:tiny", backend="torch", device="cuda")
+    engine = load("random:tiny", backend="torch", device="cuda")
     pool = cupy.get_default_memory_pool()
     seen = []  # the CuPy stream current where each clip's audio was made (kept alive)
     to_clip = engine.to_clip
@@ -336,7 +333,9 @@ def test_stream_sessions_do_not_strand_cupy_pool_memory(monkeypatch) -> None:
     monkeypatch.setattr(engine, "to_clip", watch)
 
     def session() -> None:
-        with engine.stream("jazz", "techno", steps=2, max_clips=2, pipeline=True, lookahead=1) as stream:
+        with Stream.open(
+            engine, "jazz", "techno", steps=2, max_clips=2, pipeline=True, lookahead=1
+        ) as stream:
             assert len([c for c in stream if not c.final]) == 2
 
     session()
@@ -353,7 +352,7 @@ def test_tensorrt_provider_exports_unfused_on_first_use(tmp_path: Path, referenc
     for the tensorrt provider is unfused, and the provider loads TensorRT's libraries."""
     needs_provider("TensorrtExecutionProvider")
     needs("tensorrt")
-    engine = Engine.load(
+    engine = load(
         "random:tiny", backend="onnxruntime", device="cuda", provider="tensorrt", cache_dir=tmp_path
     )
     assert all(not stage["fusions"] for stage in engine.backend.manifest["stages"].values())
@@ -363,7 +362,7 @@ def test_tensorrt_provider_exports_unfused_on_first_use(tmp_path: Path, referenc
 
 def test_doctor_on_cuda(tmp_path: Path) -> None:
     """Every GPU row whose requirements are installed ran, and passed."""
-    from riffusion_engine.engine.doctor import REQUIREMENTS
+    from riffusion_engine.engine.tools.doctor import REQUIREMENTS
 
     needs("cupy")
     out = tmp_path / "doctor.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from conftest import run_cli
-from riffusion_engine.engine.cuda_versions import CudaVersions, cuda_versions, parse
+from riffusion_engine.engine.tools.cuda_versions import CudaVersions, cuda_versions, parse
 from riffusion_engine.kernels import RiffusionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_cuda_versions_here() -> None:
 
 def test_first_use_export_for_the_tensorrt_provider_is_unfused() -> None:
     pytest.importorskip("torch")
-    from riffusion_engine.engine.loading import first_use_export
+    from riffusion_engine.engine.runtime.loading import first_use_export
 
     common = {"device": "cuda", "precision": "fp32", "seed": 0}
     trt_name, trt = first_use_export("random:tiny", backend="onnxruntime", provider="tensorrt", **common)
@@ -120,8 +120,8 @@ def test_first_use_export_for_the_tensorrt_provider_is_unfused() -> None:
 
 
 def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:
-    from riffusion_engine.engine import artifacts
-    from riffusion_engine.engine.backends import check_export_for_provider
+    from riffusion_engine.engine.runtime.backends import check_export_for_provider
+    from riffusion_engine.export import artifacts
 
     directory = tiny_export[0]
     manifest = artifacts.load_manifest(directory)
@@ -133,7 +133,7 @@ def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:
 def test_tensorrt_provider_without_tensorrt_names_the_extra() -> None:
     import importlib.util
 
-    from riffusion_engine.engine.backends import load_tensorrt_libraries
+    from riffusion_engine.engine.runtime.backends import load_tensorrt_libraries
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from riffusion_engine.engine.models import VAE_SCALING, load_components  # noqa: E402
+from riffusion_engine.export.models import VAE_SCALING, load_components  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def test_saved_preset_loads_through_the_directory_path(tiny, tmp_path: Path) -> 
 def test_directory_hash_follows_the_files(tiny, tmp_path: Path) -> None:
     """The export cache trusts this hash: any change to a config or a weight file, or a
     file moved, must change it; restoring the files restores it."""
-    from riffusion_engine.engine.models import source_hash
+    from riffusion_engine.export.models import source_hash
 
     model = tmp_path / "model"
     tiny.save(model)
@@ -109,7 +109,7 @@ def hub_like_repository(tiny, path: Path) -> Path:
 
 
 def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_path: Path) -> None:
-    from riffusion_engine.engine.models import _repository_files, select_files
+    from riffusion_engine.export.models import _repository_files, select_files
 
     repo = hub_like_repository(tiny, tmp_path / "repo")
     files = _repository_files(repo)
@@ -155,7 +155,7 @@ def test_a_single_file_checkpoint_loads_weight_for_weight(tiny, tmp_path: Path, 
     tiny model, read through diffusers' single-file loading with the configuration in the
     checkpoint's folder (the hub repository's layout): the same weights come back."""
     from ldm_checkpoint import ldm_state_dict
-    from riffusion_engine.engine.models import source_hash
+    from riffusion_engine.export.models import source_hash
 
     repo = hub_like_repository(tiny, tmp_path / "repo")
     checkpoint = repo / f"riffusion-model-v1{suffix}"

@@ -13,7 +13,8 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from riffusion_engine.engine.pipeline import Engine, PromptInput, Request
+from riffusion_engine import load
+from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request
 from riffusion_engine.kernels import RiffusionError
 
 # Observed about 3e-6 against the torch backend on random:tiny; generous for other CPUs.
@@ -27,7 +28,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def openvino_engine(cache) -> Engine:
-    return Engine.load("random:tiny", backend="openvino", cache_dir=cache)
+    return load("random:tiny", backend="openvino", cache_dir=cache)
 
 
 def images(engine: Engine, request: Request) -> np.ndarray:
@@ -53,7 +54,7 @@ def test_openvino_equals_the_torch_backend(openvino_engine, torch_engine) -> Non
 
 
 def test_seed_image_batches_and_masks_run_through_openvino(openvino_engine, torch_engine) -> None:
-    from riffusion_engine.engine.seeds import mask_image, seed_image
+    from riffusion_engine.engine.runtime.seeds import mask_image, seed_image
 
     requests = [
         Request(
@@ -72,7 +73,7 @@ def test_seed_image_batches_and_masks_run_through_openvino(openvino_engine, torc
 
 
 def test_bf16_approximates_fp32(cache, openvino_engine) -> None:
-    bf16 = Engine.load("random:tiny", backend="openvino", precision="bf16", cache_dir=cache)
+    bf16 = load("random:tiny", backend="openvino", precision="bf16", cache_dir=cache)
     assert bf16.backend.inference_precision == "bf16"
     got = images(bf16, REQUEST)
     # What OpenVINO applied: on a CPU without bf16 instructions it keeps f32 whatever the hint.
@@ -88,15 +89,15 @@ def test_bf16_approximates_fp32(cache, openvino_engine) -> None:
 
 def test_openvino_refuses_a_fused_export(tiny_export) -> None:
     with pytest.raises(RiffusionError, match="--no-fuse"):
-        Engine.load(artifacts=tiny_export[0], backend="openvino")
+        load(artifacts=tiny_export[0], backend="openvino")
 
 
 def test_precisions_are_checked(tiny_export) -> None:
     with pytest.raises(RiffusionError, match="bf16 is the openvino backend's precision"):
-        Engine.load(artifacts=tiny_export[0], backend="onnxruntime", precision="bf16")
+        load(artifacts=tiny_export[0], backend="onnxruntime", precision="bf16")
     with pytest.raises(RiffusionError, match="fp32 or bf16"):
-        Engine.load("random:tiny", backend="openvino", precision="fp16")
+        load("random:tiny", backend="openvino", precision="fp16")
     with pytest.raises(RiffusionError, match="runs on --device cpu"):
-        from riffusion_engine.engine.backends import OpenVinoBackend
+        from riffusion_engine.engine.runtime.backends import OpenVinoBackend
 
         OpenVinoBackend(tiny_export[0], device="cuda")

@@ -15,10 +15,11 @@ pytest.importorskip("onnxruntime")
 
 from conftest import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
-from riffusion_engine.engine import artifacts  # noqa: E402
-from riffusion_engine.engine.models import diffusers_pipeline  # noqa: E402
-from riffusion_engine.engine.pipeline import SCHEDULERS, Engine, PromptInput, Request, slerp  # noqa: E402
-from riffusion_engine.engine.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
+from riffusion_engine import load  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import SCHEDULERS, Engine, PromptInput, Request, slerp  # noqa: E402
+from riffusion_engine.engine.runtime.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
+from riffusion_engine.export import artifacts  # noqa: E402
+from riffusion_engine.export.models import diffusers_pipeline  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 # The onnxruntime backend against diffusers in fp32 (max |difference| of [0, 1] images):
@@ -28,7 +29,7 @@ ONNX_IMAGE_TOLERANCE = 1e-3
 
 @pytest.fixture(scope="session")
 def ort_engine(tiny_export) -> Engine:
-    return Engine.load(artifacts=tiny_export[0], backend="onnxruntime")
+    return load(artifacts=tiny_export[0], backend="onnxruntime")
 
 
 def reference_pipeline(tiny, kind: str = "text", scheduler: str = "pndm"):
@@ -262,13 +263,13 @@ def test_alpha_outside_zero_one() -> None:
 
 def test_backend_errors(tiny_export, tmp_path: Path) -> None:
     with pytest.raises(RiffusionError, match="unknown backend"):
-        Engine.load("random:tiny", backend="jax")
+        load("random:tiny", backend="jax")
     with pytest.raises(RiffusionError, match="runs from a model source"):
-        Engine.load(artifacts=tiny_export[0], backend="torch")
+        load(artifacts=tiny_export[0], backend="torch")
     with pytest.raises(RiffusionError, match="tensorrt backend runs on --device cuda"):
-        Engine.load(artifacts=tiny_export[0], backend="tensorrt")
+        load(artifacts=tiny_export[0], backend="tensorrt")
     with pytest.raises(artifacts.ArtifactError, match="not a complete export"):
-        Engine.load(artifacts=tmp_path, backend="onnxruntime")
+        load(artifacts=tmp_path, backend="onnxruntime")
 
 
 def test_onnxruntime_on_cuda_follows_what_is_installed(tiny_export) -> None:
@@ -279,18 +280,18 @@ def test_onnxruntime_on_cuda_follows_what_is_installed(tiny_export) -> None:
 
     cuda_here = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     if cuda_here:
-        engine = Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
+        engine = load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
         assert engine.backend.session("unet").get_providers()[0] == "CUDAExecutionProvider"
     else:
         with pytest.raises(RiffusionError, match="CUDA"):
-            Engine.load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
+            load(artifacts=tiny_export[0], backend="onnxruntime", device="cuda")
 
 
 def test_auto_picks_what_can_run_on_the_device() -> None:
     import importlib.util
 
     import onnxruntime as ort
-    from riffusion_engine.engine.backends import auto_backend
+    from riffusion_engine.engine.runtime.backends import auto_backend
 
     assert auto_backend("cpu") == "onnxruntime"
     if importlib.util.find_spec("tensorrt") is not None:
@@ -311,11 +312,11 @@ def test_a_cuda_export_is_refused_by_the_cpu_provider(tiny_export, tmp_path: Pat
     manifest["device"] = "cuda"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RiffusionError, match="made for --device cuda"):
-        Engine.load(artifacts=copy, backend="onnxruntime")
+        load(artifacts=copy, backend="onnxruntime")
 
 
 def test_tensorrt_provider_options_cover_every_input_of_the_profile(tiny_export, tmp_path: Path) -> None:
-    from riffusion_engine.engine.backends import tensorrt_provider_options
+    from riffusion_engine.engine.runtime.backends import tensorrt_provider_options
 
     manifest = artifacts.load_manifest(tiny_export[0])
     for name, stage in manifest["stages"].items():
@@ -341,11 +342,11 @@ def test_an_exported_backend_refuses_widths_outside_the_profile(ort_engine, tiny
 
 
 def test_export_on_first_use_is_cached(tmp_path: Path) -> None:
-    engine = Engine.load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
+    engine = load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
     (directory,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert artifacts.load_manifest(directory)["model"]["id"] == "random:tiny"
     before = (directory / "unet.onnx").stat().st_mtime_ns
-    Engine.load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
+    load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
     assert (directory / "unet.onnx").stat().st_mtime_ns == before
     assert engine.generate("a funky beat", steps=1).audio.size
 
@@ -421,7 +422,7 @@ def test_cli_demo(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path) -> None:
-    from riffusion_engine.engine.models import load_components
+    from riffusion_engine.export.models import load_components
 
     full = load_components("random:full")
     expected = reference_pipeline(full)(
@@ -435,9 +436,9 @@ def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path
     ).images
     del full
     request = Request(PromptInput("a funky beat", 1), steps=2)
-    actual = images(Engine.load("random:full", backend="torch"), request)
+    actual = images(load("random:full", backend="torch"), request)
     assert np.abs(actual - expected).max() <= 1e-5
-    ort = Engine.load("random:full", backend="onnxruntime", cache_dir=tmp_path)
+    ort = load("random:full", backend="onnxruntime", cache_dir=tmp_path)
     actual = images(ort, request)
     gray = np.abs(np.round(actual * 255) - np.round(expected * 255))
     assert (gray <= 1).mean() >= 0.99
@@ -446,7 +447,7 @@ def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path
 def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
     """What torch's CPU allocator raises for a clip too wide for the machine (a 4096-pixel
     clip asked for a 34 GB attention buffer) becomes one line naming the width."""
-    from riffusion_engine.engine.pipeline import _memory_bound
+    from riffusion_engine.engine.runtime.pipeline import _memory_bound
 
     message = (
         "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried to allocate"

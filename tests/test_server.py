@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from riffusion_engine.engine.pipeline import Engine, PromptInput, Request  # noqa: E402
-from riffusion_engine.engine.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
+from riffusion_engine import load  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
 from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
 from riffusion_engine.engine.serve.batcher import Batcher  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
@@ -391,7 +392,7 @@ def test_server_options_are_checked(torch_engine, tiny_export) -> None:
         ServerConfig(max_batch=0)
     with pytest.raises(RiffusionError, match="timeout_s"):
         ServerConfig(timeout_s=float("nan"))
-    exported = Engine.load(artifacts=tiny_export[0], backend="onnxruntime")
+    exported = load(artifacts=tiny_export[0], backend="onnxruntime")
     with pytest.raises(RiffusionError, match="export with a larger --max-batch"):
         create_app(exported, ServerConfig(max_batch=exported.shape.max_batch + 1))
 

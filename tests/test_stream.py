@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
-from riffusion_engine.engine.pipeline import PromptInput  # noqa: E402
+from riffusion_engine import Stream  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import PromptInput  # noqa: E402
 from riffusion_engine.engine.stream import StreamSettings, Walk  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
@@ -65,7 +66,7 @@ def test_the_walk_follows_the_web_app() -> None:
 
 
 def test_stream_clips_equal_one_shot_runs_and_join_as_documented(torch_engine) -> None:
-    with torch_engine.stream("jazz", "techno", seed_image=None, max_clips=4, **FAST) as stream:
+    with Stream.open(torch_engine, "jazz", "techno", seed_image=None, max_clips=4, **FAST) as stream:
         chunks = list(stream)
     assert [c.index for c in chunks] == [0, 1, 2, 3, 3] and chunks[-1].final
     clips = [c.clip for c in chunks[:-1]]
@@ -93,12 +94,12 @@ def test_stream_clips_equal_one_shot_runs_and_join_as_documented(torch_engine) -
 
 def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
     settings = dict(seed_image=None, max_clips=3, steps=3, width=256)
-    with torch_engine.stream("jazz", pipeline=False, **settings) as stream:
+    with Stream.open(torch_engine, "jazz", pipeline=False, **settings) as stream:
         sequential = list(stream)
         assert len(stream._threads) == 1
-    with torch_engine.stream("jazz", lookahead=3, pipeline=True, **settings) as stream:
+    with Stream.open(torch_engine, "jazz", lookahead=3, pipeline=True, **settings) as stream:
         batched = list(stream)
-    with torch_engine.stream("jazz", **settings) as stream:
+    with Stream.open(torch_engine, "jazz", **settings) as stream:
         assert not stream.pipelined  # the default on a CPU
     assert len(sequential) == len(batched) == 4
     for a, b in zip(sequential[:-1], batched[:-1], strict=True):
@@ -111,9 +112,9 @@ def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
 
 
 def test_a_seed_image_stream_is_the_web_apps_request(torch_engine) -> None:
-    from riffusion_engine.engine.seeds import seed_image
+    from riffusion_engine.engine.runtime.seeds import seed_image
 
-    with torch_engine.stream("jazz", max_clips=1, steps=4, pipeline=True) as stream:
+    with Stream.open(torch_engine, "jazz", max_clips=1, steps=4, pipeline=True) as stream:
         (chunk, _tail) = list(stream)
     assert chunk.request.seed_image.tobytes() == seed_image("og_beat", torch_engine.params).tobytes()
     assert chunk.request.start.denoising == 0.75 and chunk.request.steps == 4
@@ -125,8 +126,8 @@ def test_continuation_keeps_the_previous_tail(torch_engine) -> None:
     from riffusion_engine.kernels.stft import stft
 
     k = 32
-    with torch_engine.stream(
-        "jazz", seed_image=None, continuation=True, continuation_columns=k, max_clips=3, **FAST
+    with Stream.open(
+        torch_engine, "jazz", seed_image=None, continuation=True, continuation_columns=k, max_clips=3, **FAST
     ) as stream:
         chunks = list(stream)
     images = [np.asarray(c.clip.image) for c in chunks[:-1]]
@@ -158,7 +159,7 @@ def test_continuation_keeps_the_previous_tail(torch_engine) -> None:
 
 
 def test_prompt_changes_pause_resume_and_stop_from_another_thread(torch_engine) -> None:
-    stream = torch_engine.stream("jazz", "techno", seed_image=None, alpha_step=0.5, buffer=1, **FAST)
+    stream = Stream.open(torch_engine, "jazz", "techno", seed_image=None, alpha_step=0.5, buffer=1, **FAST)
     try:
         chunks = iter(stream)
         first = next(chunks)
@@ -191,7 +192,7 @@ def test_prompt_changes_pause_resume_and_stop_from_another_thread(torch_engine) 
 @pytest.mark.slow  # CI runs it (.ci/run); seconds of waiting
 def test_a_reader_that_stops_reading_stops_the_stream(torch_engine) -> None:
     begin = time.monotonic()
-    with torch_engine.stream("jazz", seed_image=None, buffer=2, **FAST) as stream:
+    with Stream.open(torch_engine, "jazz", seed_image=None, buffer=2, **FAST) as stream:
         next(iter(stream))
         # Quiet for three clips' time (the first clip's, on this machine): the stream has
         # stopped making clips, rather than being between two of them.
@@ -215,17 +216,17 @@ def test_bad_stream_settings_are_clear_errors(torch_engine) -> None:
         (dict(crossfade_s=-1), "crossfade_s"),
     ):
         with pytest.raises(RiffusionError, match=match):
-            torch_engine.stream("jazz", seed_image=None, **bad)
+            Stream.open(torch_engine, "jazz", seed_image=None, **bad)
     with pytest.raises(RiffusionError, match="prompt"):
-        torch_engine.stream("", seed_image=None)
+        Stream.open(torch_engine, "", seed_image=None)
     with pytest.raises(RiffusionError, match="seed_image is 512x512; this clip is 256x512"):
-        torch_engine.stream("jazz", width=256)
+        Stream.open(torch_engine, "jazz", width=256)
     with pytest.raises(RiffusionError, match="unknown stream setting 'lookahed'"):
-        torch_engine.stream("jazz", seed_image=None, lookahed=2)
+        Stream.open(torch_engine, "jazz", seed_image=None, lookahed=2)
     with pytest.raises(RiffusionError, match="max_clips"):
-        torch_engine.stream("jazz", seed_image=None, max_clips=0)
+        Stream.open(torch_engine, "jazz", seed_image=None, max_clips=0)
     with pytest.raises(RiffusionError, match="unknown seed image"):
-        torch_engine.stream("jazz", seed_image="nope")
+        Stream.open(torch_engine, "jazz", seed_image="nope")
 
 
 def test_cli_stream_writes_the_duration_and_prints_the_margin(tmp_path: Path, capsys) -> None:

@@ -19,8 +19,8 @@ pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 websockets = pytest.importorskip("websockets")
 
-from riffusion_engine.engine.pipeline import PromptInput, Request  # noqa: E402
-from riffusion_engine.engine.seeds import seed_image  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.seeds import seed_image  # noqa: E402
 from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 

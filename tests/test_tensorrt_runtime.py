@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from riffusion_engine.engine.tensorrt_runtime import (  # noqa: E402
+from riffusion_engine.engine.runtime.tensorrt_runtime import (  # noqa: E402
     InlineStreams,
     StageEngine,
     check_tensorrt_version,

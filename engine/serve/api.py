@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from riffusion_engine.kernels.audio import encode_audio
-from riffusion_engine.kernels.errors import RiffusionError
 
-from ..pipeline import MAX_SEED, Clip, Engine, PromptInput, Request
-from ..prompts import MAX_PROMPT_CHARS
-from ..seeds import ID_PATTERN, SeedLibrary
+from ...kernels.audio import encode_audio
+from ...kernels.errors import RiffusionError
+from ..runtime.pipeline import MAX_SEED, Clip, Engine, PromptInput, Request
+from ..runtime.prompts import MAX_PROMPT_CHARS
+from ..runtime.seeds import ID_PATTERN, SeedLibrary
 
 # The largest seed the API takes: JSON numbers are doubles to most clients (JavaScript's
 # Number.MAX_SAFE_INTEGER; the engine itself takes up to 2**63 - 1): every integer up to it

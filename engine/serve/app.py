@@ -1,4 +1,4 @@
-"""Riffusion's HTTP API over an :class:`~riffusion_engine.engine.pipeline.Engine`.
+"""Riffusion's HTTP API over an :class:`~riffusion_engine.engine.runtime.pipeline.Engine`.
 
 ``POST /run_inference/`` takes the original server's request and answers with its
 response, so Riffusion's web app and its clients work unchanged. Around it:
@@ -39,10 +39,10 @@ from fastapi import Request as HttpRequest
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from riffusion_engine.kernels.errors import RiffusionError
 
-from ..pipeline import Engine
-from ..seeds import SeedLibrary
+from ...kernels.errors import RiffusionError
+from ..runtime.pipeline import Engine
+from ..runtime.seeds import SeedLibrary
 from .api import ApiError, InferenceInput, InferenceOutput, ServerConfig, default_steps
 from .core import Answer, EngineServer
 

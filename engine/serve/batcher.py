@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..pipeline import Cancelled, Clip, Engine, Request, unet_calls
+from ..runtime.pipeline import Cancelled, Clip, Engine, Request, unet_calls
 from .api import ServerConfig
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ Two deployments:
   not answer within the timeout gets 504. A stream stays on one replica for its life:
   its control messages travel in a Ray queue, its events and audio come back as the
   replica's streamed answer.
-- ``EngineReplica``: one :class:`~riffusion_engine.engine.pipeline.Engine` loaded from a
+- ``EngineReplica``: one :class:`~riffusion_engine.engine.runtime.pipeline.Engine` loaded from a
   prebuilt export directory that every replica can read (nothing is exported or built
   at replica start), behind the project's batcher (earliest deadline first, batch
   keys, cancellation of timed-out requests; ``@serve.batch`` has none of these, and on
@@ -50,8 +50,8 @@ from typing import Any
 from fastapi import Request as HttpRequest
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse, Response
-from riffusion_engine.kernels.errors import RiffusionError
 
+from ...kernels.errors import RiffusionError
 from .api import ApiError, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,13 @@ class EngineSpec:
             check_max_batch(config, json.loads(manifest.read_text()).get("profile", {}).get("max_batch"))
 
     def load(self, threads: int) -> Any:
-        from ..pipeline import Engine
+        from ..runtime.loading import load
 
         self.check()
         options: dict[str, Any] = {}
         if threads and self.backend in ("onnxruntime", "openvino") and self.device == "cpu":
             options["threads"] = threads
-        return Engine.load(artifacts=self.artifacts, backend=self.backend, device=self.device, **options)
+        return load(artifacts=self.artifacts, backend=self.backend, device=self.device, **options)
 
 
 def prepare(
@@ -168,9 +168,9 @@ def prepare(
 ) -> EngineSpec:
     """The engine every replica loads, exported here first where ``artifacts`` is not given
     (before anything is deployed: no replica exports or builds engines at start-up)."""
-    from ..backends import resolve_backend
-    from ..loading import export_on_first_use
-    from ..models import DEFAULT_MODEL
+    from ...export.models import DEFAULT_MODEL
+    from ..runtime.backends import resolve_backend
+    from ..runtime.loading import export_on_first_use
 
     backend = resolve_backend(backend, device)
     if backend == "torch":
@@ -413,7 +413,7 @@ class EngineReplica:
         """Tests only: from now on, this replica's batches never finish; one starts now."""
         if not self.test_hooks:
             raise RiffusionError("test hooks are off")
-        from ..pipeline import PromptInput, Request
+        from ..runtime.pipeline import PromptInput, Request
 
         self.server.batcher.engine = _StalledEngine(self.server.engine)
         self.server.batcher.submit(Request(PromptInput("stalled"), steps=1))  # a batch that never ends
@@ -461,7 +461,7 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        from ..seeds import SeedLibrary
+        from ..runtime.seeds import SeedLibrary
         from .app import _read_body, add_inference_routes, api_app
 
         config = self.config

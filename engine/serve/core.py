@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
-
-from ..pipeline import Engine, PromptInput, Request
-from ..seeds import SeedLibrary
+from ...kernels.errors import RiffusionError
+from ..runtime.pipeline import Engine, PromptInput, Request
+from ..runtime.seeds import SeedLibrary
 from .api import ApiError, ServerConfig, encode_output, engine_request, parse_input
 from .batcher import Batcher, Metrics, QueueFull
 from .streams import StreamHub

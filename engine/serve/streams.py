@@ -42,10 +42,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from riffusion_engine.kernels.errors import RiffusionError
 
-from ..pipeline import Cancelled, Engine, PromptInput, Request
-from ..seeds import ID_PATTERN, SeedLibrary
+from ...kernels.errors import RiffusionError
+from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
+from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, advance_samples, clip_samples
 from .api import ApiPromptInput, FieldError, JsonInt, ServerConfig, checked_steps, jpeg_data_url, prompt_input
 from .batcher import Batcher, Metrics, QueueFull

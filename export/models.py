@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
+from ..kernels.errors import RiffusionError
 
 log = logging.getLogger(__name__)
 

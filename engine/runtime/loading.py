@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
-
-from .backends import create_backend, resolve_backend
-from .models import DEFAULT_MODEL
+from ...export.models import DEFAULT_MODEL
+from ...kernels.errors import RiffusionError
+from .backends import check_device, create_backend, resolve_backend
+from .pipeline import Engine, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +27,24 @@ def default_cache_dir() -> Path:
     return Path(base) / "riffusion-engine" / "exports"
 
 
-def load_engine(
-    engine_class: Any,
-    model: str | None,
+def load(
+    model: str | None = None,
     *,
-    artifacts: str | Path | None,
-    backend: str,
-    device: str,
-    precision: str,
-    cache_dir: str | Path | None,
-    seed: int,
-    progress: bool,
+    artifacts: str | Path | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = False,
     **options: Any,
-) -> Any:
-    from .backends import check_device
-    from .pipeline import ModelShape
+) -> Engine:
+    """An engine from a model source (the torch backend, or exported on first use into
+    ``cache_dir`` for the others) or from an export directory (``artifacts``).
 
+    ``model`` is a diffusers-format directory, a hub id (default Riffusion v1) or a
+    ``random:`` preset; ``backend`` is ``auto``, ``torch``, ``onnxruntime``, ``openvino`` or
+    ``tensorrt``; ``options`` go to the backend (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
     backend = resolve_backend(backend, device)
     if precision == "bf16" and backend != "openvino":
@@ -52,7 +54,7 @@ def load_engine(
     if backend == "torch":
         if artifacts is not None:
             raise RiffusionError("the torch backend runs from a model source (--model), not an export")
-        from .models import load_components
+        from ...export.models import load_components
 
         components = load_components(model or DEFAULT_MODEL, seed=seed)
         runner = create_backend("torch", components=components, device=device, fp16=precision == "fp16")
@@ -62,7 +64,7 @@ def load_engine(
             vae_factor=2 ** (len(vae.block_out_channels) - 1),
             pixel_multiple=8,  # diffusers' UNet takes any latent size
         )
-        return engine_class(runner, components.tokenizer, dict(components.scheduler.config), shape)
+        return Engine(runner, components.tokenizer, dict(components.scheduler.config), shape)
     if backend == "openvino":
         # OpenVINO compiles an unfused fp32 export; bf16 is its arithmetic, set at compile time.
         if precision not in ("fp32", "bf16"):
@@ -81,15 +83,13 @@ def load_engine(
             progress=progress,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
-    return engine_from_export(engine_class, runner, Path(artifacts))
+    return engine_from_export(runner, Path(artifacts))
 
 
-def engine_from_export(engine_class: Any, runner: Any, directory: Path) -> Any:
+def engine_from_export(runner: Any, directory: Path) -> Engine:
     """An engine over a backend that runs ``directory``: its tokenizer, scheduler config
     and sizes come from the directory and its manifest."""
     from transformers import CLIPTokenizer
-
-    from .pipeline import ModelShape
 
     manifest = runner.manifest
     missing = [s for s in ("text_encoder", "unet", "vae_decoder") if s not in manifest["stages"]]
@@ -110,7 +110,7 @@ def engine_from_export(engine_class: Any, runner: Any, directory: Path) -> Any:
     )
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    return engine_class(runner, tokenizer, scheduler_config, shape)
+    return Engine(runner, tokenizer, scheduler_config, shape)
 
 
 def export_on_first_use(
@@ -127,7 +127,7 @@ def export_on_first_use(
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there."""
     # The one place the runtime reaches for the exporter, and only when asked to.
-    from riffusion_engine.export.exporter import export
+    from ...export.exporter import export
 
     name, config = first_use_export(
         model, backend=backend, provider=provider, device=device, precision=precision, seed=seed
@@ -143,8 +143,8 @@ def first_use_export(
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
     ONNX Runtime's ``provider``) runs when made on first use."""
-    from riffusion_engine.export.exporter import ExportConfig
-    from riffusion_engine.export.specs import ShapeProfile
+    from ...export.exporter import ExportConfig
+    from ...export.specs import ShapeProfile
 
     target = "tensorrt" if backend == "tensorrt" else "onnx"
     # ONNX Runtime's fused operators are its own: OpenVINO computes them differently, and

@@ -1,183 +1,24 @@
-"""Endless streams: Riffusion's alpha walk as a sequence of ordinary requests, joined
-into gapless audio, with the diffusion of the next clips overlapping the audio of this one.
-
-The walk follows Riffusion's web app. Each prompt end has a seed; the end of a pair
-defaults to the start's prompt with the next seed, so a steady prompt still moves. The
-first clip is alpha 0 (the start itself); every clip adds ``alpha_step``; once alpha
-passes 1 it wraps (``alpha - 1``), the end becomes the start, and the next queued
-prompt, if any, becomes the end (else the new start's prompt with the next seed). The
-clip at alpha 1 and the would-be clip at alpha 0 of the next pair are the same
-request, so the walk never repeats it. A prompt queued while clip ``n`` is the newest
-one started is the end from the next wrap on; :meth:`Stream.update` changes the start,
-end, seed image or mask from the next clip that has not begun.
-
-Joins. Clip ``n`` ends with a tail of ``C`` samples that is crossfaded into the head of
-clip ``n + 1`` with an equal-power fade (``cos`` out, ``sin`` in, over ``C`` samples), so
-``N`` clips of ``L`` samples make exactly ``N * L - (N - 1) * C`` samples. A chunk holds
-back its clip's tail until the next clip arrives (the last tail comes when the stream
-stops). With ``continuation``, clip ``n + 1`` keeps clip ``n``'s last ``K`` spectrogram
-columns: its seed image starts with them and its mask keeps them (black) and
-regenerates the rest; after decoding they are put back pixel for pixel, so the two clips
-hold the same spectrogram there, and the crossfade spans exactly those columns' audio
-(``C = (K - 1) * hop`` samples).
-
-Pipelining. A diffusion thread turns requests into spectrogram images (``lookahead``
-clips as one batch); with ``pipeline`` (by default on a GPU only: on a CPU both stages
-share the same cores, and measured no faster) an audio thread turns images into audio
-and joins them while the next clips denoise (on a GPU, in a CuPy stream of its own). The
-reader's side is a bounded buffer: a reader that stops reading stops the stream after
-``buffer`` chunks, never grows its memory.
-"""
+"""The stream: a diffusion thread, an optional audio thread and a bounded buffer."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
-from riffusion_engine.kernels.joins import Joiner
-
-from .pipeline import MAX_SEED, SCHEDULERS, Cancelled, Clip, Engine, PromptInput, Request
-
-# runner(requests, deadlines, should_stop) -> images (batch, height, width, 3) in [0, 1]:
-# how a stream's diffusion runs (directly on the engine, or through a server's scheduler).
-Runner = Callable[[Sequence[Request], Sequence[float], Callable[[], bool]], Any]
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How a stream's clips are made and joined."""
-
-    steps: int = 50  # scheduler steps per clip (the web app's 50)
-    width: int = 512  # image width per clip (512 = 5.12 s)
-    scheduler: str = "pndm"  # one of pipeline.SCHEDULERS
-    alpha_step: float = 0.25  # alpha added per clip (the web app's 0.25: 4 clips per prompt change)
-    crossfade_s: float = 0.2  # equal-power crossfade at each join (without continuation)
-    continuation: bool = False  # each clip keeps the previous clip's last columns
-    continuation_columns: int = 64  # columns kept with continuation (0.64 s; a multiple of 8)
-    lookahead: int = 1  # clips denoised as one batch
-    # audio of clip n overlaps the diffusion of clip n + 1 (a thread); None: on a GPU only
-    # (on a CPU both stages share the cores: 0.99x-1.01x measured on two, README "Streams")
-    pipeline: bool | None = None
-    buffer: int = 2  # chunks made ahead of the reader at most
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise RiffusionError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise RiffusionError(
-                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
-            )
-        if not math.isfinite(self.alpha_step) or not 0 < self.alpha_step <= 1:
-            raise RiffusionError(f"alpha_step must be in (0, 1], got {self.alpha_step!r}")
-        if not math.isfinite(self.crossfade_s) or not 0 <= self.crossfade_s <= 2.5:
-            raise RiffusionError(f"crossfade_s must be in [0, 2.5] seconds, got {self.crossfade_s!r}")
-        if self.continuation:
-            k = self.continuation_columns
-            if not isinstance(k, int) or k < 8 or k % 8 or k >= self.width:
-                raise RiffusionError(
-                    f"continuation_columns must be a multiple of 8 in 8..{self.width - 8}, got {k!r}"
-                )
-        for name in ("lookahead", "buffer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 16:
-                raise RiffusionError(f"{name} must be an integer in 1..16, got {value!r}")
-        if self.continuation and self.lookahead != 1:
-            # each continuation clip starts from the previous clip's image
-            raise RiffusionError("continuation needs lookahead 1 (each clip starts from the one before)")
-
-
-@dataclass
-class StreamChunk:
-    """A piece of the joined audio: clip ``index``'s, less the tail held for the next join."""
-
-    index: int  # clip number, from 0; the final tail is a chunk with the last clip's index
-    audio: np.ndarray  # (channels, samples) int16: what to play next, gapless after the previous chunk
-    sample_rate: int  # Hz
-    start_s: float  # where this chunk starts in the stream's audio
-    request: Request  # the clip's request (its prompts and alpha)
-    clip: Clip | None  # the clip as made (None for the final tail)
-    made_at: float = field(default_factory=time.monotonic)  # when it was ready
-    final: bool = False  # the last chunk: the stream has stopped
-
-    @property
-    def duration_s(self) -> float:
-        return self.audio.shape[-1] / self.sample_rate
-
-
-class Walk:
-    """The web app's alpha walk (module docstring): which request comes next."""
-
-    def __init__(self, start: PromptInput, end: PromptInput | None, settings: StreamSettings) -> None:
-        self.settings = settings
-        self.start, self.end = start, end if end is not None else _next_seed(start)
-        self.alpha = 0.0
-        self.upcoming: deque[PromptInput] = deque()
-        self.seed_image: Any = None
-        self.mask: Any = None
-
-    def queue(self, prompt: PromptInput) -> None:
-        self.upcoming.append(prompt)
-
-    def peek(self) -> Request:
-        """The next request, without moving on."""
-        return Request(
-            self.start,
-            self.end,
-            min(self.alpha, 1.0),
-            steps=self.settings.steps,
-            width=self.settings.width,
-            scheduler=self.settings.scheduler,
-            seed_image=self.seed_image,
-            mask=self.mask,
-        )
-
-    def next(self) -> Request:
-        request = self.peek()
-        self.alpha += self.settings.alpha_step
-        if self.alpha > 1 + 1e-3:
-            self.alpha -= 1
-            self.start = self.end
-            self.end = self.upcoming.popleft() if self.upcoming else _next_seed(self.start)
-        return request
-
-
-def _next_seed(prompt: PromptInput) -> PromptInput:
-    return replace(prompt, seed=(prompt.seed + 1) % (MAX_SEED + 1))
-
-
-def continuation_inputs(previous: Any, base: Any, columns: int) -> tuple[Any, Any]:
-    """Seed image and mask for a clip that keeps ``previous``'s last ``columns`` columns:
-    those columns, then ``base`` (the stream's seed image) from that column on; the
-    mask black (keep) over the kept columns and white (regenerate) elsewhere."""
-    from PIL import Image
-
-    width, height = previous.size
-    seed = (base if base is not None else previous).convert("RGB").copy()
-    seed.paste(previous.convert("RGB").crop((width - columns, 0, width, height)), (0, 0))
-    mask = np.full((height, width), 255, dtype=np.uint8)
-    mask[:, :columns] = 0
-    return seed, Image.fromarray(mask, mode="L")
-
-
-def _keep_columns(image: Any, previous: Any, columns: int) -> Any:
-    """``image`` (batch row, height x width x 3 in [0, 1]) with its first ``columns``
-    columns set to ``previous``'s last ones, exactly (after rounding to 8-bit pixels)."""
-    import torch
-
-    width = previous.size[0]
-    tail = np.asarray(previous.convert("RGB"), dtype=np.float32)[:, width - columns :] / 255.0
-    image = image.clone()
-    image[:, :columns] = torch.from_numpy(tail).to(image.device, image.dtype)
-    return image
+from ...kernels.errors import RiffusionError
+from ...kernels.joins import Joiner
+from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
+from ..runtime.seeds import DEFAULT_SEED_IMAGE
+from ..runtime.seeds import seed_image as builtin_seed_image
+from .settings import Runner, StreamChunk, StreamSettings, length_samples, overlap_samples
+from .walk import Walk, continuation_inputs, keep_columns
 
 
 class Stream:
@@ -232,6 +73,44 @@ class Stream:
             self._threads.append(threading.Thread(target=self._audio_loop, name="stream-audio", daemon=True))
         for thread in self._threads:
             thread.start()
+
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        start: PromptInput | str,
+        end: PromptInput | str | None = None,
+        *,
+        seed_image: Any = DEFAULT_SEED_IMAGE,
+        mask: Any = None,
+        max_clips: int | None = None,
+        **settings: Any,
+    ) -> Stream:
+        """A stream walking from ``start`` to ``end`` and on, as Riffusion's web app does:
+        prompts may be strings; ``seed_image`` is a built-in seed image id (the web app's
+        ``og_beat`` by default), a PIL image or None (text to clip); ``settings`` are
+        :class:`StreamSettings` fields."""
+
+        def prompt_input(value: PromptInput | str) -> PromptInput:
+            return PromptInput(value) if isinstance(value, str) else value
+
+        fields = {f.name for f in dataclasses.fields(StreamSettings)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise RiffusionError(
+                f"unknown stream setting {unknown[0]!r}; choose from {', '.join(sorted(fields))}"
+            )
+        if isinstance(seed_image, str):
+            seed_image = builtin_seed_image(seed_image, engine.params)
+        return cls(
+            engine,
+            prompt_input(start),
+            None if end is None else prompt_input(end),
+            settings=StreamSettings(**settings),
+            seed_image=seed_image,
+            mask=mask,
+            max_clips=max_clips,
+        )
 
     # -- control, from any thread -------------------------------------------------
 
@@ -371,7 +250,7 @@ class Stream:
                 for request, image in zip(requests, images, strict=True):
                     if self.settings.continuation:
                         if self._previous_image is not None:
-                            image = _keep_columns(
+                            image = keep_columns(
                                 image, self._previous_image, self.settings.continuation_columns
                             )
                         self._previous_image = self.engine.picture(image)
@@ -464,34 +343,6 @@ class Stream:
     def length_samples(self, clips: int) -> int:
         """Samples of ``clips`` joined clips (the final tail included)."""
         return length_samples(self.settings, self.engine.params, clips)
-
-
-def clip_samples(settings: StreamSettings, params: Any) -> int:
-    """L: the audio samples of one clip ((width - 1) hops)."""
-    return (settings.width - 1) * params.hop_length
-
-
-def overlap_samples(settings: StreamSettings, params: Any) -> int:
-    """C: the samples crossfaded at each join."""
-    if settings.continuation:
-        return (settings.continuation_columns - 1) * params.hop_length
-    return round(settings.crossfade_s * params.sample_rate)
-
-
-def advance_samples(settings: StreamSettings, params: Any) -> int:
-    """L - C: how far each clip after the first moves the stream on."""
-    return clip_samples(settings, params) - overlap_samples(settings, params)
-
-
-def length_samples(settings: StreamSettings, params: Any, clips: int) -> int:
-    """Samples of ``clips`` joined clips: ``N * L - (N - 1) * C``."""
-    return clips * clip_samples(settings, params) - max(clips - 1, 0) * overlap_samples(settings, params)
-
-
-def clips_for(settings: StreamSettings, params: Any, seconds: float) -> int:
-    """The fewest clips whose joined audio lasts ``seconds``."""
-    need = math.ceil(seconds * params.sample_rate) - overlap_samples(settings, params)
-    return max(1, math.ceil(max(need, 0) / advance_samples(settings, params)))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
+
+from ...kernels.errors import RiffusionError
 
 log = logging.getLogger(__name__)
 

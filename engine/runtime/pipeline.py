@@ -22,7 +22,6 @@ equals the same request run alone.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 import math
@@ -35,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
-from riffusion_engine.kernels.griffin_lim import GriffinLimOptions
-from riffusion_engine.kernels.image import IMAGE_MODES, pixels_from_image
-from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 
+from ...kernels.errors import RiffusionError
+from ...kernels.griffin_lim import GriffinLimOptions
+from ...kernels.image import IMAGE_MODES, pixels_from_image
+from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
 from .prompts import Tokens, apply_weights, tokenize
 
@@ -141,8 +140,8 @@ class Clip:
 
     def save(self, path: str | Path) -> Path:
         """Audio by extension (.wav .flac .ogg .mp3), or the image (.png)."""
-        from riffusion_engine.kernels.audio import AUDIO_FORMATS, save_audio
-        from riffusion_engine.kernels.image import save_image
+        from ...kernels.audio import AUDIO_FORMATS, save_audio
+        from ...kernels.image import save_image
 
         path = Path(path)
         if path.suffix.lower() == ".png":
@@ -216,37 +215,6 @@ class Engine:
                 f"the spectrogram has {self.params.num_frequencies} mel bins; images are {shape.height} tall"
             )
 
-    @classmethod
-    def load(
-        cls,
-        model: str | None = None,
-        *,
-        artifacts: str | Path | None = None,
-        backend: str = "auto",
-        device: str = "cpu",
-        precision: str = "fp32",
-        cache_dir: str | Path | None = None,
-        seed: int = 0,
-        progress: bool = False,
-        **options: Any,
-    ) -> Engine:
-        """An engine from a model source (the torch backend, or exported on first use
-        into ``cache_dir`` for the others) or from an export directory."""
-        from .loading import load_engine
-
-        return load_engine(
-            cls,
-            model,
-            artifacts=artifacts,
-            backend=backend,
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-            seed=seed,
-            progress=progress,
-            **options,
-        )
-
     # -- public API ---------------------------------------------------------------
 
     def generate(
@@ -287,51 +255,6 @@ class Engine:
         """Riffusion's interpolation form: ``start`` and ``end`` blended at ``alpha``."""
         request = Request(start, end, alpha, steps, width, scheduler, seed_image, mask)
         return self.run([request], progress=progress)[0]
-
-    def stream(
-        self,
-        start: PromptInput | str,
-        end: PromptInput | str | None = None,
-        *,
-        seed_image: Any = "og_beat",
-        mask: Any = None,
-        max_clips: int | None = None,
-        **settings: Any,
-    ) -> Any:
-        """An endless stream of joined clips walking from ``start`` to ``end`` and on, as
-        Riffusion's web app does (:mod:`riffusion_engine.engine.stream`): iterate it for
-        chunks of gapless audio; queue prompts, pause, resume and stop it from any thread.
-        ``seed_image`` is a built-in seed image id (the web app's ``og_beat`` by default),
-        a PIL image or None (text to clip); ``settings`` are
-        :class:`~riffusion_engine.engine.stream.StreamSettings` fields."""
-        from .seeds import SEED_AUDIO
-        from .seeds import seed_image as builtin_seed
-        from .stream import Stream, StreamSettings
-
-        def prompt_input(value: PromptInput | str) -> PromptInput:
-            return PromptInput(value) if isinstance(value, str) else value
-
-        fields = {f.name for f in dataclasses.fields(StreamSettings)}
-        unknown = sorted(set(settings) - fields)
-        if unknown:
-            raise RiffusionError(
-                f"unknown stream setting {unknown[0]!r}; choose from {', '.join(sorted(fields))}"
-            )
-        if isinstance(seed_image, str):
-            if seed_image not in SEED_AUDIO:
-                raise RiffusionError(
-                    f"unknown seed image {seed_image!r}; choose one of {', '.join(SEED_AUDIO)}"
-                )
-            seed_image = builtin_seed(seed_image, self.params)
-        return Stream(
-            self,
-            prompt_input(start),
-            None if end is None else prompt_input(end),
-            settings=StreamSettings(**settings),
-            seed_image=seed_image,
-            mask=mask,
-            max_clips=max_clips,
-        )
 
     def run(
         self,
@@ -602,9 +525,9 @@ class Engine:
     def to_clip(self, image: Any, timings: dict[str, float]) -> Clip:
         """One row of :meth:`images` ``(height, width, 3)`` -> spectrogram -> audio, on the
         backend's device (``timings`` gains ``image_to_audio``)."""
-        from riffusion_engine.kernels import xp as xpm
-        from riffusion_engine.kernels.convert import audio_from_spectrogram
-        from riffusion_engine.kernels.image import spectrogram_from_pixels
+        from ...kernels import xp as xpm
+        from ...kernels.convert import audio_from_spectrogram
+        from ...kernels.image import spectrogram_from_pixels
 
         begin = time.perf_counter()
         pixels = _pixels(image)
@@ -624,7 +547,7 @@ class Engine:
         return self._picture(_pixels(image))
 
     def _picture(self, pixels: Any) -> Any:
-        from riffusion_engine.kernels.image import image_from_pixels
+        from ...kernels.image import image_from_pixels
 
         return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
 

@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
+from ...kernels.errors import RiffusionError
 
 
 def add_parser(sub: Any, add_engine_args: Any, add_run_args: Any) -> None:
@@ -78,13 +78,13 @@ def _prompts(path: str | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     import numpy as np
-    from riffusion_engine.engine.pipeline import PromptInput
-    from riffusion_engine.engine.stream import Stream, StreamSettings, clips_for
-    from riffusion_engine.kernels.audio import check_audio_output, save_audio
     from tqdm.auto import tqdm
 
-    from .cli import _load_engine, _open_image
-    from .seeds import SEED_AUDIO, image_of_audio
+    from ...kernels.audio import check_audio_output, save_audio
+    from ..runtime.pipeline import PromptInput
+    from ..runtime.seeds import SEED_AUDIO, image_of_audio
+    from ..stream import Stream, StreamSettings, clips_for
+    from . import _load_engine, _open_image
 
     out = check_audio_output(args.output)
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:

@@ -3,7 +3,7 @@
 The seed images are spectrograms of audio this project synthesizes
 (:mod:`riffusion_engine.kernels.synth`); the masks are shapes drawn here. Masks are
 grayscale, white = regenerate and black = keep (gray = partly: the share of each
-step's update that is kept), as :class:`~riffusion_engine.engine.pipeline.Request`
+step's update that is kept), as :class:`~riffusion_engine.engine.runtime.pipeline.Request`
 reads them. A directory of ``ID.png`` files adds ids or replaces built-in ones.
 
 Ids are looked up in a table, never joined into a path, so an id such as ``../x``
@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels import synth
-from riffusion_engine.kernels.errors import RiffusionError
-from riffusion_engine.kernels.params import SpectrogramParams
+
+from ...kernels import synth
+from ...kernels.errors import RiffusionError
+from ...kernels.params import SpectrogramParams
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SIZE = 512  # the built-ins are 512 x 512: 5.12 s
 
+DEFAULT_SEED_IMAGE = "og_beat"  # the web app's default: a drum loop this project synthesizes
 # id -> the audio it is the spectrogram of: (duration seconds, sample rate) -> (1, samples)
 SEED_AUDIO: dict[str, Callable[[float, int], np.ndarray]] = {
     "og_beat": lambda seconds, rate: synth.drum_beat(seconds, sample_rate=rate),
@@ -69,7 +71,7 @@ def image_of_audio(
     make_audio: Callable[[float, int], np.ndarray], width: int = SIZE, params: SpectrogramParams | None = None
 ) -> Any:
     """The spectrogram image, ``width`` columns wide, of ``make_audio(seconds, sample_rate)``."""
-    from riffusion_engine.kernels.convert import image_from_audio
+    from ...kernels.convert import image_from_audio
 
     params = params or SpectrogramParams()
     seconds = (width - 1) * params.step_size_ms / 1000  # centred frames: width columns
@@ -78,6 +80,8 @@ def image_of_audio(
 
 def seed_image(seed_id: str, params: SpectrogramParams | None = None) -> Any:
     """The built-in seed image ``seed_id`` (512 x 512 RGB, parameters in its EXIF)."""
+    if seed_id not in SEED_AUDIO:
+        raise RiffusionError(f"unknown seed image {seed_id!r}; choose one of {', '.join(SEED_AUDIO)}")
     return image_of_audio(SEED_AUDIO[seed_id], SIZE, params).convert("RGB")
 
 

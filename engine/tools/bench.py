@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
 
-from .backends import BACKENDS
+from ...kernels.errors import RiffusionError
+from ..runtime.backends import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Reference:
     def __init__(self, config: BenchConfig) -> None:
         import torch
 
-        from .models import diffusers_pipeline, load_components
+        from ...export.models import diffusers_pipeline, load_components
 
         self.config = config
         self.pipe = diffusers_pipeline(load_components(config.model, seed=0)).to(config.device)
@@ -157,9 +157,9 @@ def reference_audio(pixels: np.ndarray) -> np.ndarray:
         import librosa
     except ImportError as exc:
         raise RiffusionError("the reference audio conversion needs librosa: pip install librosa") from exc
-    from riffusion_engine.kernels.audio import normalize_like_riffusion
-    from riffusion_engine.kernels.image import spectrogram_from_pixels
-    from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
+    from ...kernels.audio import normalize_like_riffusion
+    from ...kernels.image import spectrogram_from_pixels
+    from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 
     params = SpectrogramParams()
     mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)[0].astype(np.float64)
@@ -198,7 +198,7 @@ def librosa_mel_basis(params: Any) -> np.ndarray:
 
 
 def environment() -> dict[str, Any]:
-    from .artifacts import gpu_info, tool_versions
+    from ...export.artifacts import gpu_info, tool_versions
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -233,12 +233,12 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Measure and return the report (schema in the module docstring)."""
     import torch
-    from riffusion_engine.kernels.audio import spectrogram_from_waveform
-    from riffusion_engine.kernels.metrics import spectral_convergence
-    from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
     from tqdm.auto import tqdm
 
-    from .pipeline import Engine
+    from ...kernels.audio import spectrogram_from_waveform
+    from ...kernels.metrics import spectral_convergence
+    from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
+    from ..runtime.loading import load
 
     params = SpectrogramParams()
     memory = memory_source = None
@@ -251,7 +251,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     # size, so it runs before the reference and the torch backend hold their copies.
     order = sorted(config.backends, key=lambda name: name == "torch")
     loaded = {
-        name: Engine.load(
+        name: load(
             config.model,
             backend=name,
             device=config.device,
@@ -297,7 +297,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
 
     def agreement(name: str) -> dict[str, float]:
         pixels, audio = outputs[name]
-        from riffusion_engine.kernels.image import spectrogram_from_pixels
+        from ...kernels.image import spectrogram_from_pixels
 
         mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)
         gray = np.abs(pixels.astype(int) - ref_pixels.astype(int))
@@ -374,7 +374,8 @@ def format_table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """A PNG bar chart of per-stage median times, the reference beside each backend."""
     from PIL import Image, ImageDraw
-    from riffusion_engine.kernels.files import atomic_path
+
+    from ...kernels.files import atomic_path
 
     names = list(report["results"])
     colors = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
+from ...kernels.errors import RiffusionError
 
 # TensorRT 11 builds strongly typed networks only (BuilderFlag.FP16 and the other
 # precision flags are gone), which the fp16 engine builds here do not do yet.

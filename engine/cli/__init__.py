@@ -16,17 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
+from ...kernels.errors import RiffusionError
 
 log = logging.getLogger("riffusion_engine")
 
 
 def _cmd_audio_to_image(args: argparse.Namespace) -> None:
-    from riffusion_engine.kernels.audio import load_audio
-    from riffusion_engine.kernels.convert import image_from_audio
-    from riffusion_engine.kernels.files import check_output_path
-    from riffusion_engine.kernels.image import save_image
-    from riffusion_engine.kernels.params import SpectrogramParams
+    from ...kernels.audio import load_audio
+    from ...kernels.convert import image_from_audio
+    from ...kernels.files import check_output_path
+    from ...kernels.image import save_image
+    from ...kernels.params import SpectrogramParams
 
     out = check_output_path(args.output, (".png",))
     start = time.perf_counter()
@@ -41,10 +41,10 @@ def _cmd_audio_to_image(args: argparse.Namespace) -> None:
 
 
 def _cmd_image_to_audio(args: argparse.Namespace) -> None:
-    from riffusion_engine.kernels.audio import check_audio_output, save_audio
-    from riffusion_engine.kernels.convert import audio_from_image
-    from riffusion_engine.kernels.griffin_lim import GriffinLimOptions
-    from riffusion_engine.kernels.image import load_image
+    from ...kernels.audio import check_audio_output, save_audio
+    from ...kernels.convert import audio_from_image
+    from ...kernels.griffin_lim import GriffinLimOptions
+    from ...kernels.image import load_image
 
     out = check_audio_output(args.output)
     changes = {"n_iter": args.iters, "seed": args.seed}
@@ -61,13 +61,14 @@ def _cmd_image_to_audio(args: argparse.Namespace) -> None:
 
 def _cmd_roundtrip(args: argparse.Namespace) -> None:
     import numpy as np
-    from riffusion_engine.kernels.audio import normalize_like_riffusion, save_audio
-    from riffusion_engine.kernels.convert import audio_from_image, image_from_audio
-    from riffusion_engine.kernels.image import save_image, spectrogram_from_image
-    from riffusion_engine.kernels.metrics import spectral_convergence
-    from riffusion_engine.kernels.params import SpectrogramParams
-    from riffusion_engine.kernels.synth import music_like
-    from riffusion_engine.kernels.xp import get_xp
+
+    from ...kernels.audio import normalize_like_riffusion, save_audio
+    from ...kernels.convert import audio_from_image, image_from_audio
+    from ...kernels.image import save_image, spectrogram_from_image
+    from ...kernels.metrics import spectral_convergence
+    from ...kernels.params import SpectrogramParams
+    from ...kernels.synth import music_like
+    from ...kernels.xp import get_xp
 
     get_xp(args.device)  # a device that cannot run stops here, before any file is written
     out_dir = _output_dir(args.output)
@@ -94,8 +95,8 @@ def _cmd_roundtrip(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from riffusion_engine.export.exporter import ExportConfig, export
-    from riffusion_engine.export.specs import ShapeProfile
+    from ...export.exporter import ExportConfig, export
+    from ...export.specs import ShapeProfile
 
     config = ExportConfig(
         model=args.model,
@@ -171,7 +172,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from riffusion_engine.engine.pipeline import SCHEDULERS
+    from ..runtime.pipeline import SCHEDULERS
 
     p.add_argument(
         "--steps",
@@ -187,9 +188,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_engine(args: argparse.Namespace) -> Any:
-    from riffusion_engine.engine.pipeline import Engine
+    from ..runtime.loading import load
 
-    return Engine.load(
+    return load(
         args.model,
         artifacts=args.artifacts,
         backend=args.backend,
@@ -203,7 +204,7 @@ def _load_engine(args: argparse.Namespace) -> Any:
 def _open_image(path: str | None, what: str) -> Any:
     if path is None:
         return None
-    from riffusion_engine.kernels.image import load_image
+    from ...kernels.image import load_image
 
     try:
         return load_image(path)
@@ -229,9 +230,9 @@ def _timing_line(clip: Any) -> str:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from riffusion_engine.engine.pipeline import PromptInput, Request
-    from riffusion_engine.kernels.audio import check_audio_output
-    from riffusion_engine.kernels.files import check_output_path
+    from ...kernels.audio import check_audio_output
+    from ...kernels.files import check_output_path
+    from ..runtime.pipeline import PromptInput, Request
 
     out = check_audio_output(args.output)
     image_out = check_output_path(args.image, (".png",)) if args.image else None
@@ -255,8 +256,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_interpolate(args: argparse.Namespace) -> None:
     import numpy as np
-    from riffusion_engine.engine.pipeline import PromptInput, Request
-    from riffusion_engine.kernels.audio import save_audio
+
+    from ...kernels.audio import save_audio
+    from ..runtime.pipeline import PromptInput, Request
 
     if args.clips < 1:
         raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
@@ -288,22 +290,23 @@ def _cmd_interpolate(args: argparse.Namespace) -> None:
 
 def _beat_seed_image(width: int) -> Any:
     """A seed image of a beat the project synthesizes, ``width`` columns wide."""
-    from riffusion_engine.engine.seeds import image_of_audio
-    from riffusion_engine.kernels.synth import music_like
+    from ...kernels.synth import music_like
+    from ..runtime.seeds import image_of_audio
 
     return image_of_audio(lambda seconds, rate: music_like(seconds, sample_rate=rate, seed=0), width)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from riffusion_engine.engine.pipeline import Engine, PromptInput, Request
-    from riffusion_engine.export.exporter import ExportConfig, export
+    from ...export.exporter import ExportConfig, export
+    from ..runtime.loading import load
+    from ..runtime.pipeline import PromptInput, Request
 
     Request(PromptInput(args.prompt, args.seed), steps=args.steps)  # bad steps or seed: before the export
     out_dir = _output_dir(args.output)
     begin = time.perf_counter()
     result = export(ExportConfig(model="random:tiny"), out_dir / "export", progress=True)
     export_s = time.perf_counter() - begin
-    engine = Engine.load(artifacts=out_dir / "export", backend="onnxruntime")
+    engine = load(artifacts=out_dir / "export", backend="onnxruntime")
     clip = engine.generate(args.prompt, seed=args.seed, steps=args.steps, progress=True)
     clip.save(out_dir / "clip.wav")
     clip.save(out_dir / "spectrogram.png")
@@ -332,8 +335,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     import json
 
-    from riffusion_engine.engine.bench import BenchConfig, format_table, plot, run_bench
-    from riffusion_engine.kernels.files import atomic_path, check_output_path
+    from ...kernels.files import atomic_path, check_output_path
+    from ..tools.bench import BenchConfig, format_table, plot, run_bench
 
     json_out = check_output_path(args.json, (".json",)) if args.json else None
     plot_out = check_output_path(args.plot, (".png",)) if args.plot else None
@@ -347,7 +350,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         cache_dir=args.cache_dir,
     )
-    from riffusion_engine.engine.backends import check_device
+    from ..runtime.backends import check_device
 
     check_device(config.device)  # before any export or model load
     report = run_bench(config)
@@ -363,7 +366,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:
-        from riffusion_engine.engine.serve.app import ServerConfig, bind, serve
+        from ..serve.app import ServerConfig, bind, serve
     except ImportError as exc:
         raise RiffusionError(
             f"the server needs the serve extra ({exc.name} is missing): pip install 'riffusion-engine[serve]'"
@@ -410,8 +413,8 @@ CLUSTER_FLAGS = (
 
 
 def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
-    from riffusion_engine.engine.serve import cluster
-    from riffusion_engine.engine.serve.app import bind
+    from ..serve import cluster
+    from ..serve.app import bind
 
     cluster._ray()  # the extra is installed: before any export
     autoscale = args.min_replicas is not None or args.max_replicas is not None
@@ -445,8 +448,8 @@ def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> None:
     import json
 
-    from riffusion_engine.engine.doctor import HEADER, check_cuda_ready, format_row, run_doctor
-    from riffusion_engine.kernels.files import atomic_path, check_output_path
+    from ...kernels.files import atomic_path, check_output_path
+    from ..tools.doctor import HEADER, check_cuda_ready, format_row, run_doctor
 
     json_out = check_output_path(args.json, (".json",)) if args.json else None
     device = args.device
@@ -658,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_cmd_interpolate)
 
-    from .stream_cli import add_parser as add_stream_parser
+    from .stream import add_parser as add_stream_parser
 
     add_stream_parser(sub, _add_engine_args, _add_run_args)
 
@@ -910,7 +913,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from riffusion_engine.kernels.errors import RiffusionError
+
+from ...kernels.errors import RiffusionError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Doctor:
 
     def requests(self, count: int) -> list[Any]:
         """``count`` requests that share a batch: text, interpolation, negative prompt."""
-        from .pipeline import PromptInput, Request
+        from ..runtime.pipeline import PromptInput, Request
 
         alphas = (0.0, 0.5, 1.0, 0.25)
         return [
@@ -164,9 +165,9 @@ class Doctor:
     def reference_engine(self) -> Any:
         """The torch backend on the CPU in fp32, loaded once."""
         if self._reference is None:
-            from .pipeline import Engine
+            from ..runtime.loading import load
 
-            self._reference = Engine.load(MODEL, backend="torch")
+            self._reference = load(MODEL, backend="torch")
         return self._reference
 
     def reference(self, count: int) -> np.ndarray:
@@ -249,9 +250,9 @@ class Doctor:
     @staticmethod
     def music_mel() -> tuple[np.ndarray, Any]:
         """The mel spectrogram of 5.11 s of synthesized music, and its parameters."""
-        from riffusion_engine.kernels.audio import spectrogram_from_waveform
-        from riffusion_engine.kernels.params import SpectrogramParams
-        from riffusion_engine.kernels.synth import music_like
+        from ...kernels.audio import spectrogram_from_waveform
+        from ...kernels.params import SpectrogramParams
+        from ...kernels.synth import music_like
 
         params = SpectrogramParams()
         return spectrogram_from_waveform(
@@ -269,8 +270,8 @@ class Doctor:
         return None, None, versions.describe()
 
     def kernels_numpy(self) -> tuple[float, float, str]:
-        from riffusion_engine.kernels import spectral_convergence
-        from riffusion_engine.kernels.griffin_lim import waveform_from_mel
+        from ...kernels import spectral_convergence
+        from ...kernels.griffin_lim import waveform_from_mel
 
         mel, params = self.music_mel()
         waveform = waveform_from_mel(mel, params)
@@ -279,7 +280,8 @@ class Doctor:
     def kernels_cupy(self) -> tuple[float, float, str]:
         self.require("cuda", "cupy")
         import cupy
-        from riffusion_engine.kernels.griffin_lim import GriffinLimOptions, waveform_from_mel
+
+        from ...kernels.griffin_lim import GriffinLimOptions, waveform_from_mel
 
         mel, params = self.music_mel()
         options = GriffinLimOptions(init="random")  # the same start on both (pghi picks peaks)
@@ -296,8 +298,8 @@ class Doctor:
     def export(
         self, name: str, target: str, device: str, precision: str, *, fuse: bool = True, static: bool = False
     ) -> tuple[float, float, str]:
-        from riffusion_engine.export.exporter import ExportConfig, export
-        from riffusion_engine.export.specs import ShapeProfile
+        from ...export.exporter import ExportConfig, export
+        from ...export.specs import ShapeProfile
 
         if target == "tensorrt":
             self.require("cuda", "tensorrt")
@@ -326,29 +328,29 @@ class Doctor:
         return worst, tolerance, f"worst verification error against torch ({', '.join(runtimes)})"
 
     def onnxruntime(self, export: str, device: str, precision: str) -> tuple[float, float, str]:
-        from .pipeline import Engine
+        from ..runtime.loading import load
 
         if device == "cuda":
             self.require("cuda", "onnxruntime-cuda")
-        engine = Engine.load(artifacts=self.export_dir(export), backend="onnxruntime", device=device)
+        engine = load(artifacts=self.export_dir(export), backend="onnxruntime", device=device)
         error, detail = self.compare_engine(engine)
         return error, IMAGE_TOLERANCE[precision], detail
 
     def onnxruntime_tensorrt(self) -> tuple[float, float, str]:
-        from .pipeline import Engine
+        from ..runtime.loading import load
 
         self.require("cuda", "onnxruntime-tensorrt", "tensorrt")  # the provider loads TensorRT's libraries
-        engine = Engine.load(
+        engine = load(
             artifacts=self.export_dir("unfused"), backend="onnxruntime", device="cuda", provider="tensorrt"
         )
         error, detail = self.compare_engine(engine)
         return error, IMAGE_TOLERANCE["fp32"], detail + " (unfused fp32 export)"
 
     def openvino(self, precision: str) -> tuple[float, float, str]:
-        from .pipeline import Engine
+        from ..runtime.loading import load
 
         self.require("openvino")
-        engine = Engine.load(artifacts=self.export_dir("unfused"), backend="openvino", precision=precision)
+        engine = load(artifacts=self.export_dir("unfused"), backend="openvino", precision=precision)
         error, detail = self.compare_engine(engine)
         if precision == "bf16":
             compiled = engine.backend.request("unet").get_compiled_model()
@@ -357,12 +359,12 @@ class Doctor:
         return error, IMAGE_TOLERANCE[precision], detail
 
     def auto(self) -> tuple[float, float, str]:
-        from .backends import resolve_backend
-        from .pipeline import Engine
+        from ..runtime.backends import resolve_backend
+        from ..runtime.loading import load
 
         if self.device == "cuda":
             self.require("cuda")
-        engine = Engine.load(MODEL, backend="auto", device=self.device, cache_dir=self.work / "cache")
+        engine = load(MODEL, backend="auto", device=self.device, cache_dir=self.work / "cache")
         error, detail = self.compare_engine(engine, (1,))
         return error, IMAGE_TOLERANCE["fp32"], f"picked {resolve_backend('auto', self.device)}; {detail}"
 
@@ -374,16 +376,16 @@ class Doctor:
         import httpx
         import soundfile
 
-        from .pipeline import Engine
-        from .seeds import SeedLibrary
-        from .serve.api import engine_request, parse_input
-        from .serve.app import ServerConfig, background, create_app
+        from ..runtime.loading import load
+        from ..runtime.seeds import SeedLibrary
+        from ..serve.api import engine_request, parse_input
+        from ..serve.app import ServerConfig, background, create_app
 
         if self.device == "cuda":
             self.require("cuda", "cupy")  # the engine's audio kernels on CUDA
-            engine = Engine.load(MODEL, backend="torch", device="cuda")
+            engine = load(MODEL, backend="torch", device="cuda")
         else:
-            engine = Engine.load(artifacts=self.export_dir("onnx-cpu-fp32"), backend="onnxruntime")
+            engine = load(artifacts=self.export_dir("onnx-cpu-fp32"), backend="onnxruntime")
         body = {
             "alpha": 0.25,
             "num_inference_steps": 2 * self.steps,
@@ -409,10 +411,10 @@ class Doctor:
         return error, SERVER_TOLERANCE[self.device], detail
 
     def torch_cuda(self, precision: str) -> tuple[float, float, str]:
-        from .pipeline import Engine
+        from ..runtime.loading import load
 
         self.require("cuda")
-        engine = Engine.load(MODEL, backend="torch", device="cuda", precision=precision)
+        engine = load(MODEL, backend="torch", device="cuda", precision=precision)
         error, detail = self.compare_engine(engine)
         return error, IMAGE_TOLERANCE[precision], detail
 
@@ -420,14 +422,14 @@ class Doctor:
         self.require("cuda", "cupy")
         import cupy
         import torch
-        from riffusion_engine.kernels import spectral_convergence
-        from riffusion_engine.kernels import xp as xpm
-        from riffusion_engine.kernels.image import spectrogram_from_pixels
-        from riffusion_engine.kernels.params import DEFAULT_MAX_VALUE
 
-        from .pipeline import Engine
+        from ...kernels import spectral_convergence
+        from ...kernels import xp as xpm
+        from ...kernels.image import spectrogram_from_pixels
+        from ...kernels.params import DEFAULT_MAX_VALUE
+        from ..runtime.loading import load
 
-        engine = Engine.load(MODEL, backend="torch", device="cuda")
+        engine = load(MODEL, backend="torch", device="cuda")
         image = engine.images(self.requests(1))[0]  # (height, width, 3) on the GPU
         pixels = (image * 255).round().to(torch.uint8)  # as the engine makes them: a strided view
         if xpm.as_array(pixels, cupy).data.ptr != pixels.data_ptr():
@@ -445,10 +447,10 @@ class Doctor:
         )
 
     def tensorrt(self, export: str, counts: tuple[int, ...]) -> tuple[float, float, str]:
-        from .pipeline import Engine
+        from ..runtime.loading import load
 
         self.require("cuda", "tensorrt")
-        engine = Engine.load(artifacts=self.export_dir(export), backend="tensorrt", device="cuda")
+        engine = load(artifacts=self.export_dir(export), backend="tensorrt", device="cuda")
         error, detail = self.compare_engine(engine, counts)
         return error, IMAGE_TOLERANCE["fp16"], detail
 

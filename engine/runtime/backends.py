@@ -24,9 +24,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
-from riffusion_engine.kernels.errors import RiffusionError
-
-from . import artifacts
+from ...export import artifacts
+from ...kernels.errors import RiffusionError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class TorchBackend(Backend):
     def __init__(self, components: Any, *, device: str = "cpu", fp16: bool = False) -> None:
         import torch
 
-        from .stages import STAGE_NAMES, stage_module
+        from ...export.stages import STAGE_NAMES, stage_module
 
         self.device = check_device(device)
         if fp16 and self.device != "cuda":

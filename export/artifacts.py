@@ -39,7 +39,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from riffusion_engine.kernels.errors import RiffusionError
+from ..kernels.errors import RiffusionError
 
 MANIFEST = "manifest.json"
 FORMAT = 1

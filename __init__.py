@@ -1,0 +1,35 @@
+"""riffusion-engine: Riffusion (Stable Diffusion v1.5 on spectrogram images, turned into
+audio by Griffin-Lim) exported to ONNX / TensorRT and run on torch, ONNX Runtime,
+OpenVINO or TensorRT.
+
+The public API::
+
+    from riffusion_engine import load
+
+    engine = load("random:tiny")  # or a model directory, a hub id, an export directory
+    engine.generate("jazzy rapping from paris", steps=20).save("clip.wav")
+
+The package's layers import one way: ``kernels`` (spectrogram DSP) below ``export`` (the
+model, its stages and artifacts) below ``engine`` (the runtime and the applications on it).
+"""
+
+from .engine.runtime.loading import load
+from .engine.runtime.pipeline import Cancelled, Clip, Engine, ModelShape, PromptInput, Request
+from .engine.stream import Stream, StreamChunk, StreamSettings
+from .kernels import GriffinLimOptions, RiffusionError, SpectrogramParams
+
+__all__ = [
+    "Cancelled",
+    "Clip",
+    "Engine",
+    "GriffinLimOptions",
+    "ModelShape",
+    "PromptInput",
+    "Request",
+    "RiffusionError",
+    "SpectrogramParams",
+    "Stream",
+    "StreamChunk",
+    "StreamSettings",
+    "load",
+]
