@@ -14,7 +14,7 @@ model, its stages and artifacts) below ``engine`` (the runtime and the applicati
 """
 
 from .engine.runtime.loading import load
-from .engine.runtime.pipeline import Cancelled, Clip, Engine, ModelShape, PromptInput, Request
+from .engine.runtime.pipeline import Cancelled, Clip, Engine, PromptInput, Request
 from .engine.stream import Stream, StreamChunk, StreamSettings
 from .kernels import GriffinLimOptions, RiffusionError, SpectrogramParams
 
@@ -23,7 +23,6 @@ __all__ = [
     "Clip",
     "Engine",
     "GriffinLimOptions",
-    "ModelShape",
     "PromptInput",
     "Request",
     "RiffusionError",

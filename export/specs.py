@@ -16,6 +16,8 @@ import numpy as np
 from ..kernels.errors import RiffusionError
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+HEIGHT = 512  # image height in pixels: Riffusion's 512 mel bins
+WIDTH = 512  # the default image width in pixels: 512 columns = 5.12 s
 Which = Literal["min", "opt", "max"]
 
 
@@ -169,8 +171,8 @@ class ModelDims:
 class ShapeProfile:
     """The image sizes and batch an export is built for."""
 
-    height: int = 512  # image height in pixels (Riffusion: 512 mel bins)
-    width: int = 512  # image width in pixels (512 = 5.12 s); the optimized width
+    height: int = HEIGHT  # image height in pixels (Riffusion: 512 mel bins)
+    width: int = WIDTH  # image width in pixels (512 = 5.12 s); the optimized width
     max_width: int | None = None  # widest image accepted (longer clips); None = width
     max_batch: int = 4  # most clips per call (the UNet sees twice this with guidance)
     static: bool = False  # one shape only (batch max_batch, width width): CUDA graphs

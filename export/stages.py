@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from .models import Components
-
-STAGE_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+from .specs import STAGES
 
 
 class TextEncoderStage(torch.nn.Module):
@@ -75,5 +74,5 @@ def stage_module(components: Components, name: str) -> torch.nn.Module:
         "vae_encoder": lambda: VaeEncoderStage(components.vae),
     }
     if name not in modules:
-        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     return modules[name]().eval()

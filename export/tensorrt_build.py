@@ -26,10 +26,25 @@ INSTALL = (
 )
 
 
+# TensorRT 11 builds strongly typed networks only (BuilderFlag.FP16 and the other
+# precision flags are gone), which the fp16 engine builds here do not do yet.
+SUPPORTED_MAJOR = 10
+
+
+def check_tensorrt_version(trt: Any) -> Any:
+    """``trt`` if it is a TensorRT this engine supports (10.x), else one clear error."""
+    version = str(getattr(trt, "__version__", "0"))
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+    if major != SUPPORTED_MAJOR:
+        raise RiffusionError(
+            f"TensorRT {version} is installed; this engine supports TensorRT {SUPPORTED_MAJOR}.x "
+            f"(pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}', as the tensorrt extra pins)"
+        )
+    return trt
+
+
 def require_tensorrt() -> Any:
     """The tensorrt module (10.x), or one clear error saying what to install."""
-    from ..engine.runtime.tensorrt_runtime import check_tensorrt_version
-
     try:
         import polygraphy  # noqa: F401
         import tensorrt

@@ -31,7 +31,7 @@ INITS = ("pghi", "random")
 class GriffinLimOptions:
     """How the phase is reconstructed. ``GriffinLimOptions.plain()`` is the
     original algorithm; the defaults are faster and end closer to the target
-    (measured in the README's "Image -> audio")."""
+    (measured in docs/performance.md, "Image -> audio")."""
 
     n_iter: int | None = None  # iterations; None = the parameters' num_griffin_lim_iters (32)
     momentum: float = 0.99  # fast Griffin-Lim momentum; 0 = classic Griffin-Lim

@@ -56,7 +56,7 @@ def music_like(
     return out.astype(np.float32)
 
 
-# -- the seed images' sources (see engine/seeds.py) --------------------------------
+# -- the seed images' sources (see engine/runtime/seeds.py) --------------------------------
 
 
 def _grid(duration_s: float, sample_rate: int) -> np.ndarray:

@@ -227,7 +227,7 @@ def test_tensorrt_export_on_first_use(tmp_path: Path, reference) -> None:
     engine = load("random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path)
     assert max_error(engine, reference, 1) <= FP16
     again = load("random:tiny", backend="tensorrt", device="cuda", precision="fp16", cache_dir=tmp_path)
-    assert again.backend.manifest["cache_key"] == engine.backend.manifest["cache_key"]
+    assert again.backend.manifest.cache_key == engine.backend.manifest.cache_key
 
 
 # -- commands --------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_tensorrt_provider_exports_unfused_on_first_use(tmp_path: Path, referenc
     engine = load(
         "random:tiny", backend="onnxruntime", device="cuda", provider="tensorrt", cache_dir=tmp_path
     )
-    assert all(not stage["fusions"] for stage in engine.backend.manifest["stages"].values())
+    assert all(not stage.fusions for stage in engine.backend.manifest.stages.values())
     assert engine.backend.session("unet").get_providers()[0] == "TensorrtExecutionProvider"
     assert max_error(engine, reference, 1) <= FP32
 

@@ -121,13 +121,12 @@ def test_first_use_export_for_the_tensorrt_provider_is_unfused() -> None:
 
 def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:
     from riffusion_engine.engine.runtime.backends import check_export_for_provider
-    from riffusion_engine.export import artifacts
+    from riffusion_engine.export.manifest import Manifest
 
-    directory = tiny_export[0]
-    manifest = artifacts.load_manifest(directory)
+    manifest = Manifest.load(tiny_export[0])
     with pytest.raises(RiffusionError, match=r"TensorRT cannot parse.*--no-fuse"):
-        check_export_for_provider(manifest, "tensorrt", directory)
-    check_export_for_provider(manifest, "cuda", directory)  # ONNX Runtime's own kernels run them
+        check_export_for_provider(manifest, "tensorrt")
+    check_export_for_provider(manifest, "cuda")  # ONNX Runtime's own kernels run them
 
 
 def test_tensorrt_provider_without_tensorrt_names_the_extra() -> None:

@@ -317,11 +317,13 @@ def test_a_cuda_export_is_refused_by_the_cpu_provider(tiny_export, tmp_path: Pat
 
 def test_tensorrt_provider_options_cover_every_input_of_the_profile(tiny_export, tmp_path: Path) -> None:
     from riffusion_engine.engine.runtime.backends import tensorrt_provider_options
+    from riffusion_engine.export.manifest import Manifest
 
-    manifest = artifacts.load_manifest(tiny_export[0])
+    typed = Manifest.load(tiny_export[0])
+    manifest = artifacts.load_manifest(tiny_export[0])  # the JSON as written
     for name, stage in manifest["stages"].items():
         spec = stage["spec"]
-        options = tensorrt_provider_options(spec, cache=tmp_path, fp16=name == "unet")
+        options = tensorrt_provider_options(typed.stage(name).spec, cache=tmp_path, fp16=name == "unet")
         for which in ("min", "opt", "max"):
             listed = dict(item.split(":") for item in options[f"trt_profile_{which}_shapes"].split(","))
             assert listed == {t["name"]: "x".join(map(str, t[which])) for t in spec["inputs"]}

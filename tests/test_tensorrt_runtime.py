@@ -20,16 +20,16 @@ torch = pytest.importorskip("torch")
 from riffusion_engine.engine.runtime.tensorrt_runtime import (  # noqa: E402
     InlineStreams,
     StageEngine,
-    check_tensorrt_version,
 )
-from riffusion_engine.export.specs import ModelDims, ShapeProfile, stage_specs  # noqa: E402
+from riffusion_engine.export.specs import ModelDims, ShapeProfile, StageSpec, stage_specs  # noqa: E402
+from riffusion_engine.export.tensorrt_build import check_tensorrt_version  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 DIMS = ModelDims(tokens=77, vocab=1000, text_hidden=32, latent_channels=4, vae_factor=8, unet_factor=2)
 
 
-def unet_spec(**profile) -> dict:
-    return stage_specs(DIMS, ShapeProfile(height=64, width=64, **profile))["unet"].to_dict()
+def unet_spec(**profile) -> StageSpec:
+    return stage_specs(DIMS, ShapeProfile(height=64, width=64, **profile))["unet"]
 
 
 def view(ptr: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -47,9 +47,9 @@ def expected_rows(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) 
 class StandInContext:
     """IExecutionContext's name-based API over host memory (TensorRT 10 semantics)."""
 
-    def __init__(self, spec: dict, *, refuse: str | None = None) -> None:
-        self.profile = {t["name"]: (tuple(t["min"]), tuple(t["max"])) for t in spec["inputs"]}
-        self.output = spec["outputs"][0]["name"]
+    def __init__(self, spec: StageSpec, *, refuse: str | None = None) -> None:
+        self.profile = {t.name: (t.size("min"), t.size("max")) for t in spec.inputs}
+        self.output = spec.outputs[0].name
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.refuse = refuse

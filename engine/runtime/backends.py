@@ -1,7 +1,7 @@
 """Backends: one small interface, one class per runtime.
 
 A backend runs a stage (``text_encoder``, ``unet``, ``vae_decoder``, ``vae_encoder``;
-see ``engine/stages.py``) on torch tensors that live on its device and returns the
+see ``export/stages.py``) on torch tensors that live on its device and returns the
 stage's one output there, so on a GPU nothing leaves the device between stages:
 
 - ``torch``: eager PyTorch from a model source, the reference-exact path;
@@ -24,7 +24,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
-from ...export import artifacts
+from ...export.manifest import Manifest
+from ...export.specs import Dim, StageSpec, Which
 from ...kernels.errors import RiffusionError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class TorchBackend(Backend):
     def __init__(self, components: Any, *, device: str = "cpu", fp16: bool = False) -> None:
         import torch
 
-        from ...export.stages import STAGE_NAMES, stage_module
+        from ...export.specs import STAGES
+        from ...export.stages import stage_module
 
         self.device = check_device(device)
         if fp16 and self.device != "cuda":
@@ -104,7 +106,7 @@ class TorchBackend(Backend):
         dtype = torch.float16 if fp16 else torch.float32
         self.dtype = dtype
         self.modules = {
-            name: stage_module(components, name).to(device=self.device, dtype=dtype) for name in STAGE_NAMES
+            name: stage_module(components, name).to(device=self.device, dtype=dtype) for name in STAGES
         }
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
@@ -122,36 +124,36 @@ class ExportBackend(Backend):
     def __init__(self, directory: str | Path, *, device: str) -> None:
         self.directory = Path(directory)
         self.device = check_device(device)
-        self.manifest = artifacts.load_manifest(self.directory)
+        self.manifest = Manifest.load(self.directory)
 
-    def spec(self, stage: str) -> dict[str, Any]:
-        if stage not in self.manifest["stages"]:
-            raise RiffusionError(f"export {str(self.directory)!r} has no {stage} stage")
-        return self.manifest["stages"][stage]["spec"]
+    def spec(self, stage: str) -> StageSpec:
+        return self.manifest.stage(stage).spec
 
     def output_shape(self, stage: str, inputs: dict[str, Any]) -> tuple[int, ...]:
         """The output's shape, from the inputs' sizes and the spec's dimension table."""
         spec = self.spec(stage)
         sizes: dict[str, int] = {}
-        for tensor in spec["inputs"]:
-            for dim, size in zip(tensor["shape"], inputs[tensor["name"]].shape, strict=True):
-                if isinstance(dim, str):
-                    sizes[dim] = int(size)
-        (output,) = spec["outputs"]
+        for tensor in spec.inputs:
+            for dim, size in zip(tensor.shape, inputs[tensor.name].shape, strict=True):
+                if isinstance(dim, Dim):
+                    sizes[dim.name] = int(size)
+        (output,) = spec.outputs
         shape = []
-        for dim in output["shape"]:
+        for dim in output.shape:
             if isinstance(dim, int):
                 shape.append(dim)
-            elif dim in sizes:
-                shape.append(sizes[dim])
+            elif dim.name in sizes:
+                shape.append(sizes[dim.name])
             else:
-                entry = spec["dims"][dim]
-                shape.append(sizes[entry["base"]] * entry["factor"])
+                assert dim.base is not None, (
+                    f"{stage}: output dimension {dim.name} has no input it derives from"
+                )
+                shape.append(sizes[dim.base] * dim.factor)
         return tuple(shape)
 
     def check_inputs(self, stage: str, inputs: dict[str, Any]) -> None:
         spec = self.spec(stage)
-        names = [t["name"] for t in spec["inputs"]]
+        names = spec.input_names
         if sorted(inputs) != sorted(names):
             raise RiffusionError(f"stage {stage} takes {', '.join(names)}, got {', '.join(inputs)}")
 
@@ -194,10 +196,10 @@ class OnnxRuntimeBackend(ExportBackend):
             )
         if provider != "cpu" and self.device != "cuda":
             raise RiffusionError(f"the {provider} execution provider needs --device cuda")
-        check_export_for_provider(self.manifest, provider, self.directory)
+        check_export_for_provider(self.manifest, provider)
         if provider == "tensorrt":
             load_tensorrt_libraries()
-        made_for_cuda = self.manifest["target"] == "onnx" and self.manifest.get("device", "cpu") == "cuda"
+        made_for_cuda = self.manifest.target == "onnx" and self.manifest.device == "cuda"
         if provider == "cpu" and made_for_cuda:
             raise RiffusionError(
                 f"export {str(self.directory)!r} was made for --device cuda (CUDA-only fused operators); "
@@ -220,7 +222,7 @@ class OnnxRuntimeBackend(ExportBackend):
         if self.provider != "tensorrt":
             return list(self.providers)
         self.trt_cache.mkdir(parents=True, exist_ok=True)
-        fp16 = self.manifest["stages"][stage]["precision"] == "fp16"
+        fp16 = self.manifest.stage(stage).precision == "fp16"
         options = tensorrt_provider_options(self.spec(stage), cache=self.trt_cache, fp16=fp16)
         return [("TensorrtExecutionProvider", options), *self.providers[1:]]
 
@@ -257,10 +259,10 @@ class OnnxRuntimeBackend(ExportBackend):
             binding.bind_input(
                 name, self.device, tensor.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr()
             )
-        (output,) = self.spec(stage)["outputs"]
+        (output,) = self.spec(stage).outputs
         out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device=self.torch_device())
         binding.bind_output(
-            output["name"], self.device, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
+            output.name, self.device, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
         )
         if self.device == "cuda":
             # ONNX Runtime's CUDA and TensorRT providers run on their own (non-blocking)
@@ -272,16 +274,16 @@ class OnnxRuntimeBackend(ExportBackend):
         return out
 
 
-def check_export_for_provider(manifest: dict[str, Any], provider: str, directory: Path) -> None:
+def check_export_for_provider(manifest: Manifest, provider: str) -> None:
     """One clear error for an export the provider cannot run: TensorRT parses standard ONNX
     operators only, so ONNX Runtime would split a fused export around its com.microsoft
     operators, and the split pieces' dynamic inputs have no profile (EP_FAIL "User needs
     to provide all the dynamic shape inputs with associated profiles",
     tensorrt_execution_provider.cc)."""
-    fused = sorted({op for stage in manifest["stages"].values() for op in stage.get("fusions", {})})
+    fused = sorted({op for stage in manifest.stages.values() for op in stage.fusions})
     if provider == "tensorrt" and fused:
         raise RiffusionError(
-            f"export {str(directory)!r} holds ONNX Runtime's fused operators ({', '.join(fused)}), "
+            f"export {str(manifest.directory)!r} holds ONNX Runtime's fused operators ({', '.join(fused)}), "
             "which TensorRT cannot parse; the tensorrt provider runs an unfused export "
             "(riffusion-engine export --no-fuse)"
         )
@@ -297,7 +299,7 @@ def load_tensorrt_libraries() -> None:
     resolves the provider's needs by soname from the libraries already loaded. Without it
     the provider fails to load ("libnvinfer.so.10: cannot open shared object file") and
     ONNX Runtime falls back to the CUDA provider, which ``session`` refuses."""
-    from .tensorrt_runtime import check_tensorrt_version
+    from ...export.tensorrt_build import check_tensorrt_version
 
     try:
         import tensorrt
@@ -309,13 +311,15 @@ def load_tensorrt_libraries() -> None:
     check_tensorrt_version(tensorrt)
 
 
-def tensorrt_provider_options(spec: dict[str, Any], *, cache: Path, fp16: bool) -> dict[str, Any]:
-    """ONNX Runtime TensorRT execution provider options for a stage (a manifest ``spec``):
+def tensorrt_provider_options(spec: StageSpec, *, cache: Path, fp16: bool) -> dict[str, Any]:
+    """ONNX Runtime TensorRT execution provider options for a stage:
     min/opt/max shapes of every input ("name:2x4x64x64,..."), fp16, and the engine and
     timing caches in ``cache`` so sessions do not rebuild engines at each start."""
 
-    def shapes(which: str) -> str:
-        return ",".join(f"{t['name']}:{'x'.join(str(d) for d in t[which])}" for t in spec["inputs"])
+    def shapes(which: Which) -> str:
+        return ",".join(
+            f"{name}:{'x'.join(map(str, shape))}" for name, shape in spec.input_shapes(which).items()
+        )
 
     return {
         "trt_profile_min_shapes": shapes("min"),
@@ -331,17 +335,18 @@ def tensorrt_provider_options(spec: dict[str, Any], *, cache: Path, fp16: bool) 
 
 class TensorRTBackend(ExportBackend):
     """TensorRT engines (``<stage>.plan``) on device buffers; static exports pad batches
-    to their one shape and replay CUDA graphs (see ``engine/tensorrt_runtime.py``)."""
+    to their one shape and replay CUDA graphs (see ``engine/runtime/tensorrt_runtime.py``)."""
 
     name = "tensorrt"
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
-        from .tensorrt_runtime import CudaStreams, check_tensorrt_version
+        from ...export.tensorrt_build import check_tensorrt_version
+        from .tensorrt_runtime import CudaStreams
 
         trt = _runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
         check_tensorrt_version(trt)
         super().__init__(directory, device=device)
-        if self.manifest["target"] != "tensorrt":
+        if self.manifest.target != "tensorrt":
             raise RiffusionError(
                 f"export {str(self.directory)!r} has no TensorRT engines; export with --target tensorrt"
             )
@@ -350,7 +355,7 @@ class TensorRTBackend(ExportBackend):
         self._engines: dict[str, Any] = {}
         self._stages: dict[str, Any] = {}
         self._streams = CudaStreams()
-        self.static = bool(self.manifest["profile"]["static"])
+        self.static = self.manifest.profile.static
 
     def _stage(self, stage: str) -> Any:
         from .tensorrt_runtime import StageEngine
@@ -393,8 +398,8 @@ class OpenVinoBackend(ExportBackend):
     ) -> None:
         ov = _runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
         super().__init__(directory, device=device)
-        if self.manifest["target"] != "onnx" or any(
-            s["precision"] != "fp32" or s["fusions"] for s in self.manifest["stages"].values()
+        if self.manifest.target != "onnx" or any(
+            s.precision != "fp32" or s.fusions for s in self.manifest.stages.values()
         ):
             raise RiffusionError(
                 f"the openvino backend runs an unfused fp32 ONNX export; {str(self.directory)!r} is not one "

@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
 from .backends import check_device, create_backend, resolve_backend
-from .pipeline import Engine, ModelShape
+from .pipeline import Engine
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,7 @@ def engine_from_export(runner: Any, directory: Path) -> Engine:
     and sizes come from the directory and its manifest."""
     from transformers import CLIPTokenizer
 
-    manifest = runner.manifest
-    missing = [s for s in ("text_encoder", "unet", "vae_decoder") if s not in manifest["stages"]]
-    if missing:
-        raise RiffusionError(f"export {str(directory)!r} lacks the {', '.join(missing)} stage(s)")
-    unet = manifest["stages"]["unet"]["spec"]
-    decoder = manifest["stages"]["vae_decoder"]["spec"]
-    (sample,) = [t for t in unet["inputs"] if t["name"] == "sample"]
-    width = decoder["dims"]["width"]
-    shape = ModelShape(
-        latent_channels=sample["shape"][1],
-        vae_factor=decoder["dims"]["height"]["factor"],
-        pixel_multiple=manifest["model"]["pixel_multiple"],
-        height=manifest["profile"]["height"],
-        max_batch=manifest["profile"]["max_batch"],
-        # The widths the export was made and verified for (TensorRT takes no others).
-        widths=(width["min"], width["max"]),
-    )
+    shape = runner.manifest.model_shape()
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
     return Engine(runner, tokenizer, scheduler_config, shape)

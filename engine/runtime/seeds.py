@@ -23,11 +23,11 @@ import numpy as np
 from ...kernels import synth
 from ...kernels.errors import RiffusionError
 from ...kernels.params import SpectrogramParams
+from .defaults import WIDTH
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SIZE = 512  # the built-ins are 512 x 512: 5.12 s
+SIZE = WIDTH  # the built-ins are 512 x 512: 5.12 s
 
-DEFAULT_SEED_IMAGE = "og_beat"  # the web app's default: a drum loop this project synthesizes
 # id -> the audio it is the spectrogram of: (duration seconds, sample rate) -> (1, samples)
 SEED_AUDIO: dict[str, Callable[[float, int], np.ndarray]] = {
     "og_beat": lambda seconds, rate: synth.drum_beat(seconds, sample_rate=rate),

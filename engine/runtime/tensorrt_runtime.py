@@ -1,6 +1,6 @@
 """Running one TensorRT engine on torch tensors: shapes, addresses, static batches, streams.
 
-The TensorRT backend (``engine/backends.py``) owns the engines; this module owns what it
+The TensorRT backend (``engine/runtime/backends.py``) owns the engines; this module owns what it
 does with an execution context, written against the TensorRT 10 Python API
 (``python/src/infer/pyCore.cpp``; ``include/NvInferRuntime.h``):
 
@@ -29,23 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...export.specs import StageSpec
 from ...kernels.errors import RiffusionError
-
-# TensorRT 11 builds strongly typed networks only (BuilderFlag.FP16 and the other
-# precision flags are gone), which the fp16 engine builds here do not do yet.
-SUPPORTED_MAJOR = 10
-
-
-def check_tensorrt_version(trt: Any) -> Any:
-    """``trt`` if it is a TensorRT this engine supports (10.x), else one clear error."""
-    version = str(getattr(trt, "__version__", "0"))
-    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
-    if major != SUPPORTED_MAJOR:
-        raise RiffusionError(
-            f"TensorRT {version} is installed; this engine supports TensorRT {SUPPORTED_MAJOR}.x "
-            f"(pip install 'tensorrt>={SUPPORTED_MAJOR},<{SUPPORTED_MAJOR + 1}', as the tensorrt extra pins)"
-        )
-    return trt
 
 
 class CudaStreams:
@@ -95,15 +80,15 @@ class InlineStreams:
 
 
 class StageEngine:
-    """One stage's execution context and its spec (the manifest's ``spec`` entry)."""
+    """One stage's execution context and its spec (from the export's manifest)."""
 
-    def __init__(self, stage: str, context: Any, spec: dict[str, Any], *, static: bool, streams: Any) -> None:
+    def __init__(self, stage: str, context: Any, spec: StageSpec, *, static: bool, streams: Any) -> None:
         self.stage = stage
         self.context = context
         self.spec = spec
         self.static = static
         self.streams = streams
-        self.inputs = {t["name"]: t for t in spec["inputs"]}  # name -> the spec's tensor entry
+        self.inputs = {t.name: t for t in spec.inputs}  # name -> the spec's tensor
         self._static_buffers: dict[str, Any] | None = None
         self._static_out: Any = None
         self._replay: Callable[[int], None] | None = None
@@ -115,7 +100,7 @@ class StageEngine:
             raise RiffusionError(f"TensorRT failed to enqueue {self.stage} (execute_async_v3 returned False)")
 
     def _profile(self, name: str) -> str:
-        low, high = tuple(self.inputs[name]["min"]), tuple(self.inputs[name]["max"])
+        low, high = self.inputs[name].size("min"), self.inputs[name].size("max")
         return f"{low}" if low == high else f"{low} to {high}"
 
     def _bind(self, inputs: dict[str, Any], out: Any) -> None:
@@ -128,9 +113,9 @@ class StageEngine:
                 )
             if not self.context.set_tensor_address(name, tensor.data_ptr()):
                 raise RiffusionError(f"TensorRT refused the address of {self.stage} input {name}")
-        (output,) = self.spec["outputs"]
-        if not self.context.set_tensor_address(output["name"], out.data_ptr()):
-            raise RiffusionError(f"TensorRT refused the address of {self.stage} output {output['name']}")
+        (output,) = self.spec.outputs
+        if not self.context.set_tensor_address(output.name, out.data_ptr()):
+            raise RiffusionError(f"TensorRT refused the address of {self.stage} output {output.name}")
 
     # -- running ------------------------------------------------------------------
 
@@ -139,7 +124,7 @@ class StageEngine:
         import torch
 
         inputs = {
-            k: v.to(device=device, dtype=getattr(torch, self.inputs[k]["dtype"])).contiguous()
+            k: v.to(device=device, dtype=getattr(torch, self.inputs[k].dtype)).contiguous()
             for k, v in inputs.items()
         }
         if self.static:
@@ -150,7 +135,7 @@ class StageEngine:
         return out
 
     def static_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.inputs[name]["max"])
+        return self.inputs[name].size("max")
 
     def _run_static(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
         import torch

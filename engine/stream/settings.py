@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...kernels.errors import RiffusionError
+from ..runtime.defaults import SCHEDULER, STEPS, WIDTH
 from ..runtime.pipeline import SCHEDULERS, Clip, Request
 
 # runner(requests, deadlines, should_stop) -> images (batch, height, width, 3) in [0, 1]:
@@ -22,16 +23,16 @@ Runner = Callable[[Sequence[Request], Sequence[float], Callable[[], bool]], Any]
 class StreamSettings:
     """How a stream's clips are made and joined."""
 
-    steps: int = 50  # scheduler steps per clip (the web app's 50)
-    width: int = 512  # image width per clip (512 = 5.12 s)
-    scheduler: str = "pndm"  # one of pipeline.SCHEDULERS
+    steps: int = STEPS  # scheduler steps per clip (the web app's 50)
+    width: int = WIDTH  # image width per clip (512 = 5.12 s)
+    scheduler: str = SCHEDULER  # one of pipeline.SCHEDULERS
     alpha_step: float = 0.25  # alpha added per clip (the web app's 0.25: 4 clips per prompt change)
     crossfade_s: float = 0.2  # equal-power crossfade at each join (without continuation)
     continuation: bool = False  # each clip keeps the previous clip's last columns
     continuation_columns: int = 64  # columns kept with continuation (0.64 s; a multiple of 8)
     lookahead: int = 1  # clips denoised as one batch
     # audio of clip n overlaps the diffusion of clip n + 1 (a thread); None: on a GPU only
-    # (on a CPU both stages share the cores: 0.99x-1.01x measured on two, README "Streams")
+    # (on a CPU both stages share the cores: 0.99x-1.01x measured on two, docs/performance.md)
     pipeline: bool | None = None
     buffer: int = 2  # chunks made ahead of the reader at most
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from ...kernels.errors import RiffusionError
 from ...kernels.joins import Joiner
+from ..runtime.defaults import SEED_IMAGE
 from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
-from ..runtime.seeds import DEFAULT_SEED_IMAGE
 from ..runtime.seeds import seed_image as builtin_seed_image
 from .settings import Runner, StreamChunk, StreamSettings, length_samples, overlap_samples
 from .walk import Walk, continuation_inputs, keep_columns
@@ -81,7 +81,7 @@ class Stream:
         start: PromptInput | str,
         end: PromptInput | str | None = None,
         *,
-        seed_image: Any = DEFAULT_SEED_IMAGE,
+        seed_image: Any = SEED_IMAGE,
         mask: Any = None,
         max_clips: int | None = None,
         **settings: Any,
