@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 from ...kernels.errors import RiffusionError
+from .common import add_engine_args, add_run_args, load_engine, open_image
 
 
-def add_parser(sub: Any, add_engine_args: Any, add_run_args: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "stream",
         help="an endless stream, offline: one long seamless file",
@@ -81,10 +82,10 @@ def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from ...kernels.audio import check_audio_output, save_audio
+    from ..runtime.defaults import SEED_IMAGE as DEFAULT_SEED_IMAGE
     from ..runtime.pipeline import PromptInput
-    from ..runtime.seeds import SEED_AUDIO, image_of_audio
+    from ..runtime.seeds import seed_image as builtin_seed_image
     from ..stream import Stream, StreamSettings, clips_for
-    from . import _load_engine, _open_image
 
     out = check_audio_output(args.output)
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
@@ -107,11 +108,11 @@ def run(args: argparse.Namespace) -> None:
 
     start = ending(args.start, args.seed)
     end = ending(args.end, args.seed + 1) if args.end else None
-    seed_image = _open_image(args.seed_image, "seed image")
-    if seed_image is None:  # the web app's og_beat, as wide as the clips
-        seed_image = image_of_audio(SEED_AUDIO["og_beat"], args.width).convert("RGB")
-    mask = _open_image(args.mask, "mask")
-    engine = _load_engine(args)
+    seed_image = open_image(args.seed_image, "seed image")
+    if seed_image is None:  # the web app's default seed image, as wide as the clips
+        seed_image = builtin_seed_image(DEFAULT_SEED_IMAGE, width=args.width)
+    mask = open_image(args.mask, "mask")
+    engine = load_engine(args)
     clips = clips_for(settings, engine.params, args.duration)
     total = round(args.duration * engine.params.sample_rate)
     parts: list[np.ndarray] = []

@@ -78,11 +78,11 @@ def image_of_audio(
     return image_from_audio(make_audio(seconds, params.sample_rate), params.sample_rate, params)
 
 
-def seed_image(seed_id: str, params: SpectrogramParams | None = None) -> Any:
-    """The built-in seed image ``seed_id`` (512 x 512 RGB, parameters in its EXIF)."""
+def seed_image(seed_id: str, params: SpectrogramParams | None = None, *, width: int = SIZE) -> Any:
+    """The built-in seed image ``seed_id`` (``width`` x 512 RGB, parameters in its EXIF)."""
     if seed_id not in SEED_AUDIO:
         raise RiffusionError(f"unknown seed image {seed_id!r}; choose one of {', '.join(SEED_AUDIO)}")
-    return image_of_audio(SEED_AUDIO[seed_id], SIZE, params).convert("RGB")
+    return image_of_audio(SEED_AUDIO[seed_id], width, params).convert("RGB")
 
 
 def mask_image(mask_id: str) -> Any:

@@ -1,0 +1,71 @@
+"""``riffusion-engine bench``: the backends timed against the reference diffusers pipeline."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the engine's backends against the reference diffusers pipeline",
+        description="Runs diffusers' StableDiffusionPipeline (fp32 eager) plus the original audio "
+        "conversion (librosa) and each engine backend on the same prompt, seed, scheduler and steps, "
+        "alternated after warm-up; prints median and p90 per stage, speedups, real-time factors and "
+        "output agreement. The JSON schema is documented in riffusion_engine/engine/tools/bench.py.",
+    )
+    p.add_argument("--model", default="random:full", help="model source (default: random:full)")
+    p.add_argument(
+        "--backends", default="torch,onnxruntime", help="comma-separated (default: torch,onnxruntime)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="engine precision (bf16: openvino)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="scheduler steps (default: 10)")
+    p.add_argument("--runs", type=int, default=3, help="timed rounds (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
+    )
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the report here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a bar chart of the stages here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import json
+
+    from ...kernels.files import atomic_path, check_output_path
+    from ..tools.bench import BenchConfig, format_table, plot, run_bench
+
+    json_out = check_output_path(args.json, (".json",)) if args.json else None
+    plot_out = check_output_path(args.plot, (".png",)) if args.plot else None
+    config = BenchConfig(
+        model=args.model,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        precision=args.precision,
+        steps=args.steps,
+        runs=args.runs,
+        warmup=args.warmup,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    from ..runtime.backends import check_device
+
+    check_device(config.device)  # before any export or model load
+    report = run_bench(config)
+    print(format_table(report))
+    if json_out:
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_out}")
+    if plot_out:
+        plot(report, plot_out)
+        print(f"wrote {plot_out}")

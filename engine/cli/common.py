@@ -1,0 +1,126 @@
+"""What several commands share: the engine and run flags, loading the engine, input
+images, output directories and the timing line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ...kernels.errors import RiffusionError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model source (--model or --artifacts), --backend, --device, --precision, --cache-dir."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        default=None,
+        help="random:tiny, random:full, a diffusers-format directory, a single-file checkpoint "
+        "(.ckpt or .safetensors) or a hub id (default: riffusion/riffusion-model-v1)",
+    )
+    source.add_argument("--artifacts", default=None, metavar="DIR", help="an export directory")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime", "tensorrt", "openvino"),
+        default="auto",
+        help="auto: tensorrt on a GPU where installed, else onnxruntime where it runs on the device "
+        "(on cuda: onnxruntime-gpu), else torch (default: auto); "
+        "openvino runs an unfused export (--no-fuse) on the CPU",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="of an export made on first use, or of the torch backend (fp16 on cuda); bf16: "
+        "OpenVINO's arithmetic on an fp32 export (default: fp32)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The request flags: --steps, --scheduler, --width, --seed-image, --mask."""
+    from ..runtime.pipeline import SCHEDULERS
+
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="scheduler steps; PNDM (the default scheduler) makes steps + 1 UNet calls, its first "
+        "step taking two (default: 50)",
+    )
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="(default: pndm)")
+    p.add_argument("--width", type=int, default=512, help="image width, 8-pixel multiples (512 = 5.12 s)")
+    p.add_argument("--seed-image", default=None, help="PNG to start from (width x 512)")
+    p.add_argument("--mask", default=None, help="grayscale PNG: white = regenerate, black = keep")
+
+
+def load_engine(args: argparse.Namespace) -> Any:
+    """The engine that the engine flags of ``args`` name."""
+    from ..runtime.loading import load
+
+    return load(
+        args.model,
+        artifacts=args.artifacts,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+        progress=True,
+    )
+
+
+def open_image(path: str | None, what: str) -> Any:
+    """The image at ``path`` (None without one); an unreadable one is an error naming ``what``."""
+    if path is None:
+        return None
+    from ...kernels.image import load_image
+
+    try:
+        return load_image(path)
+    except RiffusionError as exc:
+        raise RiffusionError(f"{what}: {exc}") from exc
+
+
+def timing_line(clip: Any) -> str:
+    """A clip's seconds per stage and its real-time factor, on one line."""
+    t = clip.timings
+    steps = int(t.get("unet_steps", 0))
+    parts = [f"text encoder {t.get('text_encoder', 0):.2f} s"]
+    if "vae_encoder" in t:
+        parts.append(f"vae encoder {t['vae_encoder']:.2f} s")
+    parts.append(
+        f"unet {t.get('unet', 0):.2f} s ({steps} UNet calls, {t.get('unet', 0) / max(steps, 1):.3f} s each)"
+    )
+    parts.append(f"vae decoder {t.get('vae_decoder', 0):.2f} s")
+    parts.append(f"image->audio {t.get('image_to_audio', 0):.2f} s")
+    total = sum(v for k, v in t.items() if k != "unet_steps")
+    rtf = total / clip.duration_s
+    parts.append(f"total {total:.2f} s for {clip.duration_s:.2f} s of audio (real-time factor {rtf:.2f})")
+    return " | ".join(parts)
+
+
+def check_output_dir(path: str) -> Path:
+    """``path`` as an output directory, refused with what was expected if it is a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RiffusionError(f"output {path!r} is a file; this command writes a directory there")
+    return out
+
+
+def output_dir(path: str) -> Path:
+    """``path`` as an output directory, made where it is missing."""
+    out = check_output_dir(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
+    """The input file and the required -o output of a conversion command."""
+    p.add_argument("input", help=input_help)
+    p.add_argument("-o", "--output", required=True, help=output_help)

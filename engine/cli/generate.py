@@ -1,0 +1,58 @@
+"""``riffusion-engine generate``: a clip from a prompt."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import add_engine_args, add_run_args, load_engine, open_image, timing_line
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a clip from a prompt",
+        description="Prompt -> spectrogram image -> audio. Runs a model source on the torch backend, or "
+        "an export directory (--artifacts) on onnxruntime / openvino / tensorrt; with a model source and a "
+        "non-torch backend the model is exported on first use into --cache-dir. The audio format "
+        "follows the extension of -o (.wav .flac .ogg .mp3).",
+    )
+    p.add_argument("prompt", help="what to generate; (word:1.3) and [word] set emphasis")
+    add_engine_args(p)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument(
+        "--guidance", type=float, default=7.0, help="guidance scale; <= 1 turns it off (default: 7)"
+    )
+    add_run_args(p)
+    p.add_argument(
+        "--denoising", type=float, default=0.75, help="with --seed-image: share regenerated (0..1)"
+    )
+    p.add_argument("-o", "--output", required=True, help="output audio file")
+    p.add_argument("--image", default=None, help="also write the spectrogram PNG here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ...kernels.audio import check_audio_output
+    from ...kernels.files import check_output_path
+    from ..runtime.pipeline import PromptInput, Request
+
+    out = check_audio_output(args.output)
+    image_out = check_output_path(args.image, (".png",)) if args.image else None
+    request = Request(
+        PromptInput(args.prompt, args.seed, args.negative_prompt, args.guidance, args.denoising),
+        steps=args.steps,
+        width=args.width,
+        scheduler=args.scheduler,
+        seed_image=open_image(args.seed_image, "seed image"),
+        mask=open_image(args.mask, "mask"),
+    )
+    engine = load_engine(args)
+    engine.check(request)
+    (clip,) = engine.run([request], progress=True)
+    clip.save(out)
+    if image_out:
+        clip.save(image_out)
+    print(timing_line(clip))
+    print(f"wrote {out}" + (f" and {image_out}" if image_out else ""))

@@ -1,0 +1,82 @@
+"""``riffusion-engine interpolate``: clips moving from one prompt to another."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ...kernels.errors import RiffusionError
+from .common import (
+    add_engine_args,
+    add_run_args,
+    check_output_dir,
+    load_engine,
+    open_image,
+    output_dir,
+    timing_line,
+)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "interpolate",
+        help="a continuous sequence of clips moving from one prompt to another",
+        description="Riffusion's web-app sequence: clip i is the start and end prompts blended at "
+        "alpha = min(0.25 i, 1), all from one seed image for continuity (by default the web "
+        "app's og_beat, a drum loop the project synthesizes). Writes clip_000.wav ... and "
+        "joined.wav (and the PNGs) to DIR.",
+    )
+    p.add_argument("--start", required=True, help="start prompt (alpha 0)")
+    p.add_argument("--end", required=True, help="end prompt (alpha 1)")
+    p.add_argument("--start-seed", type=int, default=0, help="start noise seed (default: 0)")
+    p.add_argument("--end-seed", type=int, default=1, help="end noise seed (default: 1)")
+    p.add_argument("--clips", type=int, default=5, help="number of clips (default: 5)")
+    add_engine_args(p)
+    p.add_argument("--negative-prompt", default=None, help="negative prompt of both ends")
+    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default: 7)")
+    p.add_argument("--denoising", type=float, default=0.75, help="share of the seed image regenerated")
+    add_run_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from ...kernels.audio import save_audio
+    from ..runtime.pipeline import PromptInput, Request
+
+    if args.clips < 1:
+        raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
+    check_output_dir(args.output)
+    seed_image = open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
+    mask = open_image(args.mask, "mask")
+    start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
+    end = PromptInput(args.end, args.end_seed, args.negative_prompt, args.guidance, args.denoising)
+    requests = [
+        Request(start, end, min(0.25 * i, 1.0), args.steps, args.width, args.scheduler, seed_image, mask)
+        for i in range(args.clips)
+    ]
+    engine = load_engine(args)
+    for request in requests:
+        engine.check(request)
+    out_dir = output_dir(args.output)
+    audio = []
+    rate = 0
+    for i, request in enumerate(requests):
+        (clip,) = engine.run([request], progress=True)
+        clip.save(out_dir / f"clip_{i:03d}.wav")
+        clip.save(out_dir / f"clip_{i:03d}.png")
+        audio.append(clip.audio)
+        rate = clip.sample_rate
+        print(f"clip {i} (alpha {request.alpha:.2f}): {timing_line(clip)}")
+    save_audio(out_dir / "joined.wav", np.concatenate(audio, axis=-1), rate)
+    print(f"wrote {len(requests)} clips and joined.wav to {out_dir}")
+
+
+def _beat_seed_image(width: int) -> Any:
+    """The web app's default seed image, ``width`` columns wide."""
+    from ..runtime.defaults import SEED_IMAGE
+    from ..runtime.seeds import seed_image
+
+    return seed_image(SEED_IMAGE, width=width)
