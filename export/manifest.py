@@ -38,6 +38,22 @@ class StageEntry:
     precision: str  # fp32 or fp16 (the arithmetic the stage's file was verified in)
     fusions: dict[str, int]  # fused operator -> count (empty when unfused)
     files: dict[str, Any]  # file name -> {"bytes", "sha256"}
+    verification: dict[str, dict[str, Any]]  # runtime -> output -> {"max_rel", "tolerance", ...}
+    fallback: str | None = None  # why an fp16 stage was kept in fp32, if it was
+    seconds: float = 0.0  # time its export and verification took
+
+    @property
+    def bytes(self) -> int:
+        return sum(record["bytes"] for record in self.files.values())
+
+    def verification_entries(self) -> list[dict[str, Any]]:
+        """Every output's check against torch, on every runtime it was verified on."""
+        return [entry for report in self.verification.values() for entry in report.values()]
+
+    @property
+    def max_rel_error(self) -> float:
+        """The largest relative error of any output on any runtime."""
+        return max(entry["max_rel"] for entry in self.verification_entries())
 
 
 def _stage_spec(name: str, record: dict[str, Any]) -> StageSpec:
@@ -93,6 +109,9 @@ class Manifest:
                     precision=stage["precision"],
                     fusions=dict(stage.get("fusions", {})),
                     files=dict(stage["files"]),
+                    verification=stage.get("verification", {}),
+                    fallback=stage.get("fallback"),
+                    seconds=stage.get("seconds", 0.0),
                 )
                 for name, stage in raw["stages"].items()
             },

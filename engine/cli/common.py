@@ -45,18 +45,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The request flags: --steps, --scheduler, --width, --seed-image, --mask."""
+    from ..runtime.defaults import HEIGHT, SCHEDULER, STEPS, WIDTH
     from ..runtime.pipeline import SCHEDULERS
 
     p.add_argument(
         "--steps",
         type=int,
-        default=50,
+        default=STEPS,
         help="scheduler steps; PNDM (the default scheduler) makes steps + 1 UNet calls, its first "
-        "step taking two (default: 50)",
+        f"step taking two (default: {STEPS})",
     )
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="pndm", help="(default: pndm)")
-    p.add_argument("--width", type=int, default=512, help="image width, 8-pixel multiples (512 = 5.12 s)")
-    p.add_argument("--seed-image", default=None, help="PNG to start from (width x 512)")
+    p.add_argument(
+        "--scheduler", choices=tuple(SCHEDULERS), default=SCHEDULER, help=f"(default: {SCHEDULER})"
+    )
+    p.add_argument(
+        "--width", type=int, default=WIDTH, help=f"image width, 8-pixel multiples ({WIDTH} = 5.12 s)"
+    )
+    p.add_argument("--seed-image", default=None, help=f"PNG to start from (width x {HEIGHT})")
     p.add_argument("--mask", default=None, help="grayscale PNG: white = regenerate, black = keep")
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
+    from ...export.specs import HEIGHT, WIDTH
+
     p = sub.add_parser(
         "export",
         help="export the text encoder, UNet and VAE to verified ONNX / TensorRT",
@@ -43,8 +45,10 @@ def add_parser(sub: Any) -> None:
         "attention in fp16) and verifies on its CUDA provider (default: cuda for --target tensorrt, "
         "else cpu)",
     )
-    p.add_argument("--height", type=int, default=512, help="image height in pixels (default: 512)")
-    p.add_argument("--width", type=int, default=512, help="image width optimized for (default: 512 = 5.12 s)")
+    p.add_argument("--height", type=int, default=HEIGHT, help=f"image height in pixels (default: {HEIGHT})")
+    p.add_argument(
+        "--width", type=int, default=WIDTH, help=f"image width optimized for (default: {WIDTH} = 5.12 s)"
+    )
     p.add_argument("--max-width", type=int, default=None, help="widest image accepted (default: --width)")
     p.add_argument("--max-batch", type=int, default=4, help="most clips per call (default: 4)")
     p.add_argument(
@@ -63,6 +67,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ...export.exporter import ExportConfig, export
+    from ...export.manifest import Manifest
     from ...export.specs import ShapeProfile
 
     config = ExportConfig(
@@ -83,16 +88,15 @@ def run(args: argparse.Namespace) -> None:
     )
     start = time.perf_counter()
     result = export(config, args.output, progress=not args.quiet)
+    manifest = Manifest.load(result.directory, check_files=False)  # checked by export
     if result.cache_hit:
-        key = result.manifest["cache_key"][:12]
-        print(f"cache hit: {result.directory} already holds this export (key {key})")
+        print(f"cache hit: {result.directory} already holds this export (key {manifest.cache_key[:12]})")
     print(f"{'stage':<14}{'precision':<11}{'size':>10}{'max rel. error':>16}{'seconds':>10}")
-    for name, stage in result.manifest["stages"].items():
-        size = sum(f["bytes"] for f in stage["files"].values())
-        error = max(e["max_rel"] for report in stage["verification"].values() for e in report.values())
-        note = f"  ({stage['fallback']})" if stage["fallback"] else ""
+    for name, stage in manifest.stages.items():
+        note = f"  ({stage.fallback})" if stage.fallback else ""
         print(
-            f"{name:<14}{stage['precision']:<11}{_size(size):>10}{error:>16.2e}{stage['seconds']:>10.1f}{note}"
+            f"{name:<14}{stage.precision:<11}{_size(stage.bytes):>10}{stage.max_rel_error:>16.2e}"
+            f"{stage.seconds:>10.1f}{note}"
         )
     verb = "reused" if result.cache_hit else "wrote"
     print(f"{verb} {result.directory} in {time.perf_counter() - start:.1f} s")
