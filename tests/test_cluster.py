@@ -14,6 +14,8 @@ import io
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,19 +33,45 @@ soundfile = pytest.importorskip("soundfile")
 websockets = pytest.importorskip("websockets")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from riffusion_engine import load  # noqa: E402
+from riffusion_engine import PromptInput, Request, RiffusionError, load  # noqa: E402
 from riffusion_engine.engine.serve import cluster  # noqa: E402
-from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.config import ServerConfig  # noqa: E402
 from test_server import ORIGINAL  # noqa: E402  (the web app's request)
 
 APP = "riffusion-test"
 TIMEOUT_S = 60.0  # the server's request timeout, and so the stall a health check tolerates
 # Small limits, so that 16 concurrent requests overflow them: 2 replicas x 2 ongoing + 4 queued.
 CONFIG = ServerConfig(max_batch=2, max_queue=4, timeout_s=TIMEOUT_S, max_steps=8, max_body_bytes=4096)
-CLUSTER = cluster.ClusterConfig(
-    replicas=2, max_ongoing_requests=2, health_check_period_s=1.0, test_hooks=True
-)
+CLUSTER = cluster.ClusterConfig(replicas=2, max_ongoing_requests=2, health_check_period_s=1.0)
 WAV = {**ORIGINAL, "format": "wav"}
+
+
+class StalledEngine:
+    """An engine whose batches never finish: a stuck device call."""
+
+    def __init__(self, engine: object) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def images(self, *args: object, **kwargs: object) -> object:
+        threading.Event().wait()  # forever
+
+
+class StallingReplica(cluster.EngineReplica):
+    """The engine replica, with a way to make it stall."""
+
+    async def stall(self) -> str:
+        """From now on, this replica's batches never finish; one starts now."""
+        self.server.batcher.engine = StalledEngine(self.server.engine)
+        self.server.batcher.submit(Request(PromptInput("stalled"), steps=1))  # a batch that never ends
+        return self.replica
+
+
+# The replicas are Ray workers that cannot import this module: its classes travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def free_port() -> int:
@@ -70,7 +98,7 @@ def spec(tiny_export) -> cluster.EngineSpec:
 
 @pytest.fixture(scope="module")
 def url(ray_local, spec) -> str:
-    return cluster.deploy(spec, CONFIG, CLUSTER, port=free_port(), name=APP)
+    return cluster.deploy(spec, CONFIG, CLUSTER, port=free_port(), name=APP, replica=StallingReplica)
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +338,9 @@ def test_replica_metrics_merge_with_a_replica_label():
 
 def test_nothing_is_deployed_without_an_export_that_takes_the_batch(tmp_path: Path, spec):
     missing = cluster.EngineSpec(str(tmp_path), "onnxruntime", "cpu", "missing")
-    with pytest.raises(cluster.RiffusionError, match="no export at"):
+    with pytest.raises(RiffusionError, match="no export at"):
         missing.check()
-    with pytest.raises(cluster.RiffusionError, match="is more than this model's export takes"):
+    with pytest.raises(RiffusionError, match="is more than this model's export takes"):
         cluster.deploy(spec, ServerConfig(max_batch=64), CLUSTER, port=free_port(), name="refused")
-    with pytest.raises(cluster.RiffusionError, match="torch backend"):
+    with pytest.raises(RiffusionError, match="torch backend"):
         cluster.prepare("random:tiny", None, backend="torch", device="cpu", precision="fp32", cache_dir=None)

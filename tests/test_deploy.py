@@ -144,8 +144,10 @@ def test_the_app_builder_types_string_arguments_and_refuses_unknown_ones():
     pytest.importorskip("ray.serve")
     import typing
 
-    from riffusion_engine.engine.serve.api import ServerConfig
-    from riffusion_engine.engine.serve.cluster import RiffusionError, _typed, app_builder
+    from riffusion_engine import RiffusionError
+    from riffusion_engine.engine.serve.cluster import app_builder
+    from riffusion_engine.engine.serve.cluster.deploy import _typed
+    from riffusion_engine.engine.serve.config import ServerConfig
 
     hints = typing.get_type_hints(ServerConfig)
     assert _typed(hints["max_batch"], "2", "max_batch") == 2

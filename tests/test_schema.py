@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("schemathesis")
 pytest.importorskip("torch")
 
-from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
+from riffusion_engine.engine.serve.app import background, create_app
+from riffusion_engine.engine.serve.config import ServerConfig
 
 pytestmark = pytest.mark.slow
 

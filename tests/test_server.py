@@ -35,8 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from riffusion_engine import load  # noqa: E402
 from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.runtime.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
-from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
 from riffusion_engine.engine.serve.batcher import Batcher  # noqa: E402
+from riffusion_engine.engine.serve.config import ServerConfig  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 from riffusion_engine.kernels.params import SpectrogramParams  # noqa: E402
 
@@ -454,7 +455,7 @@ def test_serve_cli_rejects_bad_options() -> None:
 def test_seed_images_are_spectrograms_of_their_audio(seed_id: str) -> None:
     """Each seed image is its audio in Riffusion's image format, as the original's rules
     (mel, power 0.25, inversion, flip) re-implemented with librosa draw it."""
-    from oracles import original_image_pixels
+    from riffusion_engine.engine.tools.reference import original_image_pixels
 
     params = SpectrogramParams()
     image = seed_image(seed_id)

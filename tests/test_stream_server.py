@@ -21,7 +21,8 @@ websockets = pytest.importorskip("websockets")
 
 from riffusion_engine.engine.runtime.pipeline import PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.runtime.seeds import seed_image  # noqa: E402
-from riffusion_engine.engine.serve.app import ServerConfig, background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
+from riffusion_engine.engine.serve.config import ServerConfig  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

@@ -43,7 +43,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ...kernels.errors import RiffusionError
 from ..runtime.pipeline import Engine
 from ..runtime.seeds import SeedLibrary
-from .api import ApiError, InferenceInput, InferenceOutput, ServerConfig, default_steps
+from .api import ApiError, InferenceInput, InferenceOutput
+from .config import ServerConfig, default_steps
 from .core import Answer, EngineServer
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,11 @@ from typing import Any
 from ...kernels.errors import RiffusionError
 from ..runtime.pipeline import Engine, PromptInput, Request
 from ..runtime.seeds import SeedLibrary
-from .api import ApiError, ServerConfig, encode_output, engine_request, parse_input
-from .batcher import Batcher, Metrics, QueueFull
+from .api import ApiError, encode_output, engine_request, parse_input
+from .batcher import Batcher
+from .config import ServerConfig
+from .metrics import Metrics
+from .scheduler import QueueFull
 from .streams import StreamHub
 
 log = logging.getLogger(__name__)

@@ -44,11 +44,15 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ...kernels.errors import RiffusionError
+from ..runtime.defaults import SEED_IMAGE
 from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, advance_samples, clip_samples
-from .api import ApiPromptInput, FieldError, JsonInt, ServerConfig, checked_steps, jpeg_data_url, prompt_input
-from .batcher import Batcher, Metrics, QueueFull
+from .api import ApiPromptInput, JsonInt, jpeg_data_url, prompt_input
+from .batcher import Batcher
+from .config import FieldError, ServerConfig, checked_steps
+from .metrics import Metrics
+from .scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class StartMessage(_Message):
     type: Literal["start"]
     start: ApiPromptInput
     end: ApiPromptInput | None = None
-    seed_image_id: str = Field("og_beat", pattern=ID_PATTERN.pattern)
+    seed_image_id: str = Field(SEED_IMAGE, pattern=ID_PATTERN.pattern)
     mask_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
     num_inference_steps: JsonInt | None = Field(None, ge=1)
     alpha_step: float = Field(0.25, gt=0, le=1, allow_inf_nan=False)

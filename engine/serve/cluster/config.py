@@ -1,0 +1,106 @@
+"""The cluster's shape (:class:`ClusterConfig`: replicas, their resources and limits)
+and what every replica loads (:class:`EngineSpec`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ....kernels.errors import RiffusionError
+from ..config import ServerConfig
+
+NAMESPACE = "riffusion-engine"  # where the metrics actor lives
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas, their resources and their limits."""
+
+    replicas: int | None = 1  # a fixed count; None: autoscale between min and max
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # Autoscaling's target of ongoing requests per replica. None: max_batch (a replica
+    # running full batches with the next batch waiting is busy, not behind).
+    target_ongoing_requests: float | None = None
+    max_ongoing_requests: int = 8  # requests one replica holds (running or batching) at once
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    health_check_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("replicas", self.replicas is None or self.replicas >= 1),
+            ("min_replicas", self.min_replicas >= 0),
+            ("max_replicas", self.max_replicas >= max(self.min_replicas, 1)),
+            ("target_ongoing_requests", (self.target_ongoing_requests or 1) > 0),
+            ("max_ongoing_requests", self.max_ongoing_requests >= 1),
+            ("gpus_per_replica", math.isfinite(self.gpus_per_replica) and self.gpus_per_replica >= 0),
+            ("cpus_per_replica", math.isfinite(self.cpus_per_replica) and self.cpus_per_replica >= 0),
+            ("health_check_period_s", self.health_check_period_s > 0),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise RiffusionError(f"cluster option {name} out of range: {getattr(self, name)!r}")
+
+    def engine_options(self, server: ServerConfig) -> dict[str, Any]:
+        """The engine deployment's options."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            # Requests waiting at the ingress for a replica's slot; one more: BackPressureError.
+            "max_queued_requests": server.max_queue,
+            "health_check_period_s": self.health_check_period_s,
+            # A replica whose event loop cannot answer the check in time is as stuck as one whose
+            # engine stopped: at least one request timeout.
+            "health_check_timeout_s": max(server.timeout_s, 2 * self.health_check_period_s),
+            "graceful_shutdown_timeout_s": server.timeout_s,
+            # A replica that fails to start (a node without the export, a broken device) fails
+            # the same way again: give up after a few tries instead of Ray's 20.
+            "max_constructor_retry_count": 3,
+        }
+        if self.replicas is not None:
+            options["num_replicas"] = self.replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests or server.max_batch,
+            }
+        return options
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What every replica loads: an export directory, its backend and device."""
+
+    artifacts: str
+    backend: str
+    device: str
+    model: str  # what /health names
+
+    def check(self, config: ServerConfig | None = None) -> None:
+        """The directory holds an export (on this node: every node needs it at this path)
+        whose batch size takes ``config``'s."""
+        import json
+
+        manifest = Path(self.artifacts) / "manifest.json"
+        if not manifest.is_file():
+            raise RiffusionError(
+                f"no export at {self.artifacts!r} on this node: every node running a replica must "
+                "see the export directory at the same path (shared storage, or export there first)"
+            )
+        if config is not None:
+            from ..core import check_max_batch
+
+            check_max_batch(config, json.loads(manifest.read_text()).get("profile", {}).get("max_batch"))
+
+    def load(self, threads: int) -> Any:
+        from ...runtime.loading import load
+
+        self.check()
+        options: dict[str, Any] = {}
+        if threads and self.backend in ("onnxruntime", "openvino") and self.device == "cpu":
+            options["threads"] = threads
+        return load(artifacts=self.artifacts, backend=self.backend, device=self.device, **options)

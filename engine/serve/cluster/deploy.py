@@ -1,0 +1,233 @@
+"""The cluster's application: the engine every replica loads, made here first
+(:func:`prepare`); Ray joined or started (:func:`connect`); the ingress bound to the
+engine deployment (:func:`build`, :func:`app_builder` for Ray Serve config files);
+deployed (:func:`deploy`) and served until interrupted (:func:`run`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ....kernels.errors import RiffusionError
+from ..config import ServerConfig
+from .config import NAMESPACE, ClusterConfig, EngineSpec
+from .ingress import Ingress
+from .replica import EngineReplica
+
+APP_NAME = "riffusion"
+INGRESS_MAX_ONGOING = 1024  # the ingress only waits: it bounds nothing itself
+
+
+def prepare(
+    model: str | None,
+    artifacts: str | None,
+    *,
+    backend: str,
+    device: str,
+    precision: str,
+    cache_dir: str | None,
+) -> EngineSpec:
+    """The engine every replica loads, exported here first where ``artifacts`` is not given
+    (before anything is deployed: no replica exports or builds engines at start-up)."""
+    from ....export.models import DEFAULT_MODEL
+    from ...runtime.backends import resolve_backend
+    from ...runtime.loading import export_on_first_use
+
+    backend = resolve_backend(backend, device)
+    if backend == "torch":
+        raise RiffusionError(
+            "the cluster's replicas load an export directory; the torch backend runs from a model "
+            "source: use --backend onnxruntime (or tensorrt, openvino)"
+        )
+    if artifacts is None:
+        source = model or DEFAULT_MODEL
+        directory = export_on_first_use(
+            source,
+            backend=backend,
+            device=device,
+            precision="fp32" if backend == "openvino" else precision,
+            cache_dir=cache_dir,
+            seed=0,
+            progress=True,
+        )
+    else:
+        source, directory = artifacts, Path(artifacts)
+    spec = EngineSpec(str(Path(directory).resolve()), backend, device, source)
+    spec.check()
+    return spec
+
+
+# -- Ray ------------------------------------------------------------------------------
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        raise RiffusionError(
+            f"--ray needs the cluster extra ({exc.name} is missing): pip install 'riffusion-engine[cluster]'"
+        ) from None
+    return ray
+
+
+def connect(address: str | None, *, host: str = "127.0.0.1", dashboard: bool = True, **init: Any) -> bool:
+    """Join the Ray cluster at ``address``, or start a local one (dashboard on ``host``);
+    True when a local one was started here (the caller shuts it down)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's usage reporting: off unless asked
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, **init)
+        return False
+    ray.init(
+        namespace=NAMESPACE,
+        include_dashboard=dashboard,
+        dashboard_host=host,
+        **init,
+    )
+    return True
+
+
+def build(
+    spec: EngineSpec, config: ServerConfig, cluster: ClusterConfig, replica: type = EngineReplica
+) -> Any:
+    """The Ray Serve application: the ingress bound to the engine deployment (``replica``:
+    its class, an :class:`EngineReplica`)."""
+    from ray import serve
+
+    engine = serve.deployment(replica, name="EngineReplica", **cluster.engine_options(config))
+    ingress = serve.deployment(
+        serve.ingress()(Ingress),
+        name="Ingress",
+        num_replicas=1,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0},
+    )
+    # The ingress waits on replicas; the engine replicas are bounded by their own config.
+    replica_config = ServerConfig(**{**config.__dict__, "max_queue": cluster.max_ongoing_requests})
+    return ingress.bind(engine.bind(spec, replica_config, cluster), config, cluster)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application from a Ray Serve config file: ``import_path:
+    riffusion_engine.engine.serve.cluster:app_builder`` (``serve run``, ``serve deploy``,
+    KubeRay's ``serveConfigV2``), its ``args``: ``artifacts`` (required: the export
+    directory, at the same path on every node), ``backend`` (default ``onnxruntime``),
+    ``device`` (``cpu``), ``model`` (the name ``/health`` gives), and any field of
+    :class:`~..config.ServerConfig` (``max_batch``, ``timeout_s``, ...) or
+    :class:`ClusterConfig` (``replicas``, ``min_replicas``, ``gpus_per_replica``, ...).
+    Values may be strings (``serve run ... key=value``): they are converted to the
+    field's type. Nothing is exported here: the replicas load the export."""
+    import dataclasses
+    import typing
+
+    args = dict(args)
+    if "artifacts" not in args:
+        raise RiffusionError("app_builder needs args.artifacts: the export directory every node sees")
+    spec = EngineSpec(
+        str(args.pop("artifacts")),
+        str(args.pop("backend", "onnxruntime")),
+        str(args.pop("device", "cpu")),
+        str(args.pop("model", "")),
+    )
+    if spec.backend == "torch":
+        raise RiffusionError(
+            "the cluster's replicas load an export: backend onnxruntime, tensorrt or openvino"
+        )
+    chosen: dict[type, dict[str, Any]] = {ServerConfig: {}, ClusterConfig: {}}
+    for key, value in args.items():
+        owner = next((c for c in chosen if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise RiffusionError(f"app_builder: unknown argument {key!r}")
+        chosen[owner][key] = _typed(typing.get_type_hints(owner)[key], value, key)
+    if (
+        "replicas" not in chosen[ClusterConfig]
+        and {"min_replicas", "max_replicas"} & chosen[ClusterConfig].keys()
+    ):
+        chosen[ClusterConfig]["replicas"] = None  # autoscaled
+    return build(spec, ServerConfig(**chosen[ServerConfig]), ClusterConfig(**chosen[ClusterConfig]))
+
+
+def _typed(kind: Any, value: Any, key: str) -> Any:
+    """``value`` (from YAML, or a ``key=value`` string) as the field type ``kind``."""
+    import types
+    import typing
+
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    members = typing.get_args(kind) if union else (kind,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in members:
+            return None
+        raise RiffusionError(f"app_builder: {key} cannot be null")
+    target = next(t for t in members if t is not type(None))
+    try:
+        if target is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if target in (int, float):
+            return target(value)
+        if typing.get_origin(target) is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
+        if target is Path:
+            return Path(value)
+    except (TypeError, ValueError):
+        raise RiffusionError(f"app_builder: {key} must be {kind}, got {value!r}") from None
+    return value
+
+
+def deploy(
+    spec: EngineSpec,
+    config: ServerConfig,
+    cluster: ClusterConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = APP_NAME,
+    replica: type = EngineReplica,
+) -> str:
+    """Deploy the application (waits until every replica is up); its base URL."""
+    from ray import serve
+
+    spec.check(config)  # before anything is deployed
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.run(build(spec, config, cluster, replica), name=name, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def run(
+    spec: EngineSpec,
+    config: ServerConfig,
+    cluster: ClusterConfig,
+    *,
+    address: str | None,
+    host: str,
+    port: int,
+) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM): then the application is deleted, and a
+    local Ray started here is shut down."""
+    from ray import serve
+
+    started = connect(address, host=host)
+    try:
+        url = deploy(spec, config, cluster, host=host, port=port)
+        shape = (
+            f"{cluster.replicas} replica(s)"
+            if cluster.replicas is not None
+            else f"{cluster.min_replicas}-{cluster.max_replicas} replicas, autoscaled"
+        )
+        print(f"serving {spec.model} ({spec.backend}, {spec.device}, {shape}) on {url}", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+        if started:
+            import ray
+
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
