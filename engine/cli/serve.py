@@ -140,8 +140,10 @@ def run(args: argparse.Namespace) -> None:
         raise RiffusionError(f"{given[0]} is an option of --ray")
     sock = bind(args.host, args.port)  # before the model loads: a bad or busy port fails at once
     try:
+        from ...export.models import DEFAULT_MODEL
+
         engine = load_engine(args)
-        model = args.artifacts or args.model or "riffusion/riffusion-model-v1"
+        model = args.artifacts or args.model or DEFAULT_MODEL
         host, port = sock.getsockname()[:2]
         print(f"serving {model} ({engine.backend.name}, {engine.backend.device}) on http://{host}:{port}")
         serve(engine, config, sock=sock, model=model, log_level="info" if args.verbose else "warning")
@@ -163,20 +165,15 @@ def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
     from ..serve import cluster
     from ..serve.app import bind
 
-    cluster._ray()  # the extra is installed: before any export
-    autoscale = args.min_replicas is not None or args.max_replicas is not None
-    if autoscale and args.replicas is not None:
-        raise RiffusionError("--replicas is a fixed count: give it, or --min-replicas/--max-replicas")
-    fewest = 1 if args.min_replicas is None else args.min_replicas
-    options = cluster.ClusterConfig(
-        replicas=None if autoscale else (args.replicas or 1),
-        min_replicas=fewest,
-        max_replicas=max(fewest, 1) if args.max_replicas is None else args.max_replicas,
+    cluster.require_ray()  # the extra is installed: before any export
+    options = cluster.ClusterConfig.of_options(
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        device=args.device,
         target_ongoing_requests=args.target_ongoing_requests,
         max_ongoing_requests=args.max_ongoing_requests,
-        gpus_per_replica=(1.0 if args.device == "cuda" else 0.0)
-        if args.gpus_per_replica is None
-        else args.gpus_per_replica,
         cpus_per_replica=args.cpus_per_replica,
     )
     if args.address is None:

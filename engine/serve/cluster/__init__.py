@@ -36,8 +36,7 @@ here binds its dashboard to the serving host (127.0.0.1 by default).
 from __future__ import annotations
 
 from .config import NAMESPACE, ClusterConfig, EngineSpec
-from .deploy import APP_NAME, app_builder, build, connect, deploy, prepare, run
-from .deploy import _ray as _ray  # whether the cluster extra is installed, before any export
+from .deploy import APP_NAME, app_builder, build, connect, deploy, prepare, require_ray, run
 from .ingress import Ingress
 from .metrics import METRICS_MAX_AGE_S, METRICS_PERIOD_S, MetricsBoard, merge_metrics
 from .replica import EngineReplica, RelayedSocket
@@ -59,5 +58,6 @@ __all__ = [
     "deploy",
     "merge_metrics",
     "prepare",
+    "require_ray",
     "run",
 ]

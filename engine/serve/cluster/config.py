@@ -44,6 +44,36 @@ class ClusterConfig:
             if not ok:
                 raise RiffusionError(f"cluster option {name} out of range: {getattr(self, name)!r}")
 
+    @classmethod
+    def of_options(
+        cls,
+        *,
+        replicas: int | None,
+        min_replicas: int | None,
+        max_replicas: int | None,
+        gpus_per_replica: float | None,
+        device: str,
+        **limits: Any,
+    ) -> ClusterConfig:
+        """The cluster ``serve --ray``'s options ask for: a fixed count of replicas, or
+        autoscaling when either bound is given (not both kinds); a GPU per replica on CUDA
+        unless said otherwise. ``limits`` are the other fields, as given."""
+        autoscale = min_replicas is not None or max_replicas is not None
+        if autoscale and replicas is not None:
+            raise RiffusionError("--replicas is a fixed count: give it, or --min-replicas/--max-replicas")
+        fewest = 1 if min_replicas is None else min_replicas
+        if gpus_per_replica is None:
+            gpus_per_replica = 1.0 if device == "cuda" else 0.0
+        return cls(
+            replicas=None if autoscale else (replicas or 1),
+            min_replicas=fewest,
+            max_replicas=max(fewest, 1) if max_replicas is None else max_replicas,
+            gpus_per_replica=(1.0 if device == "cuda" else 0.0)
+            if gpus_per_replica is None
+            else gpus_per_replica,
+            **limits,
+        )
+
     def engine_options(self, server: ServerConfig) -> dict[str, Any]:
         """The engine deployment's options."""
         options: dict[str, Any] = {

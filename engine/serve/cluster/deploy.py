@@ -63,7 +63,8 @@ def prepare(
 # -- Ray ------------------------------------------------------------------------------
 
 
-def _ray() -> Any:
+def require_ray() -> Any:
+    """The ray module, or one clear error saying to install the cluster extra."""
     try:
         import ray
         from ray import serve  # noqa: F401
@@ -78,7 +79,7 @@ def connect(address: str | None, *, host: str = "127.0.0.1", dashboard: bool = T
     """Join the Ray cluster at ``address``, or start a local one (dashboard on ``host``);
     True when a local one was started here (the caller shuts it down)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's usage reporting: off unless asked
-    ray = _ray()
+    ray = require_ray()
     if ray.is_initialized():
         return False
     if address:
