@@ -14,7 +14,8 @@ model, its stages and artifacts) below ``engine`` (the runtime and the applicati
 """
 
 from .engine.runtime.loading import load
-from .engine.runtime.pipeline import Cancelled, Clip, Engine, PromptInput, Request
+from .engine.runtime.pipeline import Engine
+from .engine.runtime.requests import Cancelled, Clip, PromptInput, Request
 from .engine.stream import Stream, StreamChunk, StreamSettings
 from .kernels import GriffinLimOptions, RiffusionError, SpectrogramParams
 

@@ -15,10 +15,9 @@ what int8 would give, not an engine path: the engine runs fp32, fp16 and bf16. N
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import numpy as np
+from report import alternate, summary, timed, write_json
 
 
 def main() -> None:
@@ -59,36 +58,26 @@ def main() -> None:
     core = ov.Core()
     fp32_model = core.read_model(f"{args.openvino}/unet.onnx")
     calibration = [call(t) for t in np.linspace(980, 20, args.calibration)]
-    begin = time.perf_counter()
-    int8_model = nncf.quantize(
+    quantize_s, int8_model = timed(
+        nncf.quantize,
         fp32_model,
         nncf.Dataset(calibration),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(calibration),
     )
-    quantize_s = time.perf_counter() - begin
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     variants = {
         "openvino-fp32": core.compile_model(fp32_model, "CPU", config).create_infer_request(),
         "openvino-int8": core.compile_model(int8_model, "CPU", config).create_infer_request(),
     }
-    outputs = {}
-    for name, request in variants.items():  # warm-up
-        request.infer(inputs)
-        outputs[name] = request.get_output_tensor(0).data.copy()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.runs):
-        for name, request in variants.items():  # alternated: drift hits both
-            start = time.perf_counter()
-            request.infer(inputs)
-            times[name].append(time.perf_counter() - start)
+    calls = {name: lambda _, request=request: request.infer(inputs) for name, request in variants.items()}
+    times = alternate(calls, runs=args.runs, warmup=1).seconds  # alternated: drift hits both
+    outputs = {name: request.get_output_tensor(0).data.copy() for name, request in variants.items()}
     scale = float(np.abs(reference).max())
     report: dict[str, object] = {"quantize_s": quantize_s, "calibration_calls": len(calibration)}
     for name in variants:
         report[name] = {
-            "median_s": float(np.median(times[name])),
-            "p90_s": float(np.percentile(times[name], 90)),
-            "runs": times[name],
+            **summary(times[name]),
             "max_rel_difference_vs_torch_fp32": float(np.abs(outputs[name] - reference).max()) / scale,
         }
         r = report[name]
@@ -98,8 +87,7 @@ def main() -> None:
     speedup = fp32["median_s"] / int8["median_s"]
     print(f"int8 / fp32 speedup {speedup:.2f}x; quantization took {quantize_s:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ each result against that spectrogram (lower is better) and the seconds taken.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 
 import numpy as np
+from report import timed, write_json
 from riffusion_engine.engine.runtime.seeds import SEED_AUDIO
 from riffusion_engine.kernels import GriffinLimOptions, SpectrogramParams, spectral_convergence, synth
 from riffusion_engine.kernels.convert import image_from_audio
@@ -64,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         mel, _ = spectrogram_from_image(image_from_audio(samples, params.sample_rate, params))
         rows[name] = {}
         for label, options in OPTIONS.items():
-            start = time.perf_counter()
-            waveform = waveform_from_mel(mel, params, options)
-            seconds = time.perf_counter() - start
+            seconds, waveform = timed(waveform_from_mel, mel, params, options)
             rows[name][label] = {
                 "spectral_convergence": spectral_convergence(waveform, mel, params),
                 "seconds": seconds,
@@ -82,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("median: " + ", ".join(f"{label} {value:.4f}" for label, value in summary.items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "phase_init_by_sound", "median": summary, "sounds": rows}, f, indent=2)
+        write_json(args.json, {"benchmark": "phase_init_by_sound", "median": summary, "sounds": rows})
     return 0
 
 

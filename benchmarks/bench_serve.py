@@ -31,10 +31,10 @@ import json
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import Column, Table, environment, write_json
 
 
 def body(client: int, i: int, steps: int) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def body(client: int, i: int, steps: int) -> dict[str, Any]:
     }
 
 
-def load(url: str, *, clients: int, requests: int, steps: int, desc: str = "") -> dict[str, Any]:
+def run_clients(url: str, *, clients: int, requests: int, steps: int, desc: str = "") -> dict[str, Any]:
     """``clients`` closed-loop clients sending ``requests`` each; latencies and statuses
     (a progress bar counts the answers)."""
     import httpx
@@ -117,12 +117,11 @@ def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
 
 def print_summary(summary: dict[str, dict[str, Any]], label: str) -> None:
-    print(f"{label:<34}{'clips/s':>9}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'mean batch':>12}{'errors':>8}")
-    for name, s in summary.items():
-        print(
-            f"{name:<34}{s['clips_per_s']:>9.3f}{s['p50_s']:>8.2f}{s['p90_s']:>8.2f}{s['p99_s']:>8.2f}"
-            f"{s['mean_batch']:>12.2f}{s['errors']:>8d}"
-        )
+    columns = [Column(label, 34, left=True), Column("clips/s", 9, ".3f")]
+    columns += [Column(f"{p} s", 8, ".2f") for p in ("p50", "p90", "p99")]
+    columns += [Column("mean batch", 12, ".2f"), Column("errors", 8, "d")]
+    keys = ("clips_per_s", "p50_s", "p90_s", "p99_s", "mean_batch", "errors")
+    print(Table(columns).format([(name, *(s[k] for k in keys)) for name, s in summary.items()]))
 
 
 def measured(app: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +198,8 @@ def serve_batch_replica(cores: int, max_batch: int, window_ms: float) -> type:
 def run_batching(args: Any) -> dict[str, Any]:
     """One process, batching off against on."""
     from riffusion_engine import load
-    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
+    from riffusion_engine.engine.serve.app import background, create_app
+    from riffusion_engine.engine.serve.config import ServerConfig
 
     engine = load(args.model, backend=args.backend, progress=True)
     modes = {
@@ -213,7 +213,7 @@ def run_batching(args: Any) -> dict[str, Any]:
         for name, config in modes.items():
             app = create_app(engine, config, model=args.model)
             with background(app) as url:
-                result = load(
+                result = run_clients(
                     url,
                     clients=args.clients,
                     requests=args.requests if r else 1,
@@ -238,7 +238,8 @@ def run_ray(args: Any) -> dict[str, Any]:
     """One process against the Ray Serve application, rounds alternated."""
     from riffusion_engine import load
     from riffusion_engine.engine.serve import cluster
-    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
+    from riffusion_engine.engine.serve.app import background, create_app
+    from riffusion_engine.engine.serve.config import ServerConfig
 
     gpu = args.device == "cuda"
     spec = cluster.prepare(
@@ -266,13 +267,11 @@ def run_ray(args: Any) -> dict[str, Any]:
         for r in range(args.rounds + 1):  # round 0 warms up
             for name, (n, replica) in rows.items():
                 desc = f"round {r} {name}" if r else f"warm-up, {name}"
-                requests = args.requests if r else 1
+                each = {"clients": args.clients, "requests": args.requests if r else 1, "steps": args.steps}
                 if replica is None:
                     app = create_app(engine, config, model=args.model)
                     with background(app) as url:
-                        result = load(
-                            url, clients=args.clients, requests=requests, steps=args.steps, desc=desc
-                        )
+                        result = run_clients(url, **each, desc=desc)
                     measured(app, result)
                 else:
                     options = cluster.ClusterConfig(
@@ -282,7 +281,7 @@ def run_ray(args: Any) -> dict[str, Any]:
                         cpus_per_replica=1.0 if gpu else float(max(1, args.cpus // n)),
                     )
                     url = cluster.deploy(spec, config, options, port=args.port, name="bench", replica=replica)
-                    result = load(url, clients=args.clients, requests=requests, steps=args.steps, desc=desc)
+                    result = run_clients(url, **each, desc=desc)
                     result["mean_batch"] = replicas_mean_batch(url)
                     serve.delete("bench")
                 if r:
@@ -333,12 +332,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000, help="--ray: Serve's HTTP port (default: 8000)")
     args = parser.parse_args()
 
-    from riffusion_engine.engine.tools.bench import environment
-
     report = run_ray(args) if args.ray else run_batching(args)
     report["environment"] = environment()
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
 
 

@@ -18,20 +18,33 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
+
+from report import Column, Table, write_json
+
+TABLE = Table(
+    [
+        Column("streams", 7),
+        Column("pipeline", 8),
+        Column("lookahead", 9),
+        Column("margin", 7, ".2f", "x"),
+        Column("clip s", 7, ".2f"),
+        Column("first s", 7, ".2f"),
+        Column("underruns", 9),
+    ],
+    sep=" ",
+)
 
 
 def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[str, Any]) -> dict[str, Any]:
     """``streams`` streams at once, each to ``duration`` seconds of audio; their figures."""
-    from riffusion_engine.engine.runtime.pipeline import PromptInput
+    from riffusion_engine.engine.runtime.requests import PromptInput
     from riffusion_engine.engine.runtime.seeds import SeedLibrary, seed_image
-    from riffusion_engine.engine.serve.api import ServerConfig
     from riffusion_engine.engine.serve.batcher import Batcher
+    from riffusion_engine.engine.serve.config import ServerConfig
     from riffusion_engine.engine.serve.streams import StreamHub
     from riffusion_engine.engine.stream import Stream, StreamSettings, advance_samples, clips_for
 
@@ -137,18 +150,13 @@ def main() -> None:
     configs = [table[n] for n in names]
     run_streams(engine, streams=1, duration=5, settings={**base, "steps": min(args.steps, 5)})  # warm-up
     rows = []
-    print(
-        f"{'streams':>7} {'pipeline':>8} {'lookahead':>9} {'margin':>7} {'clip s':>7} "
-        f"{'first s':>7} {'underruns':>9}"
-    )
+    print(TABLE.header())
     for streams, settings in configs:
         row = run_streams(engine, streams=streams, duration=args.duration, settings=settings)
         rows.append(row)
-        print(
-            f"{streams:>7} {'on' if settings['pipeline'] else 'off':>8} {settings['lookahead']:>9} "
-            f"{row['margin_min']:>6.2f}x {row['clip_latency_s']:>7.2f} {row['first_clip_s']:>7.2f} "
-            f"{row['underruns']:>9}"
-        )
+        pipeline = "on" if settings["pipeline"] else "off"
+        figures = (row["margin_min"], row["clip_latency_s"], row["first_clip_s"], row["underruns"])
+        print(TABLE.row(streams, pipeline, settings["lookahead"], *figures))
     speedup = None
     if "off1" in names and "on1" in names:
         sequential, pipelined = (
@@ -167,8 +175,7 @@ def main() -> None:
             "rows": dict(zip(names, rows, strict=True)),
             "pipelining_speedup": speedup,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

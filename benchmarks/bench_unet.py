@@ -15,11 +15,9 @@ difference from torch's fp32 output, relative to its largest magnitude.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-import numpy as np
+from report import alternate, summary, write_json
 
 
 def main() -> None:
@@ -63,17 +61,10 @@ def main() -> None:
         "timestep": torch.tensor([500.0, 500.0]),
         "encoder_hidden_states": torch.randn(2, 77, hidden, generator=generator),
     }
-    outputs = {name: backend.run("unet", inputs) for name, backend in backends.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for _ in range(args.runs):
-        for name, backend in backends.items():  # alternated: drift hits them all
-            start = time.perf_counter()
-            backend.run("unet", inputs)
-            times[name].append(time.perf_counter() - start)
-    report = {
-        name: {"median_s": float(np.median(t)), "p90_s": float(np.percentile(t, 90)), "runs": t}
-        for name, t in times.items()
-    }
+    calls = {name: lambda _, b=backend: b.run("unet", inputs) for name, backend in backends.items()}
+    measured = alternate(calls, runs=args.runs, warmup=1)  # alternated: drift hits them all
+    outputs = measured.outputs
+    report = {name: summary(t) for name, t in measured.seconds.items()}
     scale = float(outputs["torch"].abs().max())
     for name in backends:
         report[name]["speedup_vs_torch"] = report["torch"]["median_s"] / report[name]["median_s"]
@@ -84,8 +75,7 @@ def main() -> None:
             f"{r['speedup_vs_torch']:.2f}x torch  max rel. difference {r['max_rel_difference']:.1e}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from riffusion_engine.engine.tools import reference
 from riffusion_engine.kernels import GriffinLimOptions, SpectrogramParams
 from riffusion_engine.kernels.audio import spectrogram_from_waveform
-from riffusion_engine.kernels.convert import audio_from_spectrogram, image_from_audio
+from riffusion_engine.kernels.convert import audio_from_spectrogram
 from riffusion_engine.kernels.griffin_lim import waveform_from_mel
-from riffusion_engine.kernels.image import spectrogram_from_image
 from riffusion_engine.kernels.stft import stft
-from riffusion_engine.kernels.synth import music_like
 
 PARAMS = SpectrogramParams()
 
 
 @pytest.fixture(scope="module")
 def music() -> np.ndarray:
-    return music_like(5.11, sample_rate=PARAMS.sample_rate, seed=1)
+    return reference.music(PARAMS)
 
 
 @pytest.fixture(scope="module")
-def mel(music: np.ndarray) -> np.ndarray:
-    return spectrogram_from_image(image_from_audio(music, PARAMS.sample_rate, PARAMS))[0]
+def mel() -> np.ndarray:
+    return reference.music_mel(PARAMS, through_image=True)
 
 
 def test_stft(benchmark, music: np.ndarray) -> None:

@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
 from riffusion_engine import Stream, load  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
+from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noqa: E402
 from riffusion_engine.export.exporter import ExportConfig, export  # noqa: E402
 from riffusion_engine.export.specs import ShapeProfile  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracles import original_image_pixels
 from PIL import Image
+from riffusion_engine.engine.tools.reference import original_image_pixels
 from riffusion_engine.kernels import RiffusionError, SpectrogramParams, image_from_audio
 from riffusion_engine.kernels.image import (
     image_from_spectrogram,

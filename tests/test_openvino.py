@@ -14,7 +14,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
 from riffusion_engine import load
-from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request
+from riffusion_engine.engine.runtime.pipeline import Engine
+from riffusion_engine.engine.runtime.requests import PromptInput, Request
 from riffusion_engine.kernels import RiffusionError
 
 # Observed about 3e-6 against the torch backend on random:tiny; generous for other CPUs.

@@ -16,8 +16,9 @@ pytest.importorskip("onnxruntime")
 from conftest import run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from riffusion_engine import load  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import SCHEDULERS, Engine, PromptInput, Request, slerp  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine, slerp  # noqa: E402
 from riffusion_engine.engine.runtime.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
+from riffusion_engine.engine.runtime.requests import SCHEDULERS, PromptInput, Request  # noqa: E402
 from riffusion_engine.export import artifacts  # noqa: E402
 from riffusion_engine.export.models import diffusers_pipeline  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402

@@ -33,7 +33,8 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from riffusion_engine import load  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
+from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.runtime.seeds import MASKS, SEED_AUDIO, SeedLibrary, mask_image, seed_image  # noqa: E402
 from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
 from riffusion_engine.engine.serve.batcher import Batcher  # noqa: E402

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
 from riffusion_engine import Stream  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import PromptInput  # noqa: E402
+from riffusion_engine.engine.runtime.requests import PromptInput  # noqa: E402
 from riffusion_engine.engine.stream import StreamSettings, Walk  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 

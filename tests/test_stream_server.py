@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 websockets = pytest.importorskip("websockets")
 
-from riffusion_engine.engine.runtime.pipeline import PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noqa: E402
 from riffusion_engine.engine.runtime.seeds import seed_image  # noqa: E402
 from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
 from riffusion_engine.engine.serve.config import ServerConfig  # noqa: E402

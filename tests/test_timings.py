@@ -18,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from riffusion_engine.engine.runtime.backends import Backend  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import Engine, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
+from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noqa: E402
 
 COST = {"text_encoder": 0.05, "unet": 0.25, "vae_decoder": 0.2, "vae_encoder": 0.2}  # seconds a call
 

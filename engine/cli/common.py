@@ -46,7 +46,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The request flags: --steps, --scheduler, --width, --seed-image, --mask."""
     from ..runtime.defaults import HEIGHT, SCHEDULER, STEPS, WIDTH
-    from ..runtime.pipeline import SCHEDULERS
+    from ..runtime.requests import SCHEDULERS
 
     p.add_argument(
         "--steps",

@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     from ...export.exporter import ExportConfig, export
     from ..runtime.loading import load
-    from ..runtime.pipeline import PromptInput, Request
+    from ..runtime.requests import PromptInput, Request
 
     # 1. Check the request: bad steps or seed fail before the export.
     Request(PromptInput(args.prompt, args.seed), steps=args.steps)

@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     from ...kernels.audio import check_audio_output
     from ...kernels.files import check_output_path
-    from ..runtime.pipeline import PromptInput, Request
+    from ..runtime.requests import PromptInput, Request
 
     out = check_audio_output(args.output)
     image_out = check_output_path(args.image, (".png",)) if args.image else None

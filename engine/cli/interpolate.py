@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from ...kernels.audio import save_audio
-    from ..runtime.pipeline import PromptInput, Request
+    from ..runtime.requests import PromptInput, Request
 
     if args.clips < 1:
         raise RiffusionError(f"--clips must be at least 1, got {args.clips}")

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
 
     from ...kernels.audio import check_audio_output, save_audio
     from ..runtime.defaults import SEED_IMAGE as DEFAULT_SEED_IMAGE
-    from ..runtime.pipeline import PromptInput
+    from ..runtime.requests import PromptInput
     from ..runtime.seeds import seed_image as builtin_seed_image
     from ..stream import Stream, StreamSettings, clips_for
 

@@ -41,14 +41,12 @@ from .backends import Backend
 from .defaults import SCHEDULER, STEPS, WIDTH
 from .prompts import Tokens, apply_weights, tokenize
 from .requests import (
-    MAX_SEED,
     SCHEDULERS,
     Cancelled,
     Clip,
     PromptInput,
     Request,
     first_step,
-    unet_calls,
 )
 
 log = logging.getLogger(__name__)
@@ -502,17 +500,3 @@ class _timer:
     def __exit__(self, *exc: object) -> None:
         self.backend.synchronize()
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.begin
-
-
-# The requests' types are the chain's vocabulary: importable from here as from requests.
-__all__ = [
-    "MAX_SEED",
-    "SCHEDULERS",
-    "Cancelled",
-    "Clip",
-    "Engine",
-    "PromptInput",
-    "Request",
-    "slerp",
-    "unet_calls",
-]

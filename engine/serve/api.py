@@ -14,8 +14,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ...kernels.audio import encode_audio
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import SEED_IMAGE
-from ..runtime.pipeline import MAX_SEED, Clip, Engine, PromptInput, Request
+from ..runtime.pipeline import Engine
 from ..runtime.prompts import MAX_PROMPT_CHARS
+from ..runtime.requests import MAX_SEED, Clip, PromptInput, Request
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from .config import DEFAULT_STEPS, FieldError, ServerConfig, checked_steps
 

@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ..runtime.pipeline import Cancelled, Engine, Request, unet_calls
+from ..runtime.pipeline import Engine
+from ..runtime.requests import Cancelled, Request, unet_calls
 from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import Job, QueueFull, Scheduler

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...kernels.errors import RiffusionError
-from ..runtime.pipeline import Engine, PromptInput, Request
+from ..runtime.pipeline import Engine
+from ..runtime.requests import PromptInput, Request
 from ..runtime.seeds import SeedLibrary
 from .api import ApiError, encode_output, engine_request, parse_input
 from .batcher import Batcher

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..runtime.pipeline import Clip, Request, unet_calls
+from ..runtime.requests import Clip, Request, unet_calls
 from .config import ServerConfig
 
 

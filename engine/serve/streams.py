@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import SEED_IMAGE
-from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
+from ..runtime.pipeline import Engine
+from ..runtime.requests import Cancelled, PromptInput, Request
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, advance_samples, clip_samples
 from .api import ApiPromptInput, JsonInt, jpeg_data_url, prompt_input

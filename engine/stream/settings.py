@@ -12,7 +12,7 @@ import numpy as np
 
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import SCHEDULER, STEPS, WIDTH
-from ..runtime.pipeline import SCHEDULERS, Clip, Request
+from ..runtime.requests import SCHEDULERS, Clip, Request
 
 # runner(requests, deadlines, should_stop) -> images (batch, height, width, 3) in [0, 1]:
 # how a stream's diffusion runs (directly on the engine, or through a server's scheduler).

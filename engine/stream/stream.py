@@ -15,7 +15,8 @@ from typing import Any
 from ...kernels.errors import RiffusionError
 from ...kernels.joins import Joiner
 from ..runtime.defaults import SEED_IMAGE
-from ..runtime.pipeline import Cancelled, Engine, PromptInput, Request
+from ..runtime.pipeline import Engine
+from ..runtime.requests import Cancelled, PromptInput, Request
 from ..runtime.seeds import seed_image as builtin_seed_image
 from .settings import Runner, StreamChunk, StreamSettings, length_samples, overlap_samples
 from .walk import Walk, continuation_inputs, keep_columns

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.pipeline import MAX_SEED, PromptInput, Request
+from ..runtime.requests import MAX_SEED, PromptInput, Request
 from .settings import StreamSettings
 
 

@@ -38,11 +38,7 @@ the audio's against the generated image's mel spectrogram (lower is better);
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import resource
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +48,8 @@ import numpy as np
 
 from ...kernels.errors import RiffusionError
 from ..runtime.backends import BACKENDS
+from .measure import Round, alternate, environment, summary
+from .reference import ReferencePipeline
 
 log = logging.getLogger(__name__)
 
@@ -85,149 +83,8 @@ class BenchConfig:
             raise RiffusionError("steps and runs must be at least 1, warmup at least 0")
 
 
-class _Timer:
-    """Wall time of a module's forward calls, through forward hooks."""
-
-    def __init__(self, module: Any, sync: Callable[[], None]) -> None:
-        self.calls: list[float] = []
-        self._sync = sync
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _pre(self, *args: Any) -> None:
-        self._begin = time.perf_counter()
-
-    def _post(self, *args: Any) -> None:
-        self._sync()
-        self.calls.append(time.perf_counter() - self._begin)
-
-    def take(self) -> list[float]:
-        calls, self.calls = self.calls, []
-        return calls
-
-
-class Reference:
-    """diffusers' pipeline plus the original audio conversion (librosa)."""
-
-    def __init__(self, config: BenchConfig) -> None:
-        import torch
-
-        from ...export.models import diffusers_pipeline, load_components
-
-        self.config = config
-        self.pipe = diffusers_pipeline(load_components(config.model, seed=0)).to(config.device)
-        sync = torch.cuda.synchronize if config.device == "cuda" else (lambda: None)
-        self.timers = {
-            "text_encoder": _Timer(self.pipe.text_encoder, sync),
-            "unet_step": _Timer(self.pipe.unet, sync),
-            "vae_decoder": _Timer(self.pipe.vae.decoder, sync),
-        }
-        self._torch = torch
-
-    def run(self) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        """Per-stage seconds, the image pixels (uint8) and the audio (int16)."""
-        start = time.perf_counter()
-        image = self.pipe(
-            PROMPT,
-            negative_prompt="",
-            num_inference_steps=self.config.steps,
-            guidance_scale=self.config.guidance,
-            height=512,
-            width=512,
-            generator=self._torch.Generator("cpu").manual_seed(self.config.seed),
-            output_type="np",
-        ).images[0]
-        pixels = (image * 255).round().astype(np.uint8)
-        begin_audio = time.perf_counter()
-        audio = reference_audio(pixels)
-        end = time.perf_counter()
-        seconds = {
-            "text_encoder": sum(self.timers["text_encoder"].take()),
-            "unet_step": float(np.mean(self.timers["unet_step"].take())),
-            "vae_decoder": sum(self.timers["vae_decoder"].take()),
-            "image_to_audio": end - begin_audio,
-            "end_to_end": end - start,
-        }
-        return seconds, pixels, audio
-
-
-def reference_audio(pixels: np.ndarray) -> np.ndarray:
-    """The original image -> audio algorithm through librosa (int16, Riffusion's loudness)."""
-    try:
-        import librosa
-    except ImportError as exc:
-        raise RiffusionError("the reference audio conversion needs librosa: pip install librosa") from exc
-    from ...kernels.audio import normalize_like_riffusion
-    from ...kernels.image import spectrogram_from_pixels
-    from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
-
-    params = SpectrogramParams()
-    mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)[0].astype(np.float64)
-    # torchaudio's InverseMelScale: the least-squares solve against the filterbank, clipped
-    # at zero. (librosa's own NNLS inverse would need about 80 GiB at this FFT size.)
-    basis = librosa_mel_basis(params).astype(np.float64)  # (mels, bins)
-    linear = np.maximum(np.linalg.lstsq(basis, mel, rcond=None)[0], 0)  # (bins, frames)
-    waveform = librosa.griffinlim(
-        linear,
-        n_iter=params.num_griffin_lim_iters,
-        hop_length=params.hop_length,
-        win_length=params.win_length,
-        window="hann",
-        center=True,
-        momentum=0.99,
-        init="random",
-        random_state=0,
-    )
-    return normalize_like_riffusion(waveform[None].astype(np.float32))
-
-
-def librosa_mel_basis(params: Any) -> np.ndarray:
-    """Riffusion's mel filterbank ``(mels, bins)`` as librosa computes it (HTK scale, no
-    norm): the references' filterbank, independent of the engine's own."""
-    import librosa
-
-    return librosa.filters.mel(
-        sr=params.sample_rate,
-        n_fft=params.n_fft,
-        n_mels=params.num_frequencies,
-        fmin=params.min_frequency,
-        fmax=params.max_frequency,
-        htk=True,
-        norm=None,
-    )
-
-
-def environment() -> dict[str, Any]:
-    from ...export.artifacts import gpu_info, tool_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    names = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "diffusers", "transformers")
-    versions = {k: v for k, v in tool_versions((*names, "numpy", "scipy", "librosa")).items() if v}
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu_info(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
 def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
-    return {
-        stage: {
-            "median_s": float(np.median([r[stage] for r in runs])),
-            "p90_s": float(np.percentile([r[stage] for r in runs], 90)),
-            "runs": [r[stage] for r in runs],
-        }
-        for stage in STAGES
-    }
+    return {stage: summary([r[stage] for r in runs]) for stage in STAGES}
 
 
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -262,34 +119,36 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         for name in order
     }
     engines = {name: loaded[name] for name in config.backends}
-    reference = Reference(config)
-    runs: dict[str, list[dict[str, float]]] = {"reference": [], **{name: [] for name in engines}}
-    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    reference = ReferencePipeline(config.model, config.device)
+    settings = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
+    calls: dict[str, Callable[[Round], Any]] = {"reference": lambda _: reference.run(PROMPT, **settings)}
+    for name, engine in engines.items():
+        calls[name] = lambda _, engine=engine: engine.generate(PROMPT, **settings)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
+
+    def record(name: str, round_: Round, seconds: float, output: Any) -> None:
+        bar.update()
+        if round_.warmup:
+            return
+        if name == "reference":
+            runs[name].append(output[0])
+            return
+        t = output.timings
+        runs[name].append(
+            {
+                "text_encoder": t["text_encoder"],
+                "unet_step": t["unet"] / t["unet_steps"],
+                "vae_decoder": t["vae_decoder"],
+                "image_to_audio": t["image_to_audio"],
+                "end_to_end": seconds,
+            }
+        )
+
     rounds = config.warmup + config.runs
-    with tqdm(total=rounds * (1 + len(engines)), desc="bench", unit="run", disable=not progress) as bar:
-        for round_index in range(rounds):
-            seconds, pixels, audio = reference.run()
-            outputs["reference"] = (pixels, audio)
-            if round_index >= config.warmup:
-                runs["reference"].append(seconds)
-            bar.update()
-            for name, engine in engines.items():
-                start = time.perf_counter()
-                clip = engine.generate(PROMPT, seed=config.seed, steps=config.steps, guidance=config.guidance)
-                total = time.perf_counter() - start
-                t = clip.timings
-                if round_index >= config.warmup:
-                    runs[name].append(
-                        {
-                            "text_encoder": t["text_encoder"],
-                            "unet_step": t["unet"] / t["unet_steps"],
-                            "vae_decoder": t["vae_decoder"],
-                            "image_to_audio": t["image_to_audio"],
-                            "end_to_end": total,
-                        }
-                    )
-                outputs[name] = (np.asarray(clip.image), clip.audio)
-                bar.update()
+    with tqdm(total=rounds * len(calls), desc="bench", unit="run", disable=not progress) as bar:
+        last = alternate(calls, runs=config.runs, warmup=config.warmup, after=record).outputs
+    outputs = {name: (np.asarray(clip.image), clip.audio) for name, clip in last.items() if name in engines}
+    outputs["reference"] = last["reference"][1:]
 
     audio_seconds = outputs["reference"][1].shape[-1] / params.sample_rate
     ref_pixels, ref_audio = outputs["reference"]

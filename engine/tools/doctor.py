@@ -39,6 +39,9 @@ from typing import Any
 import numpy as np
 
 from ...kernels.errors import RiffusionError
+from ...kernels.params import SpectrogramParams
+from .measure import environment
+from .reference import music_mel, reference_engine
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ class Doctor:
 
     def requests(self, count: int) -> list[Any]:
         """``count`` requests that share a batch: text, interpolation, negative prompt."""
-        from ..runtime.pipeline import PromptInput, Request
+        from ..runtime.requests import PromptInput, Request
 
         alphas = (0.0, 0.5, 1.0, 0.25)
         return [
@@ -165,9 +168,7 @@ class Doctor:
     def reference_engine(self) -> Any:
         """The torch backend on the CPU in fp32, loaded once."""
         if self._reference is None:
-            from ..runtime.loading import load
-
-            self._reference = load(MODEL, backend="torch")
+            self._reference = reference_engine(MODEL)
         return self._reference
 
     def reference(self, count: int) -> np.ndarray:
@@ -247,18 +248,6 @@ class Doctor:
 
     # -- the checks -----------------------------------------------------------------
 
-    @staticmethod
-    def music_mel() -> tuple[np.ndarray, Any]:
-        """The mel spectrogram of 5.11 s of synthesized music, and its parameters."""
-        from ...kernels.audio import spectrogram_from_waveform
-        from ...kernels.params import SpectrogramParams
-        from ...kernels.synth import music_like
-
-        params = SpectrogramParams()
-        return spectrogram_from_waveform(
-            music_like(5.11, sample_rate=params.sample_rate, seed=1), params
-        ), params
-
     def cuda_versions(self) -> tuple[None, None, str]:
         from .cuda_versions import cuda_versions
 
@@ -273,7 +262,8 @@ class Doctor:
         from ...kernels import spectral_convergence
         from ...kernels.griffin_lim import waveform_from_mel
 
-        mel, params = self.music_mel()
+        params = SpectrogramParams()
+        mel = music_mel(params, through_image=False)
         waveform = waveform_from_mel(mel, params)
         return spectral_convergence(waveform, mel, params), 0.3, "spectral convergence of music's round trip"
 
@@ -283,7 +273,8 @@ class Doctor:
 
         from ...kernels.griffin_lim import GriffinLimOptions, waveform_from_mel
 
-        mel, params = self.music_mel()
+        params = SpectrogramParams()
+        mel = music_mel(params, through_image=False)
         options = GriffinLimOptions(init="random")  # the same start on both (pghi picks peaks)
         cpu = waveform_from_mel(mel, params, options)
         gpu = waveform_from_mel(cupy.asarray(mel), params, options, xp=cupy).get()
@@ -313,14 +304,12 @@ class Doctor:
             fuse=fuse,
             profile=ShapeProfile(max_batch=4, static=static),
         )
+        from ...export.manifest import Manifest
+
         result = export(config, self.work / name, progress=False)
         self.exports[name] = result.directory
-        entries = [
-            entry
-            for stage in result.manifest["stages"].values()
-            for report in stage["verification"].values()
-            for entry in report.values()
-        ]
+        manifest = Manifest.load(result.directory, check_files=False)  # checked by export
+        entries = [entry for stage in manifest.stages.values() for entry in stage.verification_entries()]
         # The entry nearest its tolerance (fp16 stages may have fallen back to fp32's).
         nearest = max(entries, key=lambda e: e["max_rel"] / e["tolerance"])
         worst, tolerance = nearest["max_rel"], nearest["tolerance"]
@@ -379,7 +368,8 @@ class Doctor:
         from ..runtime.loading import load
         from ..runtime.seeds import SeedLibrary
         from ..serve.api import engine_request, parse_input
-        from ..serve.app import ServerConfig, background, create_app
+        from ..serve.app import background, create_app
+        from ..serve.config import ServerConfig
 
         if self.device == "cuda":
             self.require("cuda", "cupy")  # the engine's audio kernels on CUDA
@@ -463,8 +453,6 @@ def run_doctor(
     report: Callable[[Check], None] | None = None,
 ) -> dict[str, Any]:
     """Run every check (``report`` is called with each as it finishes); the JSON report."""
-    from .bench import environment
-
     if device not in ("cpu", "cuda"):
         raise RiffusionError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda":
