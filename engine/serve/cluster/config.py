@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ....export.artifacts import MANIFEST
+from ....export.manifest import Manifest
 from ....kernels.errors import RiffusionError
 from ..config import ServerConfig
 
@@ -113,10 +115,7 @@ class EngineSpec:
     def check(self, config: ServerConfig | None = None) -> None:
         """The directory holds an export (on this node: every node needs it at this path)
         whose batch size takes ``config``'s."""
-        import json
-
-        manifest = Path(self.artifacts) / "manifest.json"
-        if not manifest.is_file():
+        if not (Path(self.artifacts) / MANIFEST).is_file():
             raise RiffusionError(
                 f"no export at {self.artifacts!r} on this node: every node running a replica must "
                 "see the export directory at the same path (shared storage, or export there first)"
@@ -124,7 +123,9 @@ class EngineSpec:
         if config is not None:
             from ..core import check_max_batch
 
-            check_max_batch(config, json.loads(manifest.read_text()).get("profile", {}).get("max_batch"))
+            # The files are checked where a replica loads them; here, what the export was made for.
+            manifest = Manifest.load(self.artifacts, check_files=False)
+            check_max_batch(config, manifest.profile.max_batch)
 
     def load(self, threads: int) -> Any:
         from ...runtime.loading import load
