@@ -257,6 +257,34 @@ def test_bad_input_is_a_clear_error(torch_engine, change: dict, message: str) ->
         torch_engine.generate(**arguments)
 
 
+def test_guidance_off_runs_the_unet_at_one_row_per_clip(torch_engine, monkeypatch) -> None:
+    """Guidance <= 1 (few-step samplers run without it) skips the unconditional rows: the UNet
+    and the text encoder see one row per clip, not two. Prompts new to the engine's cache."""
+    import uuid
+
+    rows: dict[str, list[int]] = {"text_encoder": [], "unet": []}
+    run = torch_engine.backend.run
+
+    def counting(stage: str, inputs: dict):
+        if stage in rows:
+            rows[stage].append(int(inputs["input_ids" if stage == "text_encoder" else "sample"].shape[0]))
+        return run(stage, inputs)
+
+    monkeypatch.setattr(torch_engine.backend, "run", counting)
+    fresh = uuid.uuid4().hex[:8]
+    off = [
+        Request(PromptInput(f"{fresh} one", seed=11, guidance=1.0), steps=2, scheduler="ddim"),
+        Request(PromptInput(f"{fresh} zero", seed=12, guidance=0.0), steps=2, scheduler="ddim"),
+    ]
+    torch_engine.images(off)
+    assert rows == {"text_encoder": [2], "unet": [2, 2]}
+    for calls in rows.values():
+        calls.clear()
+    guided = PromptInput(f"{fresh} guided", seed=13, guidance=7.0, negative_prompt=f"{fresh} not")
+    torch_engine.images([Request(guided, steps=2, scheduler="ddim")])
+    assert rows == {"text_encoder": [1, 1], "unet": [2, 2]}  # the negative prompt, then the prompt
+
+
 def test_alpha_outside_zero_one() -> None:
     with pytest.raises(RiffusionError, match="alpha must be in"):
         Request(PromptInput("a"), PromptInput("b"), alpha=1.5)
