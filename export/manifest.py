@@ -89,7 +89,11 @@ class Manifest:
     def load(cls, directory: str | os.PathLike[str], *, check_files: bool = True) -> Manifest:
         """The manifest of ``directory``, after checking every file against its recorded
         hash (ArtifactError for a missing, unreadable or damaged export)."""
-        raw = artifacts.load_manifest(directory, check_files=check_files)
+        return cls.of(directory, artifacts.load_manifest(directory, check_files=check_files))
+
+    @classmethod
+    def of(cls, directory: str | os.PathLike[str], raw: dict[str, Any]) -> Manifest:
+        """The manifest ``raw`` (as read, or as the exporter just wrote it) of ``directory``."""
         profile = raw["profile"]
         return cls(
             directory=Path(directory),

@@ -72,7 +72,9 @@ def params() -> SpectrogramParams:
 @pytest.fixture(scope="session")
 def music(params: SpectrogramParams) -> np.ndarray:
     """5.11 s mono, (1, samples) float32 on the int16 scale: a 512-column image."""
-    return music_like(5.11, sample_rate=params.sample_rate, seed=1)
+    from riffusion_engine.engine.tools import reference
+
+    return reference.music(params)
 
 
 @pytest.fixture(scope="session")

@@ -283,7 +283,8 @@ def test_device_memory_sees_allocations_outside_torch() -> None:
 def test_server_on_cuda() -> None:
     needs("cupy")  # the engine's audio kernels on CUDA
     import httpx
-    from riffusion_engine.engine.serve.app import ServerConfig, background, create_app
+    from riffusion_engine.engine.serve.app import background, create_app
+    from riffusion_engine.engine.serve.config import ServerConfig
 
     engine = load("random:tiny", backend="torch", device="cuda")
     body = {

@@ -92,6 +92,14 @@ def open_image(path: str | None, what: str) -> Any:
         raise RiffusionError(f"{what}: {exc}") from exc
 
 
+def seed_image_or_default(args: argparse.Namespace) -> Any:
+    """``--seed-image``, else the web app's default seed image, ``--width`` columns wide."""
+    from ..runtime.defaults import SEED_IMAGE
+    from ..runtime.seeds import seed_image
+
+    return open_image(args.seed_image, "seed image") or seed_image(SEED_IMAGE, width=args.width)
+
+
 def timing_line(clip: Any) -> str:
     """A clip's seconds per stage and its real-time factor, on one line."""
     t = clip.timings

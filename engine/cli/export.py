@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
     )
     start = time.perf_counter()
     result = export(config, args.output, progress=not args.quiet)
-    manifest = Manifest.load(result.directory, check_files=False)  # checked by export
+    manifest = Manifest.of(result.directory, result.manifest)
     if result.cache_hit:
         print(f"cache hit: {result.directory} already holds this export (key {manifest.cache_key[:12]})")
     print(f"{'stage':<14}{'precision':<11}{'size':>10}{'max rel. error':>16}{'seconds':>10}")

@@ -13,6 +13,7 @@ from .common import (
     load_engine,
     open_image,
     output_dir,
+    seed_image_or_default,
     timing_line,
 )
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     if args.clips < 1:
         raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
     check_output_dir(args.output)
-    seed_image = open_image(args.seed_image, "seed image") or _beat_seed_image(args.width)
+    seed_image = seed_image_or_default(args)
     mask = open_image(args.mask, "mask")
     start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
     end = PromptInput(args.end, args.end_seed, args.negative_prompt, args.guidance, args.denoising)
@@ -72,11 +73,3 @@ def run(args: argparse.Namespace) -> None:
         print(f"clip {i} (alpha {request.alpha:.2f}): {timing_line(clip)}")
     save_audio(out_dir / "joined.wav", np.concatenate(audio, axis=-1), rate)
     print(f"wrote {len(requests)} clips and joined.wav to {out_dir}")
-
-
-def _beat_seed_image(width: int) -> Any:
-    """The web app's default seed image, ``width`` columns wide."""
-    from ..runtime.defaults import SEED_IMAGE
-    from ..runtime.seeds import seed_image
-
-    return seed_image(SEED_IMAGE, width=width)

@@ -113,7 +113,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        from ..serve.app import ServerConfig, bind, serve
+        from ..serve.app import bind, serve
+        from ..serve.config import ServerConfig
     except ImportError as exc:
         raise RiffusionError(
             f"the server needs the serve extra ({exc.name} is missing): pip install 'riffusion-engine[serve]'"

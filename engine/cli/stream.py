@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ...kernels.errors import RiffusionError
-from .common import add_engine_args, add_run_args, load_engine, open_image
+from .common import add_engine_args, add_run_args, load_engine, open_image, seed_image_or_default
 
 
 def add_parser(sub: Any) -> None:
@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from ...kernels.audio import check_audio_output, save_audio
-    from ..runtime.defaults import SEED_IMAGE as DEFAULT_SEED_IMAGE
     from ..runtime.requests import PromptInput
-    from ..runtime.seeds import seed_image as builtin_seed_image
     from ..stream import Stream, StreamSettings, clips_for
 
     out = check_audio_output(args.output)
@@ -108,9 +106,7 @@ def run(args: argparse.Namespace) -> None:
 
     start = ending(args.start, args.seed)
     end = ending(args.end, args.seed + 1) if args.end else None
-    seed_image = open_image(args.seed_image, "seed image")
-    if seed_image is None:  # the web app's default seed image, as wide as the clips
-        seed_image = builtin_seed_image(DEFAULT_SEED_IMAGE, width=args.width)
+    seed_image = seed_image_or_default(args)
     mask = open_image(args.mask, "mask")
     engine = load_engine(args)
     clips = clips_for(settings, engine.params, args.duration)

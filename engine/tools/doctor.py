@@ -308,7 +308,7 @@ class Doctor:
 
         result = export(config, self.work / name, progress=False)
         self.exports[name] = result.directory
-        manifest = Manifest.load(result.directory, check_files=False)  # checked by export
+        manifest = Manifest.of(result.directory, result.manifest)
         entries = [entry for stage in manifest.stages.values() for entry in stage.verification_entries()]
         # The entry nearest its tolerance (fp16 stages may have fallen back to fp32's).
         nearest = max(entries, key=lambda e: e["max_rel"] / e["tolerance"])
