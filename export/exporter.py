@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..kernels.errors import RiffusionError
 from ..kernels.files import exclusive_lock, umask_mode
 from . import artifacts
-from .models import DEFAULT_MODEL, load_components, source_hash
+from .adapters import Variant
+from .models import DEFAULT_MODEL, is_random_preset, load_components, source_hash
 from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
 from .verify import TOLERANCE, Reference, all_finite, onnxruntime_runner, torch_references, verify_stage
 
@@ -67,6 +68,7 @@ class ExportConfig:
     # Where the export will run: cpu, or cuda (CUDA-only fusions; verified on ONNX Runtime's
     # CUDA provider). None: cuda for the tensorrt target, else cpu.
     device: Device | None = None
+    variant: Variant = field(default_factory=Variant)  # LoRAs fused in, and the tiny VAE
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -150,6 +152,7 @@ def cache_key_fields(config: ExportConfig) -> dict[str, Any]:
     return {
         "format": artifacts.FORMAT,
         "model": source_hash(config.model, seed=config.seed),
+        "variant": config.variant.key_fields(random_preset=is_random_preset(config.model), seed=config.seed),
         "target": config.target,
         "device": config.device,
         "precision": config.precision,
@@ -218,7 +221,7 @@ def _build(
     config: ExportConfig, work: Path, key: str, key_fields: dict[str, Any], *, progress: bool
 ) -> dict[str, Any]:
     log.info("loading %s", config.model)
-    components = load_components(config.model, seed=config.seed)
+    components = load_components(config.model, seed=config.seed, variant=config.variant)
     dims = ModelDims.of(components)
     specs = stage_specs(dims, config.profile)
     scratch = work / "scratch"
@@ -253,6 +256,9 @@ def _build(
             "id": config.model,
             "content_hash": key_fields["model"],
             "pixel_multiple": dims.pixel_multiple,
+            # The LoRAs fused into the weights (sha256, scale) and the VAE (tiny: TAESD).
+            "loras": key_fields["variant"]["loras"],
+            "vae": key_fields["variant"]["vae"] or "own",
         },
         "target": config.target,
         "device": config.device,

@@ -28,6 +28,7 @@ class ModelShape:
     height: int = HEIGHT  # image height (mel bins)
     max_batch: int | None = None  # most clips per call the backend takes (None: any)
     widths: tuple[int, int] | None = None  # narrowest and widest image the backend takes (None: any)
+    sampled_vae: bool = True  # the VAE encoder takes posterior noise (False: the tiny VAE)
 
 
 @dataclass(frozen=True)
@@ -153,4 +154,6 @@ class Manifest:
             height=self.profile.height,
             max_batch=self.profile.max_batch,
             widths=(width.min, width.max),
+            sampled_vae="vae_encoder" not in self.stages
+            or "noise" in self.stages["vae_encoder"].spec.input_names,
         )

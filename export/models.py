@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernels.errors import RiffusionError
+from .adapters import Variant, apply_variant
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,38 @@ def diffusers_pipeline(components: Components, *, img2img: bool = False, schedul
     return pipe
 
 
-def load_components(model: str = DEFAULT_MODEL, *, seed: int = 0) -> Components:
+def load_components(
+    model: str = DEFAULT_MODEL, *, seed: int = 0, variant: Variant | None = None
+) -> Components:
     """Components from a preset name, a directory, or a hub id (downloaded through
-    huggingface_hub's cache; a clear error when offline with no cached copy)."""
+    huggingface_hub's cache; a clear error when offline with no cached copy), with
+    ``variant``'s LoRAs fused and its VAE swapped in."""
     kind, where = resolve_source(model)
     if kind == "preset":
-        return random_components(where, seed=seed)
-    if kind == "checkpoint":
-        return _load_checkpoint(Path(where), model)
-    return _load_directory(Path(where), model)
+        components = random_components(where, seed=seed)
+    elif kind == "checkpoint":
+        components = _load_checkpoint(Path(where), model)
+    else:
+        components = _load_directory(Path(where), model)
+    if variant is not None:
+        apply_variant(components, variant, random_preset=kind == "preset", seed=seed)
+    return components
+
+
+def is_random_preset(model: str) -> bool:
+    return model.startswith("random:")
+
+
+def is_tiny_vae(vae: Any) -> bool:
+    """Whether ``vae`` is diffusers' AutoencoderTiny (TAESD): a deterministic encoder."""
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
+def vae_factor(vae: Any) -> int:
+    """Image pixels per latent pixel of an AutoencoderKL or AutoencoderTiny."""
+    config = vae.config
+    blocks = getattr(config, "block_out_channels", None) or config.encoder_block_out_channels
+    return 2 ** (len(blocks) - 1)
 
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")

@@ -143,10 +143,13 @@ class ModelDims:
     latent_channels: int  # 4
     vae_factor: int  # image pixels per latent pixel (8)
     unet_factor: int  # the UNet's total downsampling; latent sizes are multiples of it
+    sampled_vae: bool = True  # the VAE encoder samples a posterior (takes noise); not the tiny VAE
 
     @classmethod
     def of(cls, components: Any) -> ModelDims:
-        text, unet, vae = components.text_encoder.config, components.unet.config, components.vae.config
+        from .models import is_tiny_vae, vae_factor
+
+        text, unet = components.text_encoder.config, components.unet.config
         if unet.cross_attention_dim != text.hidden_size:
             raise RiffusionError(
                 f"UNet cross-attention width {unet.cross_attention_dim} does not match the text "
@@ -156,9 +159,10 @@ class ModelDims:
             tokens=text.max_position_embeddings,
             vocab=text.vocab_size,
             text_hidden=text.hidden_size,
-            latent_channels=vae.latent_channels,
-            vae_factor=2 ** (len(vae.block_out_channels) - 1),
+            latent_channels=components.vae.config.latent_channels,
+            vae_factor=vae_factor(components.vae),
             unet_factor=2 ** (len(unet.block_out_channels) - 1),
+            sampled_vae=not is_tiny_vae(components.vae),
         )
 
     @property
@@ -264,7 +268,9 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
         ),
         "vae_encoder": StageSpec(
             "vae_encoder",
-            inputs=(image("image", clips), latent("noise", clips)),
+            inputs=(image("image", clips), latent("noise", clips))
+            if dims.sampled_vae
+            else (image("image", clips),),
             outputs=(latent("latent", clips),),
             model_type="vae",
         ),

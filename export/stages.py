@@ -7,7 +7,8 @@ that the torch backend and every exported artifact agree on one definition:
 - ``unet``: noisy latents, timesteps, text embeddings -> predicted noise;
 - ``vae_decoder``: scaled latents -> image in [-1, 1] (not clamped);
 - ``vae_encoder``: image in [-1, 1] and standard normal noise -> scaled latents sampled
-  from the VAE's posterior, as diffusers' ``latent_dist.sample()`` draws them.
+  from the VAE's posterior, as diffusers' ``latent_dist.sample()`` draws them; the tiny
+  VAE (AutoencoderTiny) encodes deterministically and takes the image only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .models import Components
+from .models import Components, is_tiny_vae
 from .specs import STAGES
 
 
@@ -65,13 +66,26 @@ class VaeEncoderStage(torch.nn.Module):
         return (posterior.mean + posterior.std * noise) * self.scaling
 
 
+class TinyVaeEncoderStage(torch.nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # (batch, 3, 8h, 8w) -> (batch, 4, h, w)
+        return self.vae.encode(image, return_dict=False)[0] * self.scaling
+
+
 def stage_module(components: Components, name: str) -> torch.nn.Module:
     """The torch module of stage ``name``, in eval mode."""
     modules = {
         "text_encoder": lambda: TextEncoderStage(components.text_encoder),
         "unet": lambda: UNetStage(components.unet),
         "vae_decoder": lambda: VaeDecoderStage(components.vae),
-        "vae_encoder": lambda: VaeEncoderStage(components.vae),
+        "vae_encoder": lambda: (TinyVaeEncoderStage if is_tiny_vae(components.vae) else VaeEncoderStage)(
+            components.vae
+        ),
     }
     if name not in modules:
         raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 from riffusion_engine import load  # noqa: E402
 from riffusion_engine.engine.runtime.pipeline import Engine, slerp  # noqa: E402
 from riffusion_engine.engine.runtime.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
-from riffusion_engine.engine.runtime.requests import SCHEDULERS, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.requests import SCHEDULERS, STEP_OPTIONS, PromptInput, Request  # noqa: E402
 from riffusion_engine.export import artifacts  # noqa: E402
 from riffusion_engine.export.models import diffusers_pipeline  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
@@ -62,6 +62,7 @@ def test_torch_backend_equals_diffusers_text_to_clip(tiny, torch_engine, schedul
         width=512,
         generator=torch.Generator("cpu").manual_seed(3),
         output_type="np",
+        **STEP_OPTIONS.get(scheduler, {}),  # TCD's eta: diffusers' pipelines pass 0.0 unless told
     ).images
     request = Request(PromptInput("a funky beat", 3, "noise", 7.0), steps=steps, scheduler=scheduler)
     assert np.abs(images(torch_engine, request) - expected).max() <= 1e-5

@@ -137,6 +137,8 @@ class ExportBackend(Backend):
             for dim, size in zip(tensor.shape, inputs[tensor.name].shape, strict=True):
                 if isinstance(dim, Dim):
                     sizes[dim.name] = int(size)
+                    if dim.base is not None:  # the tiny VAE's encoder: latent sizes from the image's
+                        sizes.setdefault(dim.base, int(size) // dim.factor)
         (output,) = spec.outputs
         shape = []
         for dim in output.shape:

@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...export.adapters import Lora, Variant
 from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
@@ -38,6 +40,8 @@ def load(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
+    loras: Sequence[str | Lora] = (),
+    vae: str | None = None,
     **options: Any,
 ) -> Engine:
     """An engine from a model source (the torch backend, or exported on first use into
@@ -45,8 +49,15 @@ def load(
 
     ``model`` is a diffusers-format directory, a hub id (default Riffusion v1) or a
     ``random:`` preset; ``backend`` is ``auto``, ``torch``, ``onnxruntime``, ``openvino`` or
-    ``tensorrt``; ``options`` go to the backend (``provider``, ``threads``, ...)."""
+    ``tensorrt``; ``loras`` are fused into the model's weights (``PATH_OR_HUB_ID[:SCALE]``
+    or :class:`Lora`); ``vae="tiny"`` decodes with TAESD; ``options`` go to the backend
+    (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
+    variant = Variant(tuple(x if isinstance(x, Lora) else Lora.parse(x) for x in loras), vae)
+    if artifacts is not None and (variant.loras or variant.vae is not None):
+        raise RiffusionError(
+            "LoRAs and the tiny VAE are fused in at export: give them to `export`, not with an export"
+        )
     backend = resolve_backend(backend, device)
     if precision == "bf16" and backend != "openvino":
         raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")
@@ -55,15 +66,15 @@ def load(
     if backend == "torch":
         if artifacts is not None:
             raise RiffusionError("the torch backend runs from a model source (--model), not an export")
-        from ...export.models import load_components
+        from ...export.models import is_tiny_vae, load_components, vae_factor
 
-        components = load_components(model or DEFAULT_MODEL, seed=seed)
+        components = load_components(model or DEFAULT_MODEL, seed=seed, variant=variant)
         runner = create_backend("torch", components=components, device=device, fp16=precision == "fp16")
-        vae = components.vae.config
         shape = ModelShape(
             latent_channels=components.unet.config.in_channels,
-            vae_factor=2 ** (len(vae.block_out_channels) - 1),
+            vae_factor=vae_factor(components.vae),
             pixel_multiple=8,  # diffusers' UNet takes any latent size
+            sampled_vae=not is_tiny_vae(components.vae),
         )
         return Engine(runner, components.tokenizer, dict(components.scheduler.config), shape)
     if backend == "openvino":
@@ -82,6 +93,7 @@ def load(
             cache_dir=cache_dir,
             seed=seed,
             progress=progress,
+            variant=variant,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
     return engine_from_export(runner, Path(artifacts))
@@ -108,6 +120,7 @@ def export_on_first_use(
     cache_dir: str | Path | None,
     seed: int,
     progress: bool,
+    variant: Variant | None = None,
 ) -> Path:
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there."""
@@ -115,7 +128,13 @@ def export_on_first_use(
     from ...export.exporter import export
 
     name, config = first_use_export(
-        model, backend=backend, provider=provider, device=device, precision=precision, seed=seed
+        model,
+        backend=backend,
+        provider=provider,
+        device=device,
+        precision=precision,
+        seed=seed,
+        variant=variant,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
     result = export(config, directory, progress=progress)
@@ -124,7 +143,14 @@ def export_on_first_use(
 
 
 def first_use_export(
-    model: str, *, backend: str, provider: str | None, device: str, precision: str, seed: int
+    model: str,
+    *,
+    backend: str,
+    provider: str | None,
+    device: str,
+    precision: str,
+    seed: int,
+    variant: Variant | None = None,
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
     ONNX Runtime's ``provider``) runs when made on first use."""
@@ -137,7 +163,12 @@ def first_use_export(
     fuse = backend != "openvino" and provider != "tensorrt"
     flavour = target if fuse else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
-    digest = hashlib.sha256(json.dumps([model, seed, flavour, precision, device]).encode()).hexdigest()[:12]
+    variant = variant or Variant()
+    # The variant's files are hashed into the export's own key; here its names and scales suffice.
+    described = [[lora.source, lora.scale] for lora in variant.loras], variant.vae
+    digest = hashlib.sha256(
+        json.dumps([model, seed, flavour, precision, device, *described]).encode()
+    ).hexdigest()[:12]
     config = ExportConfig(
         model=model,
         target=target,  # type: ignore[arg-type]
@@ -145,6 +176,7 @@ def first_use_export(
         seed=seed,
         fuse=fuse,
         device=device,  # type: ignore[arg-type]
+        variant=variant,
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
         profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None),

@@ -7,8 +7,8 @@ One loop serves every mode Riffusion has; the modes are parameters:
   embeddings (negative prompts included), guidance and denoising linearly, the two
   seeds' noise by spherical interpolation;
 - seed image: VAE-encode it (the posterior sampled with the start seed, scaled by
-  0.18215), noise it to step ``int(steps * denoising)`` from the end and denoise from
-  there, as diffusers' img2img does;
+  0.18215; the tiny VAE encodes without sampling), noise it to step
+  ``int(steps * denoising)`` from the end and denoise from there, as diffusers' img2img does;
 - mask: a grayscale image downsampled 8x to latent size, white = regenerate,
   black = keep; after each step the kept regions are reset to the seed image's latents
   noised to the level the latents are now at (un-noised after the last step), as
@@ -42,6 +42,7 @@ from .defaults import SCHEDULER, STEPS, WIDTH
 from .prompts import Tokens, apply_weights, tokenize
 from .requests import (
     SCHEDULERS,
+    STEP_OPTIONS,
     Cancelled,
     Clip,
     PromptInput,
@@ -286,7 +287,11 @@ class Engine:
         # The whole config, bookkeeping keys included: from_config uses them to let another
         # scheduler class keep its own defaults where the checkpoint's class used defaults.
         cls = getattr(diffusers, class_name)
-        scheduler = cls.from_config({**self.scheduler_config, **overrides})
+        # Less the keys this class does not take (PNDM's skip_prk_steps for LCM), which
+        # diffusers would warn about on every clip.
+        accepted = inspect.signature(cls.__init__).parameters
+        config = {k: v for k, v in self.scheduler_config.items() if k.startswith("_") or k in accepted}
+        scheduler = cls.from_config({**config, **overrides})
         # diffusers' Stable Diffusion pipelines correct two legacy settings of SD 1.x
         # configs when they are built; so does the engine, to run the same schedule.
         fixes = {}
@@ -304,7 +309,7 @@ class Engine:
         generators, eps, noise = [], [], []
         for request in requests:
             generator = torch.Generator("cpu").manual_seed(request.start.seed)
-            if request.seed_image is not None:
+            if request.seed_image is not None and self.shape.sampled_vae:
                 eps.append(torch.randn(shape, generator=generator))
             a = torch.randn(shape, generator=generator)
             if request.end is not None and request.alpha > 0:
@@ -359,8 +364,9 @@ class Engine:
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
             image = _image_batch([r.seed_image for r in requests]).to(device)
+            inputs = {"image": image, "noise": eps} if self.shape.sampled_vae else {"image": image}
             with _timer(timings, "vae_encoder", self.backend):
-                init = self.backend.run("vae_encoder", {"image": image, "noise": eps})
+                init = self.backend.run("vae_encoder", inputs)
             if len(timesteps):
                 latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(requests)))
             else:
@@ -368,7 +374,7 @@ class Engine:
             if any(r.mask is not None for r in requests):
                 mask = torch.stack([_mask_tensor(r.mask, latent_shape) for r in requests]).to(device)
 
-        step_kwargs = {}
+        step_kwargs = dict(STEP_OPTIONS.get(first.scheduler, {}))
         step_parameters = inspect.signature(scheduler.step).parameters
         if "generator" in step_parameters:  # ancestral samplers draw per request, seeded
             step_kwargs["generator"] = generators[0] if len(requests) == 1 else generators

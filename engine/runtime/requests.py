@@ -20,7 +20,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    # Few-step samplers for LoRAs distilled to them (LCM-LoRA, TCD), guidance off.
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+# Keyword arguments of a scheduler's step: TCD's stochasticity eta, at its authors' 0.3
+# (diffusers' pipelines pass eta=0.0 unless told; pass eta=0.3 to them to compare).
+STEP_OPTIONS: dict[str, dict[str, Any]] = {"tcd": {"eta": 0.3}}
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 

@@ -1,0 +1,221 @@
+"""The realtime path on random:tiny: LoRAs fused at export, the few-step schedulers in
+every mode and the tiny VAE, each against diffusers' own pipeline; the one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("onnxruntime")
+
+from conftest import run_cli  # noqa: E402
+from PIL import Image  # noqa: E402
+from riffusion_engine import load  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import slerp  # noqa: E402
+from riffusion_engine.engine.runtime.requests import SCHEDULERS, STEP_OPTIONS, PromptInput, Request  # noqa: E402
+from riffusion_engine.export.adapters import Lora, tiny_vae  # noqa: E402
+from riffusion_engine.export.models import diffusers_pipeline, random_components  # noqa: E402
+
+FEW_STEP = ("lcm", "tcd")
+STEPS = 4
+
+
+def gray_levels_within_one(actual: np.ndarray, expected: np.ndarray) -> float:
+    """The share of 8-bit pixel values within one gray level of diffusers' (the issue's measure)."""
+    return float((np.abs(np.round(actual * 255) - np.round(expected * 255)) <= 1).mean())
+
+
+def reference(components, scheduler: str, *, img2img: bool = False):
+    class_name, overrides = SCHEDULERS[scheduler]
+    sched = getattr(diffusers, class_name).from_config({**dict(components.scheduler.config), **overrides})
+    return diffusers_pipeline(components, img2img=img2img, scheduler=sched)
+
+
+def diffusers_images(
+    components, scheduler: str, *, seed: int = 0, generator=None, image=None, strength=0.75, **kwargs
+) -> np.ndarray:
+    pipe = reference(components, scheduler, img2img=image is not None)
+    if image is not None:
+        kwargs.update(image=image, strength=strength)
+    else:
+        kwargs.update(height=512, width=512)
+    return pipe(
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        generator=generator or torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        **STEP_OPTIONS.get(scheduler, {}),
+        **kwargs,
+    ).images
+
+
+def engine_images(engine, *requests: Request) -> np.ndarray:
+    return engine.images(list(requests)).cpu().numpy()
+
+
+@pytest.fixture(scope="module")
+def seed_image() -> Image.Image:
+    # A smooth image: an encoder's output on one is stable under the runtimes' rounding.
+    y, x = np.mgrid[0:512, 0:512] / 512.0
+    pixels = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y), np.sin(3 * x * y)], -1) * 0.5 + 0.5
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def make_lora(path: Path, *, kohya: bool = False, seed: int = 7) -> Path:
+    """A LoRA for random:tiny's UNet and text encoder, made with PEFT and saved as
+    diffusers saves one (or renamed to kohya's key names)."""
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    components = random_components("tiny")
+    torch.manual_seed(seed)
+    components.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "to_out.0"]))
+    components.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "out_proj", "fc1"]))
+    for model in (components.unet, components.text_encoder):
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                for layer in module.lora_B.values():
+                    torch.nn.init.normal_(layer.weight, std=0.2)
+    unet = get_peft_model_state_dict(components.unet)
+    text = get_peft_model_state_dict(components.text_encoder)
+    if not kohya:
+        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=unet, text_encoder_lora_layers=text)
+        return path
+    weights = {}
+    for prefix, state in (("lora_unet_", unet), ("lora_te_text_model_", text)):
+        for key, value in state.items():
+            module, side = key.split(".lora_")
+            name = prefix + module.replace(".", "_")
+            weights[f"{name}.lora_{'down' if side.startswith('A') else 'up'}.weight"] = value.contiguous()
+            if side.startswith("A"):
+                weights[f"{name}.alpha"] = torch.tensor(4.0 if prefix == "lora_unet_" else 8.0)
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(weights, path / "kohya.safetensors")
+    return path / "kohya.safetensors"
+
+
+def fused_reference(lora: Path, scale: float, *, vae=None):
+    """random:tiny with the LoRA loaded and fused by diffusers itself."""
+    components = random_components("tiny")
+    pipe = diffusers_pipeline(components)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # the LoRA layers go; their fused weights stay
+    components.unet, components.text_encoder = pipe.unet, pipe.text_encoder
+    if vae is not None:
+        components.vae = vae
+    return components
+
+
+# -- schedulers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", FEW_STEP)
+def test_few_step_schedulers_equal_diffusers_in_every_mode(tiny, torch_engine, seed_image, scheduler) -> None:
+    # Text to clip.
+    expected = diffusers_images(tiny, scheduler, seed=3, prompt="a funky beat")
+    request = Request(PromptInput("a funky beat", 3, guidance=1.0), steps=STEPS, scheduler=scheduler)
+    assert gray_levels_within_one(engine_images(torch_engine, request), expected) >= 0.99
+    # A seed image at denoising 0.75: img2img's timestep rules (3 of the 4 steps).
+    expected = diffusers_images(tiny, scheduler, seed=4, prompt="jazz", image=seed_image, strength=0.75)
+    request = Request(
+        PromptInput("jazz", 4, guidance=1.0, denoising=0.75),
+        steps=STEPS,
+        scheduler=scheduler,
+        seed_image=seed_image,
+    )
+    assert gray_levels_within_one(engine_images(torch_engine, request), expected) >= 0.99
+    # Riffusion's interpolation: diffusers' pipeline given the blended embeddings and the
+    # slerped noise, which is what interpolation is, and the start seed's generator past
+    # the draw of its noise (the few-step schedulers draw theirs next).
+    alpha = 0.3
+    start, end = PromptInput("jazz", 5, guidance=1.0), PromptInput("rock", 6, guidance=1.0)
+    embeddings = torch.lerp(torch_engine.encode(["jazz"]), torch_engine.encode(["rock"]), alpha)
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn((1, 4, 64, 64), generator=generator)
+    b = torch.randn((1, 4, 64, 64), generator=torch.Generator().manual_seed(6))
+    expected = diffusers_images(
+        tiny, scheduler, generator=generator, prompt_embeds=embeddings, latents=slerp(alpha, a, b)
+    )
+    request = Request(start, end, alpha, steps=STEPS, scheduler=scheduler)
+    assert gray_levels_within_one(engine_images(torch_engine, request), expected) >= 0.99
+    # A mask: the kept half ends as the seed image's latents, the other half is regenerated.
+    mask = np.zeros((512, 512), np.uint8)
+    mask[:, 256:] = 255
+    request = Request(
+        PromptInput("jazz", 6, guidance=1.0, denoising=0.75),
+        steps=STEPS,
+        scheduler=scheduler,
+        seed_image=seed_image,
+        mask=Image.fromarray(mask, "L"),
+    )
+    latents = torch_engine.denoise([request])
+    eps = torch.randn((1, 4, 64, 64), generator=torch.Generator().manual_seed(6))  # the posterior's draw
+    pixels = np.asarray(seed_image, dtype=np.float32)[None] / 255.0
+    image = torch.from_numpy(pixels * 2 - 1).permute(0, 3, 1, 2)
+    seed_latents = torch_engine.backend.run("vae_encoder", {"image": image, "noise": eps})
+    assert torch.equal(latents[..., :32], seed_latents[..., :32])
+    assert (latents[..., 32:] - seed_latents[..., 32:]).abs().max() > 0.1
+
+
+# -- LoRAs and the tiny VAE ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> Path:
+    return make_lora(tmp_path_factory.mktemp("lora") / "peft")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_a_fused_lora_and_the_tiny_vae_equal_diffusers(lora, seed_image, backend, tmp_path) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    engine = load("random:tiny", backend=backend, loras=[f"{lora}:0.7"], vae="tiny", cache_dir=tmp_path)
+    components = fused_reference(lora, 0.7, vae=tiny_vae("tiny", random_preset=True))
+    expected = diffusers_images(components, "lcm", seed=3, prompt="a funky beat")
+    request = Request(PromptInput("a funky beat", 3, guidance=1.0), steps=STEPS, scheduler="lcm")
+    assert gray_levels_within_one(engine_images(engine, request), expected) >= 0.99
+    # A seed image through the tiny VAE's encoder (deterministic: no posterior draw).
+    expected = diffusers_images(components, "lcm", seed=4, prompt="jazz", image=seed_image, strength=0.75)
+    request = Request(
+        PromptInput("jazz", 4, guidance=1.0), steps=STEPS, scheduler="lcm", seed_image=seed_image
+    )
+    assert gray_levels_within_one(engine_images(engine, request), expected) >= 0.99
+    # The LoRA changed the model: the base model's image is another.
+    base = diffusers_images(random_components("tiny"), "lcm", seed=3, prompt="a funky beat")
+    assert (
+        gray_levels_within_one(
+            engine_images(
+                engine, Request(PromptInput("a funky beat", 3, guidance=1.0), steps=STEPS, scheduler="lcm")
+            ),
+            base,
+        )
+        < 0.9
+    )
+    if backend != "torch":
+        manifest = engine.backend.manifest
+        assert manifest.raw["model"]["loras"][0]["scale"] == 0.7
+        assert manifest.raw["model"]["vae"]["source"] == "random"
+        assert [t.name for t in manifest.stage("vae_encoder").spec.inputs] == ["image"]
+
+
+def test_kohya_names_load_as_the_same_lora(lora, tmp_path) -> None:
+    from riffusion_engine.export.adapters import Variant
+    from riffusion_engine.export.models import load_components
+
+    kohya = make_lora(tmp_path / "kohya", kohya=True)
+    ours = load_components("random:tiny", variant=Variant((Lora(str(kohya), 0.5),)))
+    theirs = fused_reference(lora, 0.5)
+    for name in ("unet", "text_encoder"):
+        mine, want = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert mine.keys() == want.keys()
+        assert max((mine[k] - want[k]).abs().max().item() for k in mine) < 1e-6
+    base = random_components("tiny").text_encoder.state_dict()
+    assert max((ours.text_encoder.state_dict()[k] - base[k]).abs().max().item() for k in base) > 1e-3
