@@ -107,10 +107,8 @@ class Variant:
             if source is None:
                 vae = {"source": "random", "seed": seed}
             else:
-                from .models import directory_hash
-
                 folder = tiny_vae_folder(source)
-                vae = {"source": source, "sha256": directory_hash(folder, _vae_files(folder))}
+                vae = {"source": source, "sha256": files_hash(folder, _vae_files(folder))}
         return {"loras": loras, "vae": vae}
 
 
@@ -119,6 +117,14 @@ def file_hash(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def files_hash(folder: Path, names: list[str]) -> str:
+    """sha256 over each file's name and content, in order."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{file_hash(folder / name)}\0".encode())
     return digest.hexdigest()
 
 
@@ -226,14 +232,6 @@ def tiny_vae(vae: str, *, random_preset: bool, seed: int = 0) -> Any:
         raise RiffusionError(f"cannot load the tiny VAE {source!r}: {exc}") from exc
 
 
-def apply_variant(components: Any, variant: Variant, *, random_preset: bool, seed: int = 0) -> None:
-    """Fuse ``variant``'s LoRAs into ``components`` and swap in its VAE, in place."""
-    if variant.loras:
-        fuse_loras(components, variant.loras, random_preset=random_preset, seed=seed)
-    if variant.vae is not None:
-        components.vae = tiny_vae(variant.vae, random_preset=random_preset, seed=seed)
-
-
 def lora_state_dict(lora: Lora, components: Any, *, random_preset: bool, seed: int = 0) -> dict[str, Any]:
     """The LoRA's weights as diffusers reads them (kohya names converted), or the random
     LoRA's; RiffusionError when the file cannot be read."""
@@ -321,19 +319,17 @@ def _misfit(key: str, shape: tuple[int, ...], modules: dict[str, Any]) -> str | 
     return None
 
 
-def fuse_loras(components: Any, loras: tuple[Lora, ...], *, random_preset: bool, seed: int = 0) -> None:
-    """Each LoRA checked against the model, loaded through diffusers and fused at its
-    scale; the LoRA layers are removed afterwards, leaving plain fused weights."""
-    from .models import diffusers_pipeline
-
+def fuse_loras(pipe: Any, loras: tuple[Lora, ...], *, random_preset: bool, seed: int = 0) -> None:
+    """Each LoRA checked against the model of diffusers' pipeline ``pipe``, loaded by it
+    and fused at its scale; the LoRA layers are removed afterwards, leaving plain fused
+    weights in ``pipe.unet`` and ``pipe.text_encoder``."""
     try:
         import peft  # noqa: F401  (diffusers' LoRA loading runs on PEFT)
     except ImportError as exc:
         raise RiffusionError("--lora needs PEFT: pip install 'riffusion-engine[models]'") from exc
-    weights = [lora_state_dict(lora, components, random_preset=random_preset, seed=seed) for lora in loras]
+    weights = [lora_state_dict(lora, pipe, random_preset=random_preset, seed=seed) for lora in loras]
     for lora, state_dict in zip(loras, weights, strict=True):
-        check_fits(lora, state_dict, components)
-    pipe = diffusers_pipeline(components)
+        check_fits(lora, state_dict, pipe)
     with _quiet():
         for index, (lora, state_dict) in enumerate(zip(loras, weights, strict=True)):
             name = f"lora{index}"
@@ -346,7 +342,6 @@ def fuse_loras(components: Any, loras: tuple[Lora, ...], *, random_preset: bool,
             pipe.fuse_lora(lora_scale=lora.scale, adapter_names=[name])
             log.info("fused LoRA %s", lora)
         pipe.unload_lora_weights()
-    components.unet, components.text_encoder = pipe.unet.eval(), pipe.text_encoder.eval()
 
 
 def random_lora(unet: Any, *, seed: int = 0) -> dict[str, Any]:

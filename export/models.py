@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernels.errors import RiffusionError
-from .adapters import Variant, apply_variant
+from .adapters import Variant, fuse_loras, tiny_vae
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,16 @@ def load_components(
     if variant is not None:
         apply_variant(components, variant, random_preset=kind == "preset", seed=seed)
     return components
+
+
+def apply_variant(components: Components, variant: Variant, *, random_preset: bool, seed: int = 0) -> None:
+    """Fuse ``variant``'s LoRAs into ``components`` and swap in its VAE, in place."""
+    if variant.loras:
+        pipe = diffusers_pipeline(components)
+        fuse_loras(pipe, variant.loras, random_preset=random_preset, seed=seed)
+        components.unet, components.text_encoder = pipe.unet.eval(), pipe.text_encoder.eval()
+    if variant.vae is not None:
+        components.vae = tiny_vae(variant.vae, random_preset=random_preset, seed=seed)
 
 
 def is_random_preset(model: str) -> bool:

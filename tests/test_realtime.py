@@ -77,7 +77,8 @@ def make_lora(path: Path, *, kohya: bool = False, seed: int = 7) -> Path:
     components = random_components("tiny")
     torch.manual_seed(seed)
     components.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "to_out.0"]))
-    components.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "out_proj", "fc1"]))
+    text_targets = ["q_proj", "out_proj", "fc1"]
+    components.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=text_targets))
     for model in (components.unet, components.text_encoder):
         for module in model.modules():
             if hasattr(module, "lora_B"):
@@ -219,3 +220,80 @@ def test_kohya_names_load_as_the_same_lora(lora, tmp_path) -> None:
         assert max((mine[k] - want[k]).abs().max().item() for k in mine) < 1e-6
     base = random_components("tiny").text_encoder.state_dict()
     assert max((ours.text_encoder.state_dict()[k] - base[k]).abs().max().item() for k in base) > 1e-3
+
+
+# -- refusals and the profile ----------------------------------------------------------
+
+
+def one_line_error(*argv: str) -> str:
+    code, _out, err = run_cli(*argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_lora_that_does_not_fit_is_one_line_before_any_export(lora, tmp_path) -> None:
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(lora / "pytorch_lora_weights.safetensors")
+    down = next(k for k in weights if k.startswith("unet.") and "lora_A" in k)
+    cases = {
+        "unknown": (
+            {**weights, "unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 32)},
+            "down_blocks.9",
+        ),
+        "shape": ({**weights, down: torch.zeros(4, 48)}, "input size is 32"),
+        # An SDXL LoRA names a second text encoder, which Stable Diffusion 1.5 lacks.
+        "sdxl": (
+            {**weights, "text_encoder_2.encoder.layers.0.q_proj.lora_A.weight": torch.zeros(4, 32)},
+            "text_encoder_2",
+        ),
+    }
+    for name, (state, expected) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        safetensors.torch.save_file(state, path)
+        line = one_line_error(
+            "generate",
+            "x",
+            "--model",
+            "random:tiny",
+            "--lora",
+            str(path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "-o",
+            str(tmp_path / "x.wav"),
+        )
+        assert "does not fit this model" in line and expected in line, line
+    assert not list(tmp_path.rglob("*.onnx"))  # refused before any stage was exported
+
+
+def test_the_realtime_profile_on_a_real_checkpoint_needs_a_lora(tiny, tmp_path) -> None:
+    model = tiny.save(tmp_path / "model")
+    line = one_line_error(
+        "generate", "x", "--model", str(model), "--profile", "realtime", "-o", str(tmp_path / "x.wav")
+    )
+    assert "needs a few-step LoRA" in line and "latent-consistency/lcm-lora-sdv1-5" in line
+
+
+def test_generate_with_the_realtime_profile_says_what_it_used(tmp_path) -> None:
+    code, out, err = run_cli(
+        "generate",
+        "jazz",
+        "--model",
+        "random:tiny",
+        "--profile",
+        "realtime",
+        "--backend",
+        "torch",
+        "--scheduler",
+        "tcd",
+        "-o",
+        str(tmp_path / "x.wav"),
+    )
+    assert code == 0, err
+    first = out.splitlines()[0]
+    # The profile's choices, but the scheduler given on the command line.
+    assert first.startswith("profile realtime: tcd 4 steps, guidance off, backend torch"), first
+    assert "tiny VAE" in first and "LoRA random:lora" in first
+    assert "(4 UNet calls" in out

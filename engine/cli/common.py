@@ -32,15 +32,79 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "bf16"),
-        default="fp32",
+        default=None,
         help="of an export made on first use, or of the torch backend (fp16 on cuda); bf16: "
-        "OpenVINO's arithmetic on an fp32 export (default: fp32)",
+        "OpenVINO's arithmetic on an fp32 export (default: the profile's: fp32; realtime: bf16 "
+        "on openvino, fp16 on cuda)",
     )
     p.add_argument(
         "--cache-dir",
         default=None,
         help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
     )
+    add_variant_args(p)
+
+
+def add_variant_args(p: argparse.ArgumentParser) -> None:
+    """--profile, --lora and --vae."""
+    from ..runtime.profiles import PROFILES
+
+    p.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default="default",
+        help="default: Riffusion's recipe ("
+        + PROFILES["default"].summary()
+        + "); realtime: "
+        + PROFILES["realtime"].summary()
+        + ", with a few-step LoRA (a random one on the random: presets; a real checkpoint needs "
+        "--lora). Each flag given overrides its own part (default: default)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH_OR_HUB_ID[:SCALE]",
+        help="a LoRA fused into the weights before export (diffusers/PEFT or kohya safetensors: a file, "
+        "a folder, a hub id or owner/name/file.safetensors), at SCALE (default 1); repeatable",
+    )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="tiny[=PATH_OR_HUB_ID]",
+        help="tiny: decode (and encode seed images) with TAESD, madebyollin/taesd or the one named "
+        "(default: the model's own VAE; the realtime profile's: tiny)",
+    )
+
+
+def apply_profile(args: argparse.Namespace) -> Any:
+    """Fill the flags left unset from ``--profile`` (the backend, precision, VAE, LoRAs and,
+    where the command has them, scheduler, steps and guidance), say on stdout what the run
+    uses when it is not the default recipe, and return the choices."""
+    from ...export.models import DEFAULT_MODEL
+    from ..runtime.profiles import resolve
+
+    exported = getattr(args, "artifacts", None) is not None
+    choices = resolve(
+        args.profile,
+        model=None if exported else (args.model or DEFAULT_MODEL),
+        device=args.device or "cpu",
+        exported=exported,
+        backend=getattr(args, "backend", None),
+        precision=args.precision,
+        vae=args.vae,
+        loras=args.lora,
+        scheduler=getattr(args, "scheduler", None),
+        steps=getattr(args, "steps", None),
+        guidance=getattr(args, "guidance", None),
+    )
+    for name in ("backend", "precision", "scheduler", "steps", "guidance"):
+        if hasattr(args, name):
+            setattr(args, name, getattr(choices, name))
+    args.vae, args.lora = choices.vae, list(choices.loras)
+    if args.profile != "default" or choices.loras or choices.vae is not None:
+        print(choices.describe(exported=exported), flush=True)
+    return choices
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -51,12 +115,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        default=STEPS,
+        default=None,
         help="scheduler steps; PNDM (the default scheduler) makes steps + 1 UNet calls, its first "
-        f"step taking two (default: {STEPS})",
+        f"step taking two (default: the profile's: {STEPS}; realtime: 4)",
     )
     p.add_argument(
-        "--scheduler", choices=tuple(SCHEDULERS), default=SCHEDULER, help=f"(default: {SCHEDULER})"
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        default=None,
+        help=f"lcm and tcd sample few-step LoRAs (default: the profile's: {SCHEDULER}; realtime: lcm)",
     )
     p.add_argument(
         "--width", type=int, default=WIDTH, help=f"image width, 8-pixel multiples ({WIDTH} = 5.12 s)"
@@ -77,7 +144,13 @@ def load_engine(args: argparse.Namespace) -> Any:
         precision=args.precision,
         cache_dir=args.cache_dir,
         progress=True,
+        loras=args.lora or (),
+        vae=args.vae,
+        profile=args.profile,
     )
+
+
+GUIDANCE_HELP = "guidance scale; <= 1 turns it off (default: the profile's: 7; realtime: off)"
 
 
 def open_image(path: str | None, what: str) -> Any:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_engine_args, add_run_args, load_engine, open_image, timing_line
+from .common import (
+    GUIDANCE_HELP,
+    add_engine_args,
+    add_run_args,
+    apply_profile,
+    load_engine,
+    open_image,
+    timing_line,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,9 +29,7 @@ def add_parser(sub: Any) -> None:
     add_engine_args(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    p.add_argument(
-        "--guidance", type=float, default=7.0, help="guidance scale; <= 1 turns it off (default: 7)"
-    )
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     add_run_args(p)
     p.add_argument(
         "--denoising", type=float, default=0.75, help="with --seed-image: share regenerated (0..1)"
@@ -34,6 +40,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_profile(args)
     from ...kernels.audio import check_audio_output
     from ...kernels.files import check_output_path
     from ..runtime.requests import PromptInput, Request

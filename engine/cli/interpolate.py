@@ -7,8 +7,10 @@ from typing import Any
 
 from ...kernels.errors import RiffusionError
 from .common import (
+    GUIDANCE_HELP,
     add_engine_args,
     add_run_args,
+    apply_profile,
     check_output_dir,
     load_engine,
     open_image,
@@ -34,7 +36,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--clips", type=int, default=5, help="number of clips (default: 5)")
     add_engine_args(p)
     p.add_argument("--negative-prompt", default=None, help="negative prompt of both ends")
-    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (default: 7)")
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     p.add_argument("--denoising", type=float, default=0.75, help="share of the seed image regenerated")
     add_run_args(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
@@ -42,6 +44,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_profile(args)
     import numpy as np
 
     from ...kernels.audio import save_audio

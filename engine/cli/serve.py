@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...kernels.errors import RiffusionError
-from .common import add_engine_args, load_engine
+from .common import add_engine_args, apply_profile, load_engine
 
 
 def add_parser(sub: Any) -> None:
@@ -112,6 +112,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_profile(args)
     try:
         from ..serve.app import bind, serve
         from ..serve.config import ServerConfig

@@ -9,7 +9,15 @@ import time
 from typing import Any
 
 from ...kernels.errors import RiffusionError
-from .common import add_engine_args, add_run_args, load_engine, open_image, seed_image_or_default
+from .common import (
+    GUIDANCE_HELP,
+    add_engine_args,
+    add_run_args,
+    apply_profile,
+    load_engine,
+    open_image,
+    seed_image_or_default,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -34,7 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of audio to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the start; each later end takes the next")
     p.add_argument("--negative-prompt", default=None, help="what every clip steers away from")
-    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     p.add_argument("--denoising", type=float, default=0.75, help="share of the seed image regenerated")
     p.add_argument("--alpha-step", type=float, default=0.25, help="alpha added per clip")
     p.add_argument("--crossfade", type=float, default=0.2, help="seconds crossfaded at each join")
@@ -78,6 +86,7 @@ def _prompts(path: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    apply_profile(args)
     import numpy as np
     from tqdm.auto import tqdm
 

@@ -18,6 +18,7 @@ from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
 from .backends import check_device, create_backend, resolve_backend
 from .pipeline import Engine
+from .profiles import Choices, resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,13 @@ def load(
     artifacts: str | Path | None = None,
     backend: str = "auto",
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str | None = None,
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
     loras: Sequence[str | Lora] = (),
     vae: str | None = None,
+    profile: str | None = None,
     **options: Any,
 ) -> Engine:
     """An engine from a model source (the torch backend, or exported on first use into
@@ -50,14 +52,27 @@ def load(
     ``model`` is a diffusers-format directory, a hub id (default Riffusion v1) or a
     ``random:`` preset; ``backend`` is ``auto``, ``torch``, ``onnxruntime``, ``openvino`` or
     ``tensorrt``; ``loras`` are fused into the model's weights (``PATH_OR_HUB_ID[:SCALE]``
-    or :class:`Lora`); ``vae="tiny"`` decodes with TAESD; ``options`` go to the backend
+    or :class:`Lora`); ``vae="tiny"`` decodes with TAESD; ``profile`` (``default`` or
+    ``realtime``) fills in the backend, precision, VAE and LoRAs left unset, and the
+    engine's request defaults (scheduler, steps, guidance); ``options`` go to the backend
     (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
-    variant = Variant(tuple(x if isinstance(x, Lora) else Lora.parse(x) for x in loras), vae)
-    if artifacts is not None and (variant.loras or variant.vae is not None):
+    choices = resolve(
+        profile,
+        model=model or DEFAULT_MODEL,
+        device=device,
+        exported=artifacts is not None,
+        backend=backend,
+        precision=precision,
+        vae=vae,
+        loras=list(loras),
+    )
+    if artifacts is not None and (choices.loras or choices.vae is not None):
         raise RiffusionError(
             "LoRAs and the tiny VAE are fused in at export: give them to `export`, not with an export"
         )
+    backend, precision = choices.backend, choices.precision
+    variant = Variant(choices.loras, choices.vae)
     backend = resolve_backend(backend, device)
     if precision == "bf16" and backend != "openvino":
         raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")
@@ -76,7 +91,7 @@ def load(
             pixel_multiple=8,  # diffusers' UNet takes any latent size
             sampled_vae=not is_tiny_vae(components.vae),
         )
-        return Engine(runner, components.tokenizer, dict(components.scheduler.config), shape)
+        return Engine(runner, components.tokenizer, dict(components.scheduler.config), shape, choices=choices)
     if backend == "openvino":
         # OpenVINO compiles an unfused fp32 export; bf16 is its arithmetic, set at compile time.
         if precision not in ("fp32", "bf16"):
@@ -96,10 +111,10 @@ def load(
             variant=variant,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
-    return engine_from_export(runner, Path(artifacts))
+    return engine_from_export(runner, Path(artifacts), choices=choices)
 
 
-def engine_from_export(runner: Any, directory: Path) -> Engine:
+def engine_from_export(runner: Any, directory: Path, *, choices: Choices | None = None) -> Engine:
     """An engine over a backend that runs ``directory``: its tokenizer, scheduler config
     and sizes come from the directory and its manifest."""
     from transformers import CLIPTokenizer
@@ -107,7 +122,7 @@ def engine_from_export(runner: Any, directory: Path) -> Engine:
     shape = runner.manifest.model_shape()
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    return Engine(runner, tokenizer, scheduler_config, shape)
+    return Engine(runner, tokenizer, scheduler_config, shape, choices=choices)
 
 
 def export_on_first_use(

@@ -39,6 +39,7 @@ from ...kernels.image import IMAGE_MODES, pixels_from_image
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
 from .defaults import SCHEDULER, STEPS, WIDTH
+from .profiles import Choices
 from .prompts import Tokens, apply_weights, tokenize
 from .requests import (
     SCHEDULERS,
@@ -80,8 +81,14 @@ class Engine:
         params: SpectrogramParams | None = None,
         griffin_lim: GriffinLimOptions | None = None,
         cache_size: int = 256,
+        choices: Choices | None = None,
     ) -> None:
         self.backend = backend
+        # The run defaults (scheduler, steps, guidance) of the profile it was loaded with.
+        self.choices = choices
+        self.scheduler = choices.scheduler if choices else SCHEDULER
+        self.steps = choices.steps if choices else STEPS
+        self.guidance = choices.guidance if choices else 7.0
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.shape = shape
@@ -103,19 +110,27 @@ class Engine:
         *,
         negative_prompt: str | None = None,
         seed: int = 0,
-        steps: int = STEPS,
-        guidance: float = 7.0,
+        steps: int | None = None,
+        guidance: float | None = None,
         width: int = WIDTH,
-        scheduler: str = SCHEDULER,
+        scheduler: str | None = None,
         seed_image: Any = None,
         denoising: float = 0.75,
         mask: Any = None,
         progress: bool = False,
     ) -> Clip:
-        """One clip from a prompt (optionally from a seed image and a mask)."""
+        """One clip from a prompt (optionally from a seed image and a mask). Steps,
+        guidance and scheduler left None are the engine's profile's (by default 50 PNDM
+        steps at guidance 7)."""
+        guidance = self.guidance if guidance is None else guidance
         start = PromptInput(prompt, seed, negative_prompt, guidance, denoising)
         request = Request(
-            start, steps=steps, width=width, scheduler=scheduler, seed_image=seed_image, mask=mask
+            start,
+            steps=self.steps if steps is None else steps,
+            width=width,
+            scheduler=self.scheduler if scheduler is None else scheduler,
+            seed_image=seed_image,
+            mask=mask,
         )
         return self.run([request], progress=progress)[0]
 
@@ -125,14 +140,17 @@ class Engine:
         end: PromptInput | None = None,
         alpha: float = 0.0,
         *,
-        steps: int = STEPS,
+        steps: int | None = None,
         width: int = WIDTH,
-        scheduler: str = SCHEDULER,
+        scheduler: str | None = None,
         seed_image: Any = None,
         mask: Any = None,
         progress: bool = False,
     ) -> Clip:
-        """Riffusion's interpolation form: ``start`` and ``end`` blended at ``alpha``."""
+        """Riffusion's interpolation form: ``start`` and ``end`` blended at ``alpha``
+        (steps and scheduler left None are the engine's profile's)."""
+        steps = self.steps if steps is None else steps
+        scheduler = self.scheduler if scheduler is None else scheduler
         request = Request(start, end, alpha, steps, width, scheduler, seed_image, mask)
         return self.run([request], progress=progress)[0]
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ...kernels.audio import encode_audio
 from ...kernels.errors import RiffusionError
-from ..runtime.defaults import SEED_IMAGE
+from ..runtime.defaults import SCHEDULER, SEED_IMAGE
 from ..runtime.pipeline import Engine
 from ..runtime.prompts import MAX_PROMPT_CHARS
 from ..runtime.requests import MAX_SEED, Clip, PromptInput, Request
@@ -104,7 +104,15 @@ def prompt_input(engine: Engine, name: str, value: ApiPromptInput) -> PromptInpu
             engine.check_text(text, negative=negative)
         except RiffusionError as exc:
             raise FieldError(f"{name}.{field}", str(exc)) from None
-    return PromptInput(value.prompt, value.seed, value.negative_prompt, value.guidance, value.denoising)
+    guidance = engine.guidance if profiled(engine) else value.guidance
+    return PromptInput(value.prompt, value.seed, value.negative_prompt, guidance, value.denoising)
+
+
+def profiled(engine: Engine) -> bool:
+    """Whether the engine runs a profile other than the default recipe (``serve --profile
+    realtime``): then its scheduler, steps and guidance replace the client's, which a
+    few-step LoRA could not use (the web app asks for 50 steps at guidance 7)."""
+    return engine.choices is not None and engine.choices.profile.name != "default"
 
 
 def parse_input(body: bytes) -> InferenceInput:
@@ -129,6 +137,7 @@ def engine_request(
         steps = checked_steps(config, given)
     except FieldError as exc:
         raise ApiError(422, str(exc)) from None
+    steps = engine.steps if profiled(engine) else steps
 
     def image(field_name: str, image_id: str, mode: str) -> Any:
         try:
@@ -158,6 +167,7 @@ def engine_request(
             inputs.alpha,
             steps,
             seed_image.width,
+            scheduler=engine.scheduler if profiled(engine) else SCHEDULER,
             seed_image=seed_image,
             mask=mask,
         ),

@@ -44,12 +44,12 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ...kernels.errors import RiffusionError
-from ..runtime.defaults import SEED_IMAGE
+from ..runtime.defaults import SCHEDULER, SEED_IMAGE
 from ..runtime.pipeline import Engine
 from ..runtime.requests import Cancelled, PromptInput, Request
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, advance_samples, clip_samples
-from .api import ApiPromptInput, JsonInt, jpeg_data_url, prompt_input
+from .api import ApiPromptInput, JsonInt, jpeg_data_url, profiled, prompt_input
 from .batcher import Batcher
 from .config import FieldError, ServerConfig, checked_steps
 from .metrics import Metrics
@@ -280,8 +280,9 @@ class _Session:
         mask = _image(seeds, "mask_image_id", message.mask_image_id, "L")
         try:
             settings = StreamSettings(
-                steps=steps,
+                steps=engine.steps if profiled(engine) else steps,
                 width=seed_image.width,
+                scheduler=engine.scheduler if profiled(engine) else SCHEDULER,
                 alpha_step=message.alpha_step,
                 crossfade_s=message.crossfade_s,
                 continuation=message.continuation,

@@ -90,10 +90,16 @@ class Stream:
         """A stream walking from ``start`` to ``end`` and on, as Riffusion's web app does:
         prompts may be strings; ``seed_image`` is a built-in seed image id (the web app's
         ``og_beat`` by default), a PIL image or None (text to clip); ``settings`` are
-        :class:`StreamSettings` fields."""
+        :class:`StreamSettings` fields (steps and scheduler by default the engine's
+        profile's)."""
 
         def prompt_input(value: PromptInput | str) -> PromptInput:
-            return PromptInput(value) if isinstance(value, str) else value
+            # A prompt given as text runs at the engine's profile's guidance (7, or off).
+            return PromptInput(value, guidance=engine.guidance) if isinstance(value, str) else value
+
+        # Steps and scheduler left out are the engine's profile's.
+        settings.setdefault("steps", engine.steps)
+        settings.setdefault("scheduler", engine.scheduler)
 
         fields = {f.name for f in dataclasses.fields(StreamSettings)}
         unknown = sorted(set(settings) - fields)

@@ -1,0 +1,167 @@
+"""Named sets of choices a run is made with: ``default`` (Riffusion's own recipe) and
+``realtime`` (a few-step LoRA's sampler, guidance off, the tiny VAE, reduced precision).
+
+A profile fills in what the user left unset; an explicit choice overrides its own part.
+:func:`resolve` gives the choices a run actually uses, and :meth:`Choices.describe` says
+them on one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from ...export.adapters import LCM_LORA, RANDOM_LORA, Lora
+from ...export.models import is_random_preset
+from ...kernels.errors import RiffusionError
+from .defaults import SCHEDULER, STEPS
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    scheduler: str  # one of requests.SCHEDULERS
+    steps: int  # scheduler steps (a seed image at denoising d runs int(steps * d) of them)
+    guidance: float  # classifier-free guidance scale; <= 1: off, the UNet runs one row per clip
+    vae: str | None  # None: the model's own VAE; "tiny": TAESD
+    cpu_backend: str  # the backend on the CPU ("auto": the engine's own choice)
+    cpu_precision: str  # its precision there
+    cuda_precision: str  # the precision on CUDA
+    needs_lora: bool  # a real checkpoint needs a few-step LoRA for this profile's sampler
+    trades: str  # what the profile gives up, for --help and the README
+
+    def summary(self) -> str:
+        vae = "tiny VAE (TAESD)" if self.vae == "tiny" else "the model's VAE"
+        guidance = "guidance off" if self.guidance <= 1 else f"guidance {self.guidance:g}"
+        precision = f"{self.cpu_backend} {self.cpu_precision} on cpu, {self.cuda_precision} on cuda"
+        return f"{self.scheduler} {self.steps} steps, {guidance}, {vae}, {precision}"
+
+
+PROFILES: dict[str, Profile] = {
+    "default": Profile(
+        name="default",
+        scheduler=SCHEDULER,
+        steps=STEPS,
+        guidance=7.0,
+        vae=None,
+        cpu_backend="auto",
+        cpu_precision="fp32",
+        cuda_precision="fp32",
+        needs_lora=False,
+        trades="nothing: Riffusion's own recipe",
+    ),
+    "realtime": Profile(
+        name="realtime",
+        scheduler="lcm",
+        steps=4,
+        guidance=1.0,
+        vae="tiny",
+        cpu_backend="openvino",
+        cpu_precision="bf16",
+        cuda_precision="fp16",
+        needs_lora=True,
+        trades="4 LCM steps instead of 50 PNDM steps (with a few-step LoRA fused in), no guidance "
+        "(no negative prompt), TAESD's decoder instead of the VAE's, bf16/fp16 arithmetic",
+    ),
+}
+DEFAULT_PROFILE = PROFILES["default"]
+
+
+def profile(name: str | Profile | None) -> Profile:
+    if isinstance(name, Profile):
+        return name
+    if name is None:
+        return DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise RiffusionError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a run uses: the profile's choices where the user made none."""
+
+    profile: Profile
+    backend: str
+    precision: str
+    vae: str | None
+    loras: tuple[Lora, ...]
+    scheduler: str
+    steps: int
+    guidance: float
+    notes: tuple[str, ...] = ()  # where the profile's choice could not be made, and why
+
+    def describe(self, *, exported: bool = False) -> str:
+        parts = [
+            f"{self.scheduler} {self.steps} steps",
+            "guidance off" if self.guidance <= 1 else f"guidance {self.guidance:g}",
+            f"backend {self.backend}",
+            f"precision {self.precision}",
+        ]
+        if exported:
+            parts.append("LoRAs and VAE as exported")
+        else:
+            parts.append(
+                "tiny VAE" if self.vae == "tiny" else f"vae {self.vae}" if self.vae else "the model's VAE"
+            )
+            parts.append("LoRA " + ", ".join(str(x) for x in self.loras) if self.loras else "no LoRA")
+        return f"profile {self.profile.name}: " + ", ".join(parts) + "".join(f" ({n})" for n in self.notes)
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`loading.load` these choices set."""
+        return {"backend": self.backend, "precision": self.precision, "vae": self.vae, "loras": self.loras}
+
+
+def resolve(
+    name: str | Profile | None,
+    *,
+    model: str | None,
+    device: str = "cpu",
+    exported: bool = False,
+    backend: str | None = None,
+    precision: str | None = None,
+    vae: str | None = None,
+    loras: tuple[Lora, ...] | list[Any] | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Choices:
+    """The choices of profile ``name`` where the arguments are None; ``exported``: the run
+    loads an export directory, whose LoRAs and VAE were fixed when it was made."""
+    p = profile(name)
+    notes = []
+    if backend is None or backend == "auto":
+        backend = backend or "auto"
+        if device == "cpu" and p.cpu_backend != "auto" and backend == "auto":
+            if p.cpu_backend == "openvino" and importlib.util.find_spec("openvino") is None:
+                notes.append("OpenVINO is not installed: pip install 'riffusion-engine[openvino]'")
+            else:
+                backend = p.cpu_backend
+    if precision is None:
+        if device == "cuda":
+            precision = p.cuda_precision
+        else:
+            precision = p.cpu_precision if backend == "openvino" else "fp32"
+    loras = tuple(x if isinstance(x, Lora) else Lora.parse(x) for x in (loras or ()))
+    if not exported:
+        vae = vae if vae is not None else p.vae
+        if p.needs_lora and not loras:
+            if model is not None and is_random_preset(model):
+                loras = (Lora(RANDOM_LORA),)  # seeded random weights of a LoRA's shapes: real compute
+            else:
+                raise RiffusionError(
+                    f"the {p.name} profile samples in {p.steps} steps, which needs a few-step LoRA: "
+                    f"add --lora {LCM_LORA} (or --lora h1t/TCD-SD15-LoRA with --scheduler tcd)"
+                )
+    return Choices(
+        profile=p,
+        backend=backend,
+        precision=precision,
+        vae=vae,
+        loras=loras,
+        scheduler=scheduler if scheduler is not None else p.scheduler,
+        steps=steps if steps is not None else p.steps,
+        guidance=guidance if guidance is not None else p.guidance,
+        notes=tuple(notes),
+    )
