@@ -446,8 +446,12 @@ def test_cli_interpolate(tmp_path: Path) -> None:
 def test_cli_demo(tmp_path: Path) -> None:
     code, stdout, err = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
     assert code == 0, err
-    assert (tmp_path / "demo" / "clip.wav").is_file() and (tmp_path / "demo" / "spectrogram.png").is_file()
+    for name in ("clip.wav", "spectrogram.png", "clip-realtime.wav", "spectrogram-realtime.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
     assert "random weights" in stdout and "riffusion-engine generate" in stdout
+    # Both recipes side by side: 3 PNDM steps (4 UNet calls) beside the realtime profile's 4.
+    assert "unet (4 / 4 steps)" in stdout and "real-time factor" in stdout
+    assert "profile realtime: lcm 4 steps, guidance off" in stdout
     code, stdout, _ = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
     assert code == 0 and "cached" in stdout
 

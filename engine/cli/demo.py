@@ -1,4 +1,5 @@
-"""``riffusion-engine demo``: an offline end-to-end run on random:tiny through ONNX Runtime."""
+"""``riffusion-engine demo``: an offline end-to-end run on random:tiny, Riffusion's recipe
+and the realtime profile side by side."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from .common import output_dir
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline end-to-end run on random:tiny through ONNX Runtime",
+        help="offline end-to-end run on random:tiny: Riffusion's recipe and the realtime profile",
         description="Exports random:tiny to ONNX (cached in DIR/export), generates a clip through the "
-        "onnxruntime backend and writes clip.wav, spectrogram.png and a per-stage timing table. "
+        "onnxruntime backend with Riffusion's recipe (--steps PNDM steps, guidance 7), then exports it "
+        "again with the realtime profile's random few-step LoRA and tiny VAE (DIR/export-realtime) and "
+        "generates the same prompt in 4 LCM steps, guidance off, bf16 on OpenVINO where installed. "
+        "Writes clip.wav, clip-realtime.wav, spectrogram.png, spectrogram-realtime.png and both "
+        "per-stage timings side by side. "
         "Random weights do not make music: this shows the machinery, offline, in seconds.",
     )
     p.add_argument(
@@ -27,41 +32,73 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
     from ..runtime.loading import load
+    from ..runtime.profiles import resolve
     from ..runtime.requests import PromptInput, Request
 
     # 1. Check the request: bad steps or seed fail before the export.
     Request(PromptInput(args.prompt, args.seed), steps=args.steps)
     out_dir = output_dir(args.output)
-    # 2. Export random:tiny to ONNX into DIR/export (a cache hit when it is already there).
+    # 2. Riffusion's recipe: random:tiny to ONNX in DIR/export (a cache hit when it is there),
+    #    on onnxruntime, --steps PNDM steps at guidance 7.
     begin = time.perf_counter()
     result = export(ExportConfig(model="random:tiny"), out_dir / "export", progress=True)
-    export_s = time.perf_counter() - begin
-    # 3. Load the export on onnxruntime and generate one clip.
+    export_s = [time.perf_counter() - begin]
     engine = load(artifacts=out_dir / "export", backend="onnxruntime")
-    clip = engine.generate(args.prompt, seed=args.seed, steps=args.steps, progress=True)
-    # 4. Write the clip and its spectrogram.
-    clip.save(out_dir / "clip.wav")
-    clip.save(out_dir / "spectrogram.png")
-    # 5. Print the per-stage table and what to run with the real checkpoint.
-    t = clip.timings
-    rows = [("export (random:tiny -> ONNX)" + (", cached" if result.cache_hit else ""), export_s)]
-    rows += [
-        (name, t[key])
-        for key, name in (
-            ("text_encoder", "text encoder"),
-            ("unet", f"unet + scheduler ({int(t['unet_steps'])} steps)"),
-            ("vae_decoder", "vae decoder"),
-            ("image_to_audio", "image -> audio"),
-        )
-    ]
-    print(f"{'stage':<34}{'seconds':>9}{'real-time factor':>18}")
-    for name, seconds in rows:
-        print(f"{name:<34}{seconds:>9.3f}{seconds / clip.duration_s:>18.3f}")
-    print(f"wrote {out_dir}/clip.wav and spectrogram.png ({clip.duration_s:.2f} s of audio)")
+    clips = [engine.generate(args.prompt, seed=args.seed, steps=args.steps, progress=True)]
+    # 3. The realtime profile: a (random) few-step LoRA fused in and the tiny VAE, exported to
+    #    DIR/export-realtime; 4 LCM steps, guidance off, bf16 on OpenVINO where installed.
+    choices = resolve("realtime", model="random:tiny")
+    print(choices.describe())
+    begin = time.perf_counter()
+    realtime = export(
+        ExportConfig(
+            model="random:tiny",
+            fuse=choices.backend != "openvino",  # OpenVINO runs unfused graphs
+            variant=Variant(choices.loras, choices.vae),
+        ),
+        out_dir / "export-realtime",
+        progress=True,
+    )
+    export_s.append(time.perf_counter() - begin)
+    engine = load(
+        artifacts=out_dir / "export-realtime",
+        backend=choices.backend,
+        precision=choices.precision,
+        profile="realtime",
+    )
+    engine.generate(args.prompt, seed=args.seed)  # untimed: OpenVINO compiles on the first call
+    clips.append(engine.generate(args.prompt, seed=args.seed, progress=True))
+    # 4. Write the clips and their spectrograms.
+    for clip, suffix in zip(clips, ("", "-realtime"), strict=True):
+        clip.save(out_dir / f"clip{suffix}.wav")
+        clip.save(out_dir / f"spectrogram{suffix}.png")
+    # 5. Print the per-stage table side by side and what to run with the real checkpoint.
+    cached = [r.cache_hit for r in (result, realtime)]
+    print(f"{'stage':<24}{'default (s)':>14}{'realtime (s)':>14}")
+    print(f"{'export' + (' (cached)' if all(cached) else ''):<24}{export_s[0]:>14.3f}{export_s[1]:>14.3f}")
+    steps = [f"{int(c.timings['unet_steps'])}" for c in clips]
+    for key, name in (
+        ("text_encoder", "text encoder"),
+        ("unet", f"unet ({steps[0]} / {steps[1]} steps)"),
+        ("vae_decoder", "vae decoder"),
+        ("image_to_audio", "image -> audio"),
+    ):
+        print(f"{name:<24}{clips[0].timings[key]:>14.3f}{clips[1].timings[key]:>14.3f}")
+    totals = [sum(v for k, v in c.timings.items() if k != "unet_steps") for c in clips]
+    print(f"{'total':<24}{totals[0]:>14.3f}{totals[1]:>14.3f}")
+    factors = [total / clip.duration_s for total, clip in zip(totals, clips, strict=True)]
+    print(f"{'real-time factor':<24}{factors[0]:>14.3f}{factors[1]:>14.3f}")
     print(
-        "random:tiny has random weights: the clip is noise, not music. With the real checkpoint "
+        f"wrote {out_dir}/clip.wav and clip-realtime.wav, spectrogram.png and spectrogram-realtime.png "
+        f"({clips[0].duration_s:.2f} s of audio each; a real-time factor below 1 is faster than it plays)"
+    )
+    print(
+        "random:tiny has random weights: the clips are noise, not music. With the real checkpoint "
         "(downloaded once from the Hugging Face hub):\n"
-        '  riffusion-engine generate "funky jazz saxophone" -o clip.wav --image clip.png'
+        '  riffusion-engine generate "funky jazz saxophone" -o clip.wav --image clip.png\n'
+        '  riffusion-engine generate "funky jazz saxophone" -o clip.wav --profile realtime '
+        "--lora latent-consistency/lcm-lora-sdv1-5"
     )

@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+from .common import add_variant_args
+
 
 def add_parser(sub: Any) -> None:
     from ...export.specs import HEIGHT, WIDTH
@@ -34,8 +36,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16"),
-        default="fp32",
-        help="fp16: ONNX Runtime fp16 graphs (the VAE stays fp32 if it overflows) or TensorRT fp16 kernels",
+        default=None,
+        help="fp16: ONNX Runtime fp16 graphs (the VAE stays fp32 if it overflows) or TensorRT fp16 kernels "
+        "(default: fp32; with --profile realtime, fp16 on cuda)",
     )
     p.add_argument(
         "--device",
@@ -62,18 +65,29 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed of random presets (default: 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_variant_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
     from ...export.manifest import Manifest
     from ...export.specs import ShapeProfile
+    from ..runtime.profiles import resolve
 
+    device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
+    choices = resolve(
+        args.profile, model=args.model, device=device, precision=args.precision, vae=args.vae, loras=args.lora
+    )
+    if args.profile != "default" or choices.loras or choices.vae is not None:
+        print(choices.describe())
     config = ExportConfig(
         model=args.model,
         target=args.target,
-        precision=args.precision,
+        # bf16 is OpenVINO's arithmetic on an fp32 export, chosen when it runs
+        precision="fp32" if choices.precision == "bf16" else choices.precision,
+        variant=Variant(choices.loras, choices.vae),
         profile=ShapeProfile(
             height=args.height,
             width=args.width,
