@@ -25,7 +25,16 @@ def add_parser(sub: Any) -> None:
         default="fp32",
         help="engine precision (bf16: openvino)",
     )
-    p.add_argument("--steps", type=int, default=10, help="scheduler steps (default: 10)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="scheduler steps (default: 10; realtime profile: 4)"
+    )
+    p.add_argument(
+        "--profile",
+        choices=("default", "realtime"),
+        default="default",
+        help="realtime: every row (diffusers' reference included) runs the realtime profile's "
+        "scheduler, steps, guidance, few-step LoRA and tiny VAE (default: default)",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
@@ -51,7 +60,9 @@ def run(args: argparse.Namespace) -> None:
         model=args.model,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         precision=args.precision,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else 4 if args.profile == "realtime" else 10,
+        guidance=1.0 if args.profile == "realtime" else 7.0,
+        profile=args.profile,
         runs=args.runs,
         warmup=args.warmup,
         device=args.device,

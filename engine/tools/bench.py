@@ -12,7 +12,8 @@ run alternated (A B C A B C ...) so that drift hits all of them.
 JSON schema (``schema`` 2)::
 
     schema         2
-    config         the options of the run
+    config         the options of the run (``profile``: default or realtime, whose scheduler,
+                   steps, guidance, LoRA and VAE the reference and every backend run)
     environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {installed package: version}}
     audio_seconds  length of the clip
     peak_rss_bytes the process's peak resident memory (all runs; one process)
@@ -72,6 +73,7 @@ class BenchConfig:
     guidance: float = 7.0  # guidance scale
     seed: int = 0  # noise seed
     cache_dir: str | None = None  # where exports made on first use go
+    profile: str = "default"  # realtime: its scheduler, steps, guidance, LoRA and VAE on every row
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -115,15 +117,19 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             precision=config.precision,
             cache_dir=config.cache_dir,
             progress=progress,
+            profile=config.profile,
         )
         for name in order
     }
     engines = {name: loaded[name] for name in config.backends}
-    reference = ReferencePipeline(config.model, config.device)
+    # The reference runs what the engines run: under a profile, its LoRA fused by diffusers,
+    # its VAE and its scheduler.
+    choices = engines[config.backends[0]].choices if config.profile != "default" else None
+    reference = ReferencePipeline(config.model, config.device, choices=choices)
     settings = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
     calls: dict[str, Callable[[Round], Any]] = {"reference": lambda _: reference.run(PROMPT, **settings)}
     for name, engine in engines.items():
-        calls[name] = lambda _, engine=engine: engine.generate(PROMPT, **settings)
+        calls[name] = lambda _, engine=engine: engine.generate(PROMPT, scheduler=engine.scheduler, **settings)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
 
     def record(name: str, round_: Round, seconds: float, output: Any) -> None:

@@ -86,12 +86,26 @@ class _Timer:
 class ReferencePipeline:
     """diffusers' pipeline (fp32 eager) plus the original audio conversion (librosa)."""
 
-    def __init__(self, model: str, device: str = "cpu") -> None:
+    def __init__(self, model: str, device: str = "cpu", *, choices: Any = None) -> None:
+        """``choices`` (a profile's, :class:`Choices`): its LoRAs fused by diffusers, its
+        VAE (AutoencoderTiny) and its scheduler; None: the model as published, PNDM."""
+        import diffusers
         import torch
 
+        from ...export.adapters import Variant
         from ...export.models import diffusers_pipeline, load_components
+        from ..runtime.requests import SCHEDULERS, STEP_OPTIONS
 
-        self.pipe = diffusers_pipeline(load_components(model, seed=0)).to(device)
+        variant = Variant(choices.loras, choices.vae) if choices is not None else None
+        components = load_components(model, seed=0, variant=variant)
+        scheduler = None
+        self.step_options: dict[str, Any] = {}
+        if choices is not None:
+            class_name, overrides = SCHEDULERS[choices.scheduler]
+            config = {**dict(components.scheduler.config), **overrides}
+            scheduler = getattr(diffusers, class_name).from_config(config)
+            self.step_options = dict(STEP_OPTIONS.get(choices.scheduler, {}))
+        self.pipe = diffusers_pipeline(components, scheduler=scheduler).to(device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.timers = {
             "text_encoder": _Timer(self.pipe.text_encoder, sync),
@@ -116,6 +130,7 @@ class ReferencePipeline:
             width=WIDTH,
             generator=self._torch.Generator("cpu").manual_seed(seed),
             output_type="np",
+            **self.step_options,
         ).images[0]
         pixels = (image * 255).round().astype(np.uint8)
         begin_audio = time.perf_counter()
