@@ -4,9 +4,11 @@ lookahead 1, 2 and 4, and several streams at once through the server's scheduler
     python benchmarks/bench_stream.py --model random:tiny --duration 60 \\
         --json benchmarks/results/stream-random-tiny-cpu.json
     python benchmarks/bench_stream.py --model random:full --device cuda --precision fp16 --duration 60
+    python benchmarks/bench_stream.py --model random:full --profile realtime --rows on1 --duration 60
 
 Each stream walks at Riffusion's web-app settings (50 steps, denoising 0.75 on the
-og_beat seed image, alpha step 0.25) until it has made ``--duration`` seconds of audio.
+og_beat seed image, alpha step 0.25; with --profile realtime, its 4 LCM steps and no
+guidance) until it has made ``--duration`` seconds of audio.
 The margin is audio seconds made per wall second (1 or more keeps up with playback);
 an underrun is a clip ready after it was due, playback having started when the first
 clip was ready. Several streams share one engine through the server's batcher (clips
@@ -60,7 +62,7 @@ def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[st
     results: list[dict[str, Any]] = [{} for _ in range(streams)]
 
     def one(i: int) -> None:
-        start = PromptInput("church bells on sunday", 1000 * i)
+        start = PromptInput("church bells on sunday", 1000 * i, guidance=engine.guidance)
         began = time.perf_counter()
         made: list[float] = []
         seconds = 0.0
@@ -111,11 +113,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
-    parser.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    parser.add_argument(
+        "--backend", default=None, help="engine backend (default: torch; with --profile realtime, its own)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--precision", default="fp32", help="fp32 or fp16 (default: fp32)")
+    parser.add_argument("--precision", default=None, help="fp32, fp16 or bf16 (default: the profile's)")
+    parser.add_argument(
+        "--profile",
+        default="default",
+        choices=("default", "realtime"),
+        help="realtime: its few-step LoRA, tiny VAE, lcm at 4 steps, guidance off (default: default)",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="audio seconds per stream (default: 60)")
-    parser.add_argument("--steps", type=int, default=50, help="steps per clip (default: 50, the web app's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per clip (default: the profile's: 50, the web app's; realtime: 4)",
+    )
     parser.add_argument("--streams", type=int, default=2, help="streams at once in the last row (default: 2)")
     parser.add_argument(
         "--rows",
@@ -127,15 +142,24 @@ def main() -> None:
     args = parser.parse_args()
 
     from riffusion_engine import load
+    from riffusion_engine.engine.runtime.profiles import cpu_features
     from riffusion_engine.kernels.errors import RiffusionError
 
     try:
         engine = load(
-            args.model, backend=args.backend, device=args.device, precision=args.precision, progress=True
+            args.model,
+            backend=args.backend or ("torch" if args.profile == "default" else "auto"),
+            device=args.device,
+            precision=args.precision,
+            profile=args.profile,
+            progress=True,
         )
     except RiffusionError as exc:
         raise SystemExit(f"bench_stream: {exc}") from None
-    base = {"steps": args.steps, "alpha_step": 0.25}
+    if engine.choices is not None:
+        print(engine.choices.describe())
+    args.steps = args.steps or engine.steps
+    base = {"steps": args.steps, "scheduler": engine.scheduler, "alpha_step": 0.25}
     table = {
         "off1": (1, {**base, "pipeline": False, "lookahead": 1}),
         "on1": (1, {**base, "pipeline": True, "lookahead": 1}),
@@ -171,6 +195,8 @@ def main() -> None:
             "backend": args.backend,
             "device": args.device,
             "precision": args.precision,
+            "profile": engine.choices.describe() if engine.choices is not None else "default",
+            "cpu_features": list(cpu_features()),
             "duration_s": args.duration,
             "rows": dict(zip(names, rows, strict=True)),
             "pipelining_speedup": speedup,

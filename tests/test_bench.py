@@ -53,6 +53,28 @@ def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
         assert chart.format == "PNG" and chart.width > 0
 
 
+def test_bench_with_the_realtime_profile(tmp_path: Path) -> None:
+    code, stdout, err = run_cli(
+        "bench", "--model", "random:tiny", "--profile", "realtime", "--backends", "torch",
+        "--runs", "1", "--warmup", "0", "--default-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+        "--json", str(tmp_path / "out.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["config"]["profile"] == "realtime" and report["config"]["steps"] == 4
+    assert "cpu_features" in report["environment"]
+    seeded = " @ og_beat 0.75"
+    rows = ["reference", "torch", "torch default"]
+    assert list(report["results"]) == rows + [row + seeded for row in rows]
+    for suffix in ("", seeded):
+        # The torch backend is diffusers' pipeline with the same LoRA fused, AutoencoderTiny and LCM.
+        torch_row = report["results"]["torch" + suffix]
+        assert torch_row["agreement"]["share_within_one_gray_level"] >= 0.99
+        assert torch_row["speedup_vs_default"] > 0 and torch_row["real_time_factor"] > 0
+        assert "speedup_vs_default" not in report["results"]["torch default" + suffix]
+    assert "vs default" in stdout and "cpu:" in stdout
+
+
 def test_bench_config_errors() -> None:
     with pytest.raises(RiffusionError, match="backends must be among"):
         BenchConfig(backends=("jax",))

@@ -297,3 +297,52 @@ def test_generate_with_the_realtime_profile_says_what_it_used(tmp_path) -> None:
     assert first.startswith("profile realtime: tcd 4 steps, guidance off, backend torch"), first
     assert "tiny VAE" in first and "LoRA random:lora" in first
     assert "(4 UNet calls" in out
+
+
+def test_the_server_runs_its_profile_whatever_the_client_asks() -> None:
+    """serve --profile realtime: the web app's request (50 steps, guidance 7) runs at the
+    profile's 4 LCM steps with guidance off; /stream says its profile and refuses another."""
+    import base64
+    import io
+    import json
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import soundfile
+    from riffusion_engine.engine.runtime.seeds import seed_image
+    from riffusion_engine.engine.serve.app import background, create_app
+    from riffusion_engine.engine.serve.config import ServerConfig
+    from websockets.sync.client import connect
+
+    engine = load("random:tiny", backend="torch", profile="realtime")
+    ends = [
+        {"prompt": p, "seed": s, "denoising": 0.75, "guidance": 7.0} for p, s in (("jazz", 4), ("rock", 5))
+    ]
+    body = {"alpha": 0.25, "num_inference_steps": 50, "seed_image_id": "og_beat", "format": "wav"}
+    body.update(start=ends[0], end=ends[1])
+    with background(create_app(engine, ServerConfig(max_steps=1000))) as url:
+        answer = httpx.post(url + "/run_inference/", json=body, timeout=300)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Inference-Steps"] == "4"
+        encoded = answer.json()["audio"].split(",", 1)[1]
+        audio, _ = soundfile.read(io.BytesIO(base64.b64decode(encoded)), dtype="int16")
+        start, end = (PromptInput(e["prompt"], e["seed"], None, 1.0, 0.75) for e in ends)
+        request = Request(start, end, 0.25, 4, 512, "lcm", seed_image("og_beat"))
+        (expected,) = engine.run([request])
+        np.testing.assert_array_equal(audio, expected.audio[0])
+        socket_url = url.replace("http://", "ws://") + "/stream"
+        message = {"type": "start", "start": {"prompt": "jazz", "seed": 1}, "num_inference_steps": 50}
+        with connect(socket_url) as ws:
+            ws.send(json.dumps({**message, "profile": "default"}))
+            event = json.loads(ws.recv(timeout=120))
+            assert event["type"] == "error" and event["field"] == "profile", event
+        with connect(socket_url) as ws:
+            ws.send(json.dumps({**message, "profile": "realtime"}))
+            event = json.loads(ws.recv(timeout=120))
+            assert event["type"] == "ready", event
+            assert (event["profile"], event["scheduler"], event["steps"], event["guidance"]) == (
+                "realtime",
+                "lcm",
+                4,
+                1.0,
+            )

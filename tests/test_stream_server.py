@@ -251,6 +251,8 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
             page.goto(url + "/?steps=3&alpha_step=1&seed=5")
             page.click("#play")
             page.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+            # The server's profile, as its ready event says it.
+            assert page.inner_text("#profile") == "profile default: pndm, 3 steps, guidance 7"
             page.fill("#prompt", "dub techno with a choir")
             page.press("#prompt", "Enter")
             page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)

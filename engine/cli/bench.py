@@ -22,8 +22,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "bf16"),
-        default="fp32",
-        help="engine precision (bf16: openvino)",
+        default=None,
+        help="engine precision (bf16: openvino; default: the profile's: fp32; realtime: bf16 on "
+        "openvino where the CPU has bf16 instructions)",
+    )
+    p.add_argument(
+        "--default-steps",
+        type=int,
+        default=50,
+        help="with --profile realtime: also run the engine's default recipe (PNDM at these steps, "
+        "guidance 7) on the first backend, for scale; 0 leaves it out (default: 50)",
     )
     p.add_argument(
         "--steps", type=int, default=None, help="scheduler steps (default: 10; realtime profile: 4)"
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
         steps=args.steps if args.steps is not None else 4 if args.profile == "realtime" else 10,
         guidance=1.0 if args.profile == "realtime" else 7.0,
         profile=args.profile,
+        default_steps=args.default_steps,
         runs=args.runs,
         warmup=args.warmup,
         device=args.device,

@@ -8,6 +8,7 @@ them on one line.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,24 @@ from ...export.adapters import LCM_LORA, RANDOM_LORA, Lora
 from ...export.models import is_random_preset
 from ...kernels.errors import RiffusionError
 from .defaults import SCHEDULER, STEPS
+
+# The CPU instructions the profiles' precisions depend on, as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # bf16 arithmetic in hardware
+
+
+@functools.cache
+def cpu_features() -> tuple[str, ...]:
+    """Which of :data:`CPU_FEATURES` this CPU has (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return tuple(name for name in CPU_FEATURES if name in flags)
+    except OSError:
+        pass
+    return ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +162,10 @@ def resolve(
             precision = p.cuda_precision
         else:
             precision = p.cpu_precision if backend == "openvino" else "fp32"
+            if precision == "bf16" and not any(f in cpu_features() for f in BF16_FEATURES):
+                # OpenVINO would run f32 anyway: say so rather than claim bf16
+                precision = "fp32"
+                notes.append("this CPU has no bf16 instructions (AVX-512 BF16 or AMX): fp32")
     loras = tuple(x if isinstance(x, Lora) else Lora.parse(x) for x in (loras or ()))
     if not exported:
         vae = vae if vae is not None else p.vae

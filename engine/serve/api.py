@@ -115,6 +115,10 @@ def profiled(engine: Engine) -> bool:
     return engine.choices is not None and engine.choices.profile.name != "default"
 
 
+def profile_name(engine: Engine) -> str:
+    return engine.choices.profile.name if engine.choices is not None else "default"
+
+
 def parse_input(body: bytes) -> InferenceInput:
     """The request body as :class:`InferenceInput` (JSON whatever the Content-Type)."""
     try:

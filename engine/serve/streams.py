@@ -15,7 +15,8 @@ The client sends JSON control messages; the first must be ``start``::
 Prompt inputs are the API's (``/run_inference/``'s ``start``/``end``) and are checked
 the same way. The server sends JSON events and binary audio:
 
-    {"type": "ready", "sample_rate": 44100, "channels": 1, "format": "pcm_s16le", ...}
+    {"type": "ready", "sample_rate": 44100, "channels": 1, "format": "pcm_s16le",
+     "profile": "realtime", "scheduler": "lcm", "steps": 4, "guidance": 1.0, ...}
     {"type": "clip", "index": N, "start": {...}, "end": {...}, "alpha": 0.25, "start_s": ...,
      "samples": ..., "image": "data:image/jpeg;base64,...", "margin": 1.8, "ahead_s": 3.2,
      "behind": false}   followed by one binary frame: the chunk's audio, 16-bit PCM
@@ -49,7 +50,7 @@ from ..runtime.pipeline import Engine
 from ..runtime.requests import Cancelled, PromptInput, Request
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from ..stream import Stream, StreamSettings, advance_samples, clip_samples
-from .api import ApiPromptInput, JsonInt, jpeg_data_url, profiled, prompt_input
+from .api import ApiPromptInput, JsonInt, jpeg_data_url, profile_name, profiled, prompt_input
 from .batcher import Batcher
 from .config import FieldError, ServerConfig, checked_steps
 from .metrics import Metrics
@@ -74,6 +75,8 @@ class StartMessage(_Message):
     alpha_step: float = Field(0.25, gt=0, le=1, allow_inf_nan=False)
     crossfade_s: float = Field(0.2, ge=0, le=2.5, allow_inf_nan=False)
     continuation: bool = False
+    # The profile the client expects; the server runs one (serve --profile), and refuses another.
+    profile: Literal["default", "realtime"] | None = None
 
 
 class PromptMessage(_Message):
@@ -270,6 +273,12 @@ class _Session:
 
     def _start(self, message: StartMessage) -> Stream:
         engine, seeds, config = self.engine, self.hub.seeds, self.config
+        runs = profile_name(engine)
+        if message.profile is not None and message.profile != runs:
+            raise MessageError(
+                "profile",
+                f"this server runs the {runs} profile; `serve --profile {message.profile}` runs the other",
+            )
         try:
             steps = checked_steps(config, message.num_inference_steps)
         except FieldError as exc:
@@ -324,6 +333,11 @@ class _Session:
                 "overlap_s": self.stream.overlap_samples / params.sample_rate,
                 "buffer": self.config.stream_buffer,
                 "lifetime_s": self.config.stream_lifetime_s,
+                # what every clip of the stream runs: the server's profile
+                "profile": profile_name(self.engine),
+                "scheduler": self.stream.settings.scheduler,
+                "steps": self.stream.settings.steps,
+                "guidance": self.stream.walk.start.guidance,
             }
         )
 

@@ -14,7 +14,8 @@ JSON schema (``schema`` 2)::
     schema         2
     config         the options of the run (``profile``: default or realtime, whose scheduler,
                    steps, guidance, LoRA and VAE the reference and every backend run)
-    environment    {"cpu", "cores", "gpu", "python", "platform", "versions": {installed package: version}}
+    environment    {"cpu", "cpu_features", "cores", "gpu", "python", "platform",
+                    "versions": {installed package: version}}
     audio_seconds  length of the clip
     peak_rss_bytes the process's peak resident memory (all runs; one process)
     peak_gpu_bytes the device's peak memory in use above its level before the engines loaded
@@ -25,6 +26,8 @@ JSON schema (``schema`` 2)::
                       "stages": {stage: {"median_s", "p90_s", "runs": [seconds, ...]}},
                       "real_time_factor": end-to-end median / audio seconds,
                       "speedup": {stage: reference median / this median} (backends only),
+                      "speedup_vs_default": the engine's default recipe's end-to-end median /
+                                    this one's, same mode (profiled rows only),
                       "agreement": {"max_abs_gray_levels", "share_within_one_gray_level",
                                     "spectral_convergence", "spectral_convergence_vs_reference"}}}
 
@@ -34,6 +37,12 @@ and scheduler arithmetic between calls included, timed from an idle device to a 
 one), ``vae_decoder``, ``image_to_audio``, ``end_to_end``. ``spectral_convergence`` is
 the audio's against the generated image's mel spectrogram (lower is better);
 ``spectral_convergence_vs_reference`` against the reference audio's.
+
+With ``profile`` realtime, every row runs the profile (the reference: diffusers with the
+same LoRA fused, AutoencoderTiny and scheduler), in two modes: text to clip, and the web
+app's (``og_beat`` at denoising 0.75; rows named ``NAME @ og_beat 0.75``). A row ``BACKEND
+default`` (and its seed-image twin) runs the engine's default recipe (PNDM at
+``default_steps``, guidance 7, no LoRA, the model's VAE) for scale.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ class BenchConfig:
 
     model: str = "random:full"  # model source (random presets need no download)
     backends: tuple[str, ...] = ("torch", "onnxruntime")  # engine backends to measure
-    precision: str = "fp32"  # engine precision (the reference is always fp32)
+    precision: str | None = None  # engine precision (None: the profile's); the reference is fp32
     steps: int = 10  # scheduler steps (PNDM, Riffusion's)
     runs: int = 3  # timed rounds
     warmup: int = 1  # untimed rounds first
@@ -74,6 +83,10 @@ class BenchConfig:
     seed: int = 0  # noise seed
     cache_dir: str | None = None  # where exports made on first use go
     profile: str = "default"  # realtime: its scheduler, steps, guidance, LoRA and VAE on every row
+    # With a profile other than default: the engine's default recipe (PNDM, guidance 7, the
+    # model's VAE, no LoRA) at these steps on the first backend, for scale; 0 leaves it out.
+    default_steps: int = 50
+    denoising: float = 0.75  # the seed-image mode's (the web app's og_beat at 0.75)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -122,21 +135,49 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         for name in order
     }
     engines = {name: loaded[name] for name in config.backends}
+    profiled = config.profile != "default"
+    if profiled and config.default_steps:
+        first = config.backends[0]
+        engines[f"{first} default"] = load(
+            config.model,
+            backend=first,
+            device=config.device,
+            precision=config.precision if config.precision != "bf16" or first == "openvino" else None,
+            cache_dir=config.cache_dir,
+            progress=progress,
+        )
     # The reference runs what the engines run: under a profile, its LoRA fused by diffusers,
     # its VAE and its scheduler.
-    choices = engines[config.backends[0]].choices if config.profile != "default" else None
+    choices = engines[config.backends[0]].choices if profiled else None
     reference = ReferencePipeline(config.model, config.device, choices=choices)
     settings = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
-    calls: dict[str, Callable[[Round], Any]] = {"reference": lambda _: reference.run(PROMPT, **settings)}
-    for name, engine in engines.items():
-        calls[name] = lambda _, engine=engine: engine.generate(PROMPT, scheduler=engine.scheduler, **settings)
+    # Modes: text to clip; under a profile also the web app's, a seed image at denoising 0.75.
+    modes: dict[str, Any] = {"": None}
+    if profiled:
+        from ..runtime.defaults import SEED_IMAGE
+        from ..runtime.seeds import seed_image
+
+        modes[f" @ {SEED_IMAGE} {config.denoising:g}"] = seed_image(SEED_IMAGE, params)
+    calls: dict[str, Callable[[Round], Any]] = {}
+    for suffix, image in modes.items():
+        options = {"seed_image": image, "denoising": config.denoising} if image is not None else {}
+        calls["reference" + suffix] = lambda _, options=options: reference.run(PROMPT, **settings, **options)
+        for name, engine in engines.items():
+            if name.endswith(" default"):
+                run = {"steps": config.default_steps, "guidance": 7.0, "scheduler": engine.scheduler}
+            else:
+                run = {**settings, "scheduler": engine.scheduler}
+            run = {**run, "seed": config.seed}
+            calls[name + suffix] = lambda _, engine=engine, run=run, options=options: engine.generate(
+                PROMPT, **run, **options
+            )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
 
     def record(name: str, round_: Round, seconds: float, output: Any) -> None:
         bar.update()
         if round_.warmup:
             return
-        if name == "reference":
+        if name.startswith("reference"):
             runs[name].append(output[0])
             return
         t = output.timings
@@ -153,16 +194,21 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     rounds = config.warmup + config.runs
     with tqdm(total=rounds * len(calls), desc="bench", unit="run", disable=not progress) as bar:
         last = alternate(calls, runs=config.runs, warmup=config.warmup, after=record).outputs
-    outputs = {name: (np.asarray(clip.image), clip.audio) for name, clip in last.items() if name in engines}
-    outputs["reference"] = last["reference"][1:]
-
+    outputs = {
+        name: out[1:] if name.startswith("reference") else (np.asarray(out.image), out.audio)
+        for name, out in last.items()
+    }
     audio_seconds = outputs["reference"][1].shape[-1] / params.sample_rate
-    ref_pixels, ref_audio = outputs["reference"]
-    ref_audio_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
 
     def agreement(name: str) -> dict[str, float]:
-        pixels, audio = outputs[name]
+        """Against the reference of the same mode (and recipe: a default row's images are
+        another model's, so its agreement says how far the profile moved them)."""
         from ...kernels.image import spectrogram_from_pixels
+
+        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
+        pixels, audio = outputs[name]
+        ref_pixels, ref_audio = outputs["reference" + suffix]
+        ref_audio_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
 
         mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)
         gray = np.abs(pixels.astype(int) - ref_pixels.astype(int))
@@ -183,11 +229,22 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             "real_time_factor": stages["end_to_end"]["median_s"] / audio_seconds,
             "agreement": agreement(name),
         }
-        if name != "reference":
+        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
+        if not name.startswith("reference"):
             entry["speedup"] = {
-                s: results["reference"]["stages"][s]["median_s"] / stages[s]["median_s"] for s in STAGES
+                s: results["reference" + suffix]["stages"][s]["median_s"] / stages[s]["median_s"]
+                for s in STAGES
             }
         results[name] = entry
+    for name, entry in results.items():
+        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
+        default = next((n for n in results if n.endswith(" default" + suffix)), None)
+        if default is not None and name != default and not name.startswith("reference"):
+            # how many times faster than the engine's own default recipe, same mode, same run
+            entry["speedup_vs_default"] = (
+                results[default]["stages"]["end_to_end"]["median_s"]
+                / entry["stages"]["end_to_end"]["median_s"]
+            )
     peak_gpu = memory.stop() if memory is not None else None
     peak_torch = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
     return {
@@ -227,6 +284,18 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{label:<16}" + "".join(f"{report['results'][n]['agreement'][key]:>26.4f}" for n in names)
         )
+    if any("speedup_vs_default" in report["results"][n] for n in names):
+        lines.append(
+            f"{'vs default':<16}"
+            + "".join(
+                f"{report['results'][n]['speedup_vs_default']:>25.1f}x"
+                if "speedup_vs_default" in report["results"][n]
+                else f"{'':>26}"
+                for n in names
+            )
+        )
+    features = ", ".join(report["environment"].get("cpu_features", [])) or "none of AVX2/AVX-512/AMX"
+    lines.append(f"cpu: {report['environment']['cpu']} ({features})")
     memory = f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     if report.get("peak_gpu_bytes") is not None:
         memory += (

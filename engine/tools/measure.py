@@ -90,11 +90,13 @@ def cpu_model() -> str:
 def environment() -> dict[str, Any]:
     """The machine and the installed versions a report was measured with."""
     from ...export.artifacts import gpu_info, tool_versions
+    from ..runtime.profiles import cpu_features
 
     names = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "diffusers", "transformers")
     versions = {k: v for k, v in tool_versions((*names, "numpy", "scipy", "librosa")).items() if v}
     return {
         "cpu": cpu_model(),
+        "cpu_features": list(cpu_features()),  # bf16 and int8 instructions the figures depend on
         "cores": os.cpu_count(),
         "gpu": gpu_info(),
         "python": sys.version.split()[0],

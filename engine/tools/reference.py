@@ -106,6 +106,8 @@ class ReferencePipeline:
             scheduler = getattr(diffusers, class_name).from_config(config)
             self.step_options = dict(STEP_OPTIONS.get(choices.scheduler, {}))
         self.pipe = diffusers_pipeline(components, scheduler=scheduler).to(device)
+        # img2img over the same modules (the timers below see both pipelines' calls)
+        self.img2img = diffusers_pipeline(components, img2img=True, scheduler=self.pipe.scheduler).to(device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.timers = {
             "text_encoder": _Timer(self.pipe.text_encoder, sync),
@@ -115,21 +117,31 @@ class ReferencePipeline:
         self._torch = torch
 
     def run(
-        self, prompt: str, *, steps: int, guidance: float, seed: int
+        self,
+        prompt: str,
+        *,
+        steps: int,
+        guidance: float,
+        seed: int,
+        seed_image: Any = None,
+        denoising: float = 0.75,
     ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
         """Seconds per stage (``text_encoder`` and ``vae_decoder`` in all, ``unet_step`` per
-        guided call, ``image_to_audio``, ``end_to_end``), the image's pixels (uint8) and the
-        audio (int16)."""
+        UNet call, ``image_to_audio``, ``end_to_end``), the image's pixels (uint8) and the
+        audio (int16); from ``seed_image`` at ``denoising`` when given (img2img)."""
         start = time.perf_counter()
-        image = self.pipe(
+        if seed_image is None:
+            pipe, inputs = self.pipe, {"height": HEIGHT, "width": WIDTH}
+        else:
+            pipe, inputs = self.img2img, {"image": seed_image, "strength": denoising}
+        image = pipe(
             prompt,
             negative_prompt="",
             num_inference_steps=steps,
             guidance_scale=guidance,
-            height=HEIGHT,
-            width=WIDTH,
             generator=self._torch.Generator("cpu").manual_seed(seed),
             output_type="np",
+            **inputs,
             **self.step_options,
         ).images[0]
         pixels = (image * 255).round().astype(np.uint8)

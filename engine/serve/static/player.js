@@ -2,6 +2,7 @@
 // (each chunk an AudioBuffer scheduled to start where the previous one ends), a
 // scrolling spectrogram, and a "falling behind" indicator. Settings come from the URL
 // query, as in Riffusion's web app: ?steps=50&alpha_step=0.25&seed_image=og_beat&denoising=0.75&seed=N
+// (&profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs)
 "use strict";
 
 const query = new URLSearchParams(location.search);
@@ -48,6 +49,8 @@ function start() {
       seed_image_id: query.get("seed_image") || "og_beat",
       num_inference_steps: number("steps", 50),
       alpha_step: number("alpha_step", 0.25),
+      // ?profile=realtime or default: the profile this page expects (the server runs one)
+      ...(query.has("profile") ? { profile: query.get("profile") } : {}),
     }));
     player.state = "playing";
     status("waiting for the first clip...");
@@ -64,6 +67,9 @@ function onEvent(event) {
   if (event.type === "ready") {
     sampleRate = event.sample_rate;
     channels = event.channels;
+    player.profile = event.profile;
+    el("profile").textContent = `profile ${event.profile}: ${event.scheduler}, ${event.steps} steps, ` +
+      (event.guidance > 1 ? `guidance ${event.guidance}` : "guidance off");
   } else if (event.type === "clip" || event.type === "tail") {
     pending = event;
     if (event.type === "clip") {
