@@ -29,6 +29,7 @@ class ModelShape:
     max_batch: int | None = None  # most clips per call the backend takes (None: any)
     widths: tuple[int, int] | None = None  # narrowest and widest image the backend takes (None: any)
     sampled_vae: bool = True  # the VAE encoder takes posterior noise (False: the tiny VAE)
+    guidance: bool = True  # the UNet takes two rows per clip (False: an export for guidance off)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Manifest:
                 max_width=profile["max_width"],
                 max_batch=profile["max_batch"],
                 static=bool(profile["static"]),
+                guidance=bool(profile.get("guidance", True)),
             ),
             pixel_multiple=raw["model"]["pixel_multiple"],
             stages={
@@ -154,6 +156,7 @@ class Manifest:
             height=self.profile.height,
             max_batch=self.profile.max_batch,
             widths=(width.min, width.max),
+            guidance=self.profile.guidance,
             sampled_vae="vae_encoder" not in self.stages
             or "noise" in self.stages["vae_encoder"].spec.input_names,
         )

@@ -180,6 +180,10 @@ class ShapeProfile:
     max_width: int | None = None  # widest image accepted (longer clips); None = width
     max_batch: int = 4  # most clips per call (the UNet sees twice this with guidance)
     static: bool = False  # one shape only (batch max_batch, width width): CUDA graphs
+    # Classifier-free guidance: the UNet sees two rows per clip (unconditional and
+    # conditional). False (guidance off, as few-step LoRAs run): one row per clip, and the
+    # UNet's TensorRT profile is tuned for one.
+    guidance: bool = True
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "max_batch"):
@@ -202,13 +206,15 @@ class ShapeProfile:
                 raise RiffusionError(f"{name} {value} is not a multiple of {multiple} pixels for this model")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        sizes = {
             "height": self.height,
             "width": self.width,
             "max_width": self.widest,
             "max_batch": self.max_batch,
             "static": self.static,
         }
+        # Only where off: exports made before the field keep their cache keys.
+        return sizes if self.guidance else {**sizes, "guidance": False}
 
 
 def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
@@ -216,20 +222,22 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
 
     Batch: 1..max_batch clips, optimized for one; the text encoder and UNet see up to two
     rows per clip (unconditional and conditional; one when a single prompt is encoded or
-    guidance is off), optimized for two. Height is fixed at the profile's height; width
+    guidance is off), optimized for two; a profile without guidance, one row per clip,
+    optimized for one. Height is fixed at the profile's height; width
     runs from the smaller of width and 256 pixels up to max_width. A static profile
     collapses every range to one size: max_batch clips of width pixels. Image sizes are
     derived from latent sizes (factor 8), so the runtime can size the VAE's outputs.
     """
     profile.check(dims)
     f = dims.vae_factor
+    per_clip = 2 if profile.guidance else 1  # UNet rows per clip
     if profile.static:
         clips = Dim("batch", profile.max_batch, profile.max_batch, profile.max_batch)
-        rows = Dim("batch", 2 * profile.max_batch, 2 * profile.max_batch, 2 * profile.max_batch)
+        rows = Dim("batch", *(per_clip * profile.max_batch,) * 3)
         widths = (profile.width,) * 3
     else:
         clips = Dim("batch", 1, 1, profile.max_batch)
-        rows = Dim("batch", 1, 2, 2 * profile.max_batch)
+        rows = Dim("batch", 1, per_clip, per_clip * profile.max_batch)
         widths = (min(profile.width, max(256, dims.pixel_multiple)), profile.width, profile.widest)
     lh = Dim("latent_height", *(profile.height // f,) * 3)
     lw = Dim("latent_width", *(w // f for w in widths))

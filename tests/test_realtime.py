@@ -346,3 +346,21 @@ def test_the_server_runs_its_profile_whatever_the_client_asks() -> None:
                 4,
                 1.0,
             )
+
+
+def test_an_export_for_guidance_off_takes_one_unet_row_per_clip(tmp_path) -> None:
+    """The realtime profile's export: its UNet's profile is one row per clip (TensorRT tunes
+    for one), and a guided request is refused before any compute."""
+    from riffusion_engine.engine.runtime.backends import tensorrt_provider_options
+    from riffusion_engine.kernels import RiffusionError
+
+    engine = load("random:tiny", backend="onnxruntime", profile="realtime", cache_dir=tmp_path)
+    manifest = engine.backend.manifest
+    (sample,) = [t for t in manifest.stage("unet").spec.inputs if t.name == "sample"]
+    batch = sample.shape[0]
+    assert (batch.min, batch.opt, batch.max) == (1, 1, manifest.profile.max_batch)
+    options = tensorrt_provider_options(manifest.stage("unet").spec, cache=tmp_path / "trt", fp16=True)
+    assert options["trt_profile_opt_shapes"].startswith("sample:1x4x")
+    with pytest.raises(RiffusionError, match="guidance off"):
+        engine.generate("jazz", guidance=7.0)
+    assert engine.generate("jazz").timings["unet_steps"] == 4

@@ -34,6 +34,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
+    from ...export.specs import ShapeProfile
     from ..runtime.loading import load
     from ..runtime.profiles import resolve
     from ..runtime.requests import PromptInput, Request
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
             model="random:tiny",
             fuse=choices.backend != "openvino",  # OpenVINO runs unfused graphs
             variant=Variant(choices.loras, choices.vae),
+            profile=ShapeProfile(guidance=False),  # guidance off: one UNet row per clip
         ),
         out_dir / "export-realtime",
         progress=True,

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
             max_width=args.max_width,
             max_batch=args.max_batch,
             static=args.static,
+            guidance=choices.guidance > 1,  # the realtime profile's exports: one UNet row per clip
         ),
         opset=args.opset,
         fuse=not args.no_fuse,

@@ -109,6 +109,7 @@ def load(
             seed=seed,
             progress=progress,
             variant=variant,
+            guidance=choices.guidance > 1,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
     return engine_from_export(runner, Path(artifacts), choices=choices)
@@ -136,6 +137,7 @@ def export_on_first_use(
     seed: int,
     progress: bool,
     variant: Variant | None = None,
+    guidance: bool = True,
 ) -> Path:
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there."""
@@ -150,6 +152,7 @@ def export_on_first_use(
         precision=precision,
         seed=seed,
         variant=variant,
+        guidance=guidance,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
     result = export(config, directory, progress=progress)
@@ -166,6 +169,7 @@ def first_use_export(
     precision: str,
     seed: int,
     variant: Variant | None = None,
+    guidance: bool = True,
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
     ONNX Runtime's ``provider``) runs when made on first use."""
@@ -181,6 +185,7 @@ def first_use_export(
     variant = variant or Variant()
     # The variant's files are hashed into the export's own key; here its names and scales suffice.
     described = [[lora.source, lora.scale] for lora in variant.loras], variant.vae
+    described += () if guidance else ("no guidance",)
     digest = hashlib.sha256(
         json.dumps([model, seed, flavour, precision, device, *described]).encode()
     ).hexdigest()[:12]
@@ -194,6 +199,6 @@ def first_use_export(
         variant=variant,
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
-        profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None),
+        profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None, guidance=guidance),
     )
     return f"{name}-{flavour}-{device}-{precision}-{digest}", config

@@ -205,6 +205,11 @@ class Engine:
     def check(self, request: Request) -> None:
         """Raise RiffusionError for a request this engine cannot run, before any compute."""
         self.check_images(request)
+        if not self.shape.guidance and request.blend.guidance > 1:
+            raise RiffusionError(
+                f"guidance {request.blend.guidance:g}: this {self.backend.name} export was made for "
+                "guidance off (one UNet row per clip, as few-step LoRAs run); use guidance <= 1"
+            )
         for end in (request.start, request.end):
             if end is not None:
                 self.check_prompt(end)
