@@ -69,6 +69,9 @@ class ExportConfig:
     # CUDA provider). None: cuda for the tensorrt target, else cpu.
     device: Device | None = None
     variant: Variant = field(default_factory=Variant)  # LoRAs fused in, and the tiny VAE
+    # The run profile the export is made for (default, realtime): recorded in the manifest,
+    # and the one an engine loading the directory runs unless told otherwise.
+    run_profile: str = "default"
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -162,6 +165,8 @@ def cache_key_fields(config: ExportConfig) -> dict[str, Any]:
         "stages": list(config.stages),
         "tools": artifacts.tool_versions(),
         "gpu": artifacts.gpu_info() if config.device == "cuda" else None,
+        # only where not the default: exports made before the field keep their cache keys
+        **({"run_profile": config.run_profile} if config.run_profile != "default" else {}),
     }
 
 
@@ -265,6 +270,7 @@ def _build(
         "precision": config.precision,
         "opset": config.opset,
         "profile": config.profile.to_dict(),
+        "run_profile": config.run_profile,
         "tools": key_fields["tools"],
         "gpu": artifacts.gpu_info(),
         "stages": stages,

@@ -364,3 +364,7 @@ def test_an_export_for_guidance_off_takes_one_unet_row_per_clip(tmp_path) -> Non
     with pytest.raises(RiffusionError, match="guidance off"):
         engine.generate("jazz", guidance=7.0)
     assert engine.generate("jazz").timings["unet_steps"] == 4
+    # The manifest says the profile, and loading the directory runs it.
+    assert manifest.raw["run_profile"] == "realtime"
+    again = load(artifacts=manifest.directory, backend="onnxruntime")
+    assert (again.scheduler, again.steps, again.guidance) == ("lcm", 4, 1.0)

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
             fuse=choices.backend != "openvino",  # OpenVINO runs unfused graphs
             variant=Variant(choices.loras, choices.vae),
             profile=ShapeProfile(guidance=False),  # guidance off: one UNet row per clip
+            run_profile="realtime",
         ),
         out_dir / "export-realtime",
         progress=True,

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
         # bf16 is OpenVINO's arithmetic on an fp32 export, chosen when it runs
         precision="fp32" if choices.precision == "bf16" else choices.precision,
         variant=Variant(choices.loras, choices.vae),
+        run_profile=choices.profile.name,
         profile=ShapeProfile(
             height=args.height,
             width=args.width,

@@ -57,6 +57,8 @@ def load(
     engine's request defaults (scheduler, steps, guidance); ``options`` go to the backend
     (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
+    if artifacts is not None and profile is None:
+        profile = _run_profile(Path(artifacts))
     choices = resolve(
         profile,
         model=model or DEFAULT_MODEL,
@@ -110,9 +112,20 @@ def load(
             progress=progress,
             variant=variant,
             guidance=choices.guidance > 1,
+            run_profile=choices.profile.name,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
     return engine_from_export(runner, Path(artifacts), choices=choices)
+
+
+def _run_profile(directory: Path) -> str | None:
+    """The run profile an export directory was made for (its manifest's), if it says."""
+    from ...export.artifacts import ArtifactError, read_manifest
+
+    try:
+        return read_manifest(directory).get("run_profile")
+    except ArtifactError:
+        return None  # the backend's own loading says what is wrong with it
 
 
 def engine_from_export(runner: Any, directory: Path, *, choices: Choices | None = None) -> Engine:
@@ -138,6 +151,7 @@ def export_on_first_use(
     progress: bool,
     variant: Variant | None = None,
     guidance: bool = True,
+    run_profile: str = "default",
 ) -> Path:
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there."""
@@ -153,6 +167,7 @@ def export_on_first_use(
         seed=seed,
         variant=variant,
         guidance=guidance,
+        run_profile=run_profile,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
     result = export(config, directory, progress=progress)
@@ -170,6 +185,7 @@ def first_use_export(
     seed: int,
     variant: Variant | None = None,
     guidance: bool = True,
+    run_profile: str = "default",
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
     ONNX Runtime's ``provider``) runs when made on first use."""
@@ -186,6 +202,7 @@ def first_use_export(
     # The variant's files are hashed into the export's own key; here its names and scales suffice.
     described = [[lora.source, lora.scale] for lora in variant.loras], variant.vae
     described += () if guidance else ("no guidance",)
+    described += () if run_profile == "default" else (run_profile,)
     digest = hashlib.sha256(
         json.dumps([model, seed, flavour, precision, device, *described]).encode()
     ).hexdigest()[:12]
@@ -197,6 +214,7 @@ def first_use_export(
         fuse=fuse,
         device=device,  # type: ignore[arg-type]
         variant=variant,
+        run_profile=run_profile,
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
         profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None, guidance=guidance),

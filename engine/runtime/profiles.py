@@ -127,10 +127,6 @@ class Choices:
             parts.append("LoRA " + ", ".join(str(x) for x in self.loras) if self.loras else "no LoRA")
         return f"profile {self.profile.name}: " + ", ".join(parts) + "".join(f" ({n})" for n in self.notes)
 
-    def load_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`loading.load` these choices set."""
-        return {"backend": self.backend, "precision": self.precision, "vae": self.vae, "loras": self.loras}
-
 
 def resolve(
     name: str | Profile | None,
