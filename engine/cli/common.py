@@ -52,13 +52,14 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         choices=tuple(PROFILES),
-        default="default",
+        default=None,
         help="default: Riffusion's recipe ("
         + PROFILES["default"].summary()
         + "); realtime: "
         + PROFILES["realtime"].summary()
         + ", with a few-step LoRA (a random one on the random: presets; a real checkpoint needs "
-        "--lora). Each flag given overrides its own part (default: default)",
+        "--lora). Each flag given overrides its own part (default: default, or with --artifacts the "
+        "profile the export was made for)",
     )
     p.add_argument(
         "--lora",
@@ -85,6 +86,10 @@ def apply_profile(args: argparse.Namespace) -> Any:
     from ..runtime.profiles import resolve
 
     exported = getattr(args, "artifacts", None) is not None
+    if args.profile is None:
+        from ..runtime.loading import export_run_profile
+
+        args.profile = (export_run_profile(Path(args.artifacts)) if exported else None) or "default"
     choices = resolve(
         args.profile,
         model=None if exported else (args.model or DEFAULT_MODEL),

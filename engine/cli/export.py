@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
     from ..runtime.profiles import resolve
 
     device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
+    args.profile = args.profile or "default"
     choices = resolve(
         args.profile, model=args.model, device=device, precision=args.precision, vae=args.vae, loras=args.lora
     )

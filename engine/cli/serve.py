@@ -112,7 +112,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.ray and (args.profile != "default" or args.lora or args.vae):
+    if args.ray and (args.profile not in (None, "default") or args.lora or args.vae):
         raise RiffusionError(
             "serve --ray runs the default profile without LoRAs or the tiny VAE; "
             "--profile, --lora and --vae serve from one process (without --ray)"

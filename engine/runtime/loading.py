@@ -58,7 +58,7 @@ def load(
     (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
     if artifacts is not None and profile is None:
-        profile = _run_profile(Path(artifacts))
+        profile = export_run_profile(Path(artifacts))
     choices = resolve(
         profile,
         model=model or DEFAULT_MODEL,
@@ -118,7 +118,7 @@ def load(
     return engine_from_export(runner, Path(artifacts), choices=choices)
 
 
-def _run_profile(directory: Path) -> str | None:
+def export_run_profile(directory: Path) -> str | None:
     """The run profile an export directory was made for (its manifest's), if it says."""
     from ...export.artifacts import ArtifactError, read_manifest
 

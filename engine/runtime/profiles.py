@@ -53,7 +53,10 @@ class Profile:
     def summary(self) -> str:
         vae = "tiny VAE (TAESD)" if self.vae == "tiny" else "the model's VAE"
         guidance = "guidance off" if self.guidance <= 1 else f"guidance {self.guidance:g}"
-        precision = f"{self.cpu_backend} {self.cpu_precision} on cpu, {self.cuda_precision} on cuda"
+        cpu = f"{self.cpu_backend} {self.cpu_precision} on cpu"
+        if self.cpu_precision == "bf16":
+            cpu += " (fp32 without bf16 instructions)"
+        precision = f"{cpu}, {self.cuda_precision} on cuda"
         return f"{self.scheduler} {self.steps} steps, {guidance}, {vae}, {precision}"
 
 
