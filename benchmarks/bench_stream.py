@@ -113,6 +113,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="random:tiny", help="model source (default: random:tiny)")
+    parser.add_argument("--artifacts", default=None, help="an export directory to run instead of --model")
     parser.add_argument(
         "--backend", default=None, help="engine backend (default: torch; with --profile realtime, its own)"
     )
@@ -147,7 +148,8 @@ def main() -> None:
 
     try:
         engine = load(
-            args.model,
+            None if args.artifacts else args.model,
+            artifacts=args.artifacts,
             backend=args.backend or ("torch" if args.profile == "default" else "auto"),
             device=args.device,
             precision=args.precision,
@@ -191,7 +193,7 @@ def main() -> None:
         print(f"pipelining: {speedup:.2f}x the sequential margin")
     if args.json:
         out = {
-            "model": args.model,
+            "model": args.artifacts or args.model,
             "backend": args.backend,
             "device": args.device,
             "precision": args.precision,

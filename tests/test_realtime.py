@@ -368,3 +368,39 @@ def test_an_export_for_guidance_off_takes_one_unet_row_per_clip(tmp_path) -> Non
     assert manifest.raw["run_profile"] == "realtime"
     again = load(artifacts=manifest.directory, backend="onnxruntime")
     assert (again.scheduler, again.steps, again.guidance) == ("lcm", 4, 1.0)
+
+
+def test_lora_specs_and_profile_resolution() -> None:
+    from riffusion_engine.engine.runtime.profiles import resolve
+    from riffusion_engine.export.adapters import RANDOM_LORA
+    from riffusion_engine.kernels import RiffusionError
+
+    assert Lora.parse("owner/name:0.5") == Lora("owner/name", 0.5)
+    assert Lora.parse("owner/name") == Lora("owner/name", 1.0)
+    assert Lora.parse("random:lora") == Lora("random:lora", 1.0)  # no number after the colon
+    with pytest.raises(RiffusionError, match="finite"):
+        Lora.parse("x.safetensors:nan")
+    choices = resolve("realtime", model="random:tiny", steps=2)
+    assert (choices.scheduler, choices.steps, choices.guidance, choices.vae) == ("lcm", 2, 1.0, "tiny")
+    assert choices.loras == (Lora(RANDOM_LORA),)
+    # Explicit choices win, part by part; the default profile changes nothing.
+    mine = resolve(
+        "realtime", model="random:tiny", backend="torch", vae=None, loras=["a/b:0.3"], guidance=2.0
+    )
+    assert (mine.backend, mine.precision, mine.loras, mine.guidance) == (
+        "torch",
+        "fp32",
+        (Lora("a/b", 0.3),),
+        2.0,
+    )
+    plain = resolve("default", model="random:tiny")
+    assert (plain.scheduler, plain.steps, plain.guidance, plain.vae, plain.loras) == (
+        "pndm",
+        50,
+        7.0,
+        None,
+        (),
+    )
+    assert resolve("realtime", model="random:tiny", device="cuda").precision == "fp16"
+    with pytest.raises(RiffusionError, match="needs a few-step LoRA"):
+        resolve("realtime", model="riffusion/riffusion-model-v1")
