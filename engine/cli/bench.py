@@ -27,6 +27,15 @@ def add_parser(sub: Any) -> None:
         "openvino where the CPU has bf16 instructions)",
     )
     p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH_OR_HUB_ID[:SCALE]",
+        help="a LoRA fused into every row's weights, the reference's by diffusers (repeatable; the "
+        "realtime profile needs one on a real checkpoint)",
+    )
+    p.add_argument("--vae", default=None, metavar="tiny[=PATH_OR_HUB_ID]", help="tiny: TAESD on every row")
+    p.add_argument(
         "--default-steps",
         type=int,
         default=50,
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> None:
         guidance=1.0 if args.profile == "realtime" else 7.0,
         profile=args.profile,
         default_steps=args.default_steps,
+        loras=tuple(args.lora or ()),
+        vae=args.vae,
         runs=args.runs,
         warmup=args.warmup,
         device=args.device,

@@ -87,6 +87,8 @@ class BenchConfig:
     # model's VAE, no LoRA) at these steps on the first backend, for scale; 0 leaves it out.
     default_steps: int = 50
     denoising: float = 0.75  # the seed-image mode's (the web app's og_beat at 0.75)
+    loras: tuple[str, ...] = ()  # PATH_OR_HUB_ID[:SCALE], fused into the engines' and the reference's weights
+    vae: str | None = None  # tiny[=PATH_OR_HUB_ID] (None: the profile's)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -131,6 +133,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             cache_dir=config.cache_dir,
             progress=progress,
             profile=config.profile,
+            loras=config.loras,
+            vae=config.vae,
         )
         for name in order
     }
@@ -146,9 +150,10 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             cache_dir=config.cache_dir,
             progress=progress,
         )
-    # The reference runs what the engines run: under a profile, its LoRA fused by diffusers,
-    # its VAE and its scheduler.
-    choices = engines[config.backends[0]].choices if profiled else None
+    # The reference runs what the engines run: under a profile (or with --lora, --vae), the
+    # LoRAs fused by diffusers, the VAE and the scheduler.
+    adapted = profiled or config.loras or config.vae is not None
+    choices = engines[config.backends[0]].choices if adapted else None
     reference = ReferencePipeline(config.model, config.device, choices=choices)
     settings = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
     # Modes: text to clip; under a profile also the web app's, a seed image at denoising 0.75.
