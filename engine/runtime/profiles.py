@@ -113,8 +113,10 @@ class Choices:
     steps: int
     guidance: float
     notes: tuple[str, ...] = ()  # where the profile's choice could not be made, and why
+    exported: bool = False  # loaded from an export directory: LoRAs and VAE are its own
 
-    def describe(self, *, exported: bool = False) -> str:
+    def describe(self, *, exported: bool | None = None) -> str:
+        exported = self.exported if exported is None else exported
         parts = [
             f"{self.scheduler} {self.steps} steps",
             "guidance off" if self.guidance <= 1 else f"guidance {self.guidance:g}",
@@ -186,4 +188,5 @@ def resolve(
         steps=steps if steps is not None else p.steps,
         guidance=guidance if guidance is not None else p.guidance,
         notes=tuple(notes),
+        exported=exported,
     )
