@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> None:
         description="Exports random:tiny to ONNX (cached in DIR/export), generates a clip through the "
         "onnxruntime backend with Riffusion's recipe (--steps PNDM steps, guidance 7), then exports it "
         "again with the realtime profile's random few-step LoRA and tiny VAE (DIR/export-realtime) and "
-        "generates the same prompt in 4 LCM steps, guidance off, bf16 on OpenVINO where installed. "
+        "generates the same prompt in 4 LCM steps, guidance off, on OpenVINO where installed (bf16 "
+        "where the CPU has bf16 instructions). "
         "Writes clip.wav, clip-realtime.wav, spectrogram.png, spectrogram-realtime.png and both "
         "per-stage timings side by side. "
         "Random weights do not make music: this shows the machinery, offline, in seconds.",
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     engine = load(artifacts=out_dir / "export", backend="onnxruntime")
     clips = [engine.generate(args.prompt, seed=args.seed, steps=args.steps, progress=True)]
     # 3. The realtime profile: a (random) few-step LoRA fused in and the tiny VAE, exported to
-    #    DIR/export-realtime; 4 LCM steps, guidance off, bf16 on OpenVINO where installed.
+    #    DIR/export-realtime; 4 LCM steps, guidance off, OpenVINO where installed.
     choices = resolve("realtime", model="random:tiny")
     print(choices.describe())
     begin = time.perf_counter()
