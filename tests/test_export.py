@@ -69,7 +69,14 @@ def test_manifest_records_hashes_versions_and_key(tiny_export, tiny) -> None:
     for name, record in records:
         data = (out / name).read_bytes()
         assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert manifest["model"] == {"id": "random:tiny", "content_hash": tiny.content_hash, "pixel_multiple": 16}
+    assert manifest["model"] == {
+        "id": "random:tiny",
+        "content_hash": tiny.content_hash,
+        "pixel_multiple": 16,
+        "loras": [],  # none fused in
+        "vae": "own",  # the model's own VAE, not the tiny one
+    }
+    assert manifest["run_profile"] == "default"
     assert manifest["tools"]["torch"] == version("torch")
     assert manifest["tools"]["onnxruntime"] == version("onnxruntime")
     assert manifest["tools"]["onnx"] == version("onnx")
@@ -213,7 +220,14 @@ def test_a_stopped_export_command_removes_its_work_directory(tmp_path: Path, sig
     work directory (gigabytes at full size) goes with it, and the exit says why."""
     out = tmp_path / "e"
     command = [sys.executable, "-m", "riffusion_engine.engine.cli", "export", "--model", "random:tiny"]
-    proc = subprocess.Popen([*command, "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default disposition, even where this test runs in the background (a shell
+    # starts background jobs with SIGINT ignored, and Python then keeps it ignored).
+    proc = subprocess.Popen(
+        [*command, "-o", str(out), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not any(tmp_path.glob(".e.tmp-*/*.onnx")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
