@@ -74,7 +74,6 @@ def load(
             "LoRAs and the tiny VAE are fused in at export: give them to `export`, not with an export"
         )
     backend, precision = choices.backend, choices.precision
-    variant = Variant(choices.loras, choices.vae)
     backend = resolve_backend(backend, device)
     if precision == "bf16" and backend != "openvino":
         raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")
@@ -85,6 +84,7 @@ def load(
             raise RiffusionError("the torch backend runs from a model source (--model), not an export")
         from ...export.models import is_tiny_vae, load_components, vae_factor
 
+        variant = Variant(choices.loras, choices.vae)
         components = load_components(model or DEFAULT_MODEL, seed=seed, variant=variant)
         runner = create_backend("torch", components=components, device=device, fp16=precision == "fp16")
         shape = ModelShape(
@@ -110,9 +110,7 @@ def load(
             cache_dir=cache_dir,
             seed=seed,
             progress=progress,
-            variant=variant,
-            guidance=choices.guidance > 1,
-            run_profile=choices.profile.name,
+            choices=choices,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
     return engine_from_export(runner, Path(artifacts), choices=choices)
@@ -149,12 +147,11 @@ def export_on_first_use(
     cache_dir: str | Path | None,
     seed: int,
     progress: bool,
-    variant: Variant | None = None,
-    guidance: bool = True,
-    run_profile: str = "default",
+    choices: Choices | None = None,
 ) -> Path:
     """The export directory for ``model`` in the cache, exported now unless an export
-    with a matching key is already there."""
+    with a matching key is already there; ``choices`` (a profile's) give its LoRAs, VAE
+    and guidance."""
     # The one place the runtime reaches for the exporter, and only when asked to.
     from ...export.exporter import export
 
@@ -165,9 +162,7 @@ def export_on_first_use(
         device=device,
         precision=precision,
         seed=seed,
-        variant=variant,
-        guidance=guidance,
-        run_profile=run_profile,
+        choices=choices,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
     result = export(config, directory, progress=progress)
@@ -183,12 +178,11 @@ def first_use_export(
     device: str,
     precision: str,
     seed: int,
-    variant: Variant | None = None,
-    guidance: bool = True,
-    run_profile: str = "default",
+    choices: Choices | None = None,
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
-    ONNX Runtime's ``provider``) runs when made on first use."""
+    ONNX Runtime's ``provider``) runs when made on first use, with the LoRAs, VAE and
+    guidance of ``choices`` (None: the model as published, guided)."""
     from ...export.exporter import ExportConfig
     from ...export.specs import ShapeProfile
 
@@ -198,7 +192,9 @@ def first_use_export(
     fuse = backend != "openvino" and provider != "tensorrt"
     flavour = target if fuse else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
-    variant = variant or Variant()
+    variant = Variant(choices.loras, choices.vae) if choices is not None else Variant()
+    guidance = choices is None or choices.guidance > 1
+    run_profile = choices.profile.name if choices is not None else "default"
     # The variant's files are hashed into the export's own key; here its names and scales suffice.
     described = [[lora.source, lora.scale] for lora in variant.loras], variant.vae
     described += () if guidance else ("no guidance",)

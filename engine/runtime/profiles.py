@@ -48,7 +48,6 @@ class Profile:
     cpu_precision: str  # its precision there
     cuda_precision: str  # the precision on CUDA
     needs_lora: bool  # a real checkpoint needs a few-step LoRA for this profile's sampler
-    trades: str  # what the profile gives up, for --help and the README
 
     def summary(self) -> str:
         vae = "tiny VAE (TAESD)" if self.vae == "tiny" else "the model's VAE"
@@ -71,7 +70,6 @@ PROFILES: dict[str, Profile] = {
         cpu_precision="fp32",
         cuda_precision="fp32",
         needs_lora=False,
-        trades="nothing: Riffusion's own recipe",
     ),
     "realtime": Profile(
         name="realtime",
@@ -83,8 +81,6 @@ PROFILES: dict[str, Profile] = {
         cpu_precision="bf16",
         cuda_precision="fp16",
         needs_lora=True,
-        trades="4 LCM steps instead of 50 PNDM steps (with a few-step LoRA fused in), no guidance "
-        "(no negative prompt), TAESD's decoder instead of the VAE's, bf16/fp16 arithmetic",
     ),
 }
 DEFAULT_PROFILE = PROFILES["default"]
@@ -151,13 +147,12 @@ def resolve(
     loads an export directory, whose LoRAs and VAE were fixed when it was made."""
     p = profile(name)
     notes = []
-    if backend is None or backend == "auto":
-        backend = backend or "auto"
-        if device == "cpu" and p.cpu_backend != "auto" and backend == "auto":
-            if p.cpu_backend == "openvino" and importlib.util.find_spec("openvino") is None:
-                notes.append("OpenVINO is not installed: pip install 'riffusion-engine[openvino]'")
-            else:
-                backend = p.cpu_backend
+    backend = backend or "auto"
+    if backend == "auto" and device == "cpu" and p.cpu_backend != "auto":
+        if p.cpu_backend == "openvino" and importlib.util.find_spec("openvino") is None:
+            notes.append("OpenVINO is not installed: pip install 'riffusion-engine[openvino]'")
+        else:
+            backend = p.cpu_backend
     if precision is None:
         if device == "cuda":
             precision = p.cuda_precision

@@ -163,19 +163,23 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         from ..runtime.seeds import seed_image
 
         modes[f" @ {SEED_IMAGE} {config.denoising:g}"] = seed_image(SEED_IMAGE, params)
+    # Each engine's request: the bench's settings, or (a default row) its own recipe; the
+    # scheduler is each engine's profile's.
+    requests = {
+        name: {**settings, "steps": config.default_steps, "guidance": engine.guidance}
+        if name.endswith(" default")
+        else settings
+        for name, engine in engines.items()
+    }
     calls: dict[str, Callable[[Round], Any]] = {}
+    mode_of: dict[str, str] = {}  # row -> its mode's suffix
     for suffix, image in modes.items():
         options = {"seed_image": image, "denoising": config.denoising} if image is not None else {}
         calls["reference" + suffix] = lambda _, options=options: reference.run(PROMPT, **settings, **options)
         for name, engine in engines.items():
-            if name.endswith(" default"):
-                run = {"steps": config.default_steps, "guidance": 7.0, "scheduler": engine.scheduler}
-            else:
-                run = {**settings, "scheduler": engine.scheduler}
-            run = {**run, "seed": config.seed}
-            calls[name + suffix] = lambda _, engine=engine, run=run, options=options: engine.generate(
-                PROMPT, **run, **options
-            )
+            run = {**requests[name], **options}
+            calls[name + suffix] = lambda _, engine=engine, run=run: engine.generate(PROMPT, **run)
+        mode_of.update({row: suffix for row in calls if row not in mode_of})
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
 
     def record(name: str, round_: Round, seconds: float, output: Any) -> None:
@@ -210,9 +214,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         another model's, so its agreement says how far the profile moved them)."""
         from ...kernels.image import spectrogram_from_pixels
 
-        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
         pixels, audio = outputs[name]
-        ref_pixels, ref_audio = outputs["reference" + suffix]
+        ref_pixels, ref_audio = outputs["reference" + mode_of[name]]
         ref_audio_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
 
         mel = spectrogram_from_pixels(pixels, params, max_value=DEFAULT_MAX_VALUE)
@@ -234,17 +237,15 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             "real_time_factor": stages["end_to_end"]["median_s"] / audio_seconds,
             "agreement": agreement(name),
         }
-        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
         if not name.startswith("reference"):
             entry["speedup"] = {
-                s: results["reference" + suffix]["stages"][s]["median_s"] / stages[s]["median_s"]
+                s: results["reference" + mode_of[name]]["stages"][s]["median_s"] / stages[s]["median_s"]
                 for s in STAGES
             }
         results[name] = entry
     for name, entry in results.items():
-        suffix = next(s for s in sorted(modes, key=len, reverse=True) if name.endswith(s))
-        default = next((n for n in results if n.endswith(" default" + suffix)), None)
-        if default is not None and name != default and not name.startswith("reference"):
+        default = f"{config.backends[0]} default{mode_of[name]}"
+        if default in results and name != default and not name.startswith("reference"):
             # how many times faster than the engine's own default recipe, same mode, same run
             entry["speedup_vs_default"] = (
                 results[default]["stages"]["end_to_end"]["median_s"]
