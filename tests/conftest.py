@@ -105,6 +105,16 @@ def torch_engine():
     return load("random:tiny", backend="torch")
 
 
+def reference_pipeline(components, kind: str = "text", scheduler: str = "pndm"):
+    """diffusers' own pipeline (text to image, or ``img2img``) over the same components,
+    with the scheduler the engine names ``scheduler``."""
+    from riffusion_engine.engine.tools.reference import diffusers_scheduler
+    from riffusion_engine.export.models import diffusers_pipeline
+
+    sched = diffusers_scheduler(components, scheduler)
+    return diffusers_pipeline(components, img2img=kind == "img2img", scheduler=sched)
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """``riffusion-engine ARGV`` in this process: exit code, stdout, stderr."""
     from riffusion_engine.engine.cli import main

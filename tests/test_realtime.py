@@ -13,11 +13,11 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("onnxruntime")
 
-from conftest import run_cli  # noqa: E402
+from conftest import reference_pipeline, run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from riffusion_engine import load  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import slerp  # noqa: E402
-from riffusion_engine.engine.runtime.requests import SCHEDULERS, STEP_OPTIONS, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.requests import STEP_OPTIONS, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.tensors import slerp  # noqa: E402
 from riffusion_engine.export.adapters import Lora, tiny_vae  # noqa: E402
 from riffusion_engine.export.models import diffusers_pipeline, random_components  # noqa: E402
 
@@ -30,16 +30,10 @@ def gray_levels_within_one(actual: np.ndarray, expected: np.ndarray) -> float:
     return float((np.abs(np.round(actual * 255) - np.round(expected * 255)) <= 1).mean())
 
 
-def reference(components, scheduler: str, *, img2img: bool = False):
-    class_name, overrides = SCHEDULERS[scheduler]
-    sched = getattr(diffusers, class_name).from_config({**dict(components.scheduler.config), **overrides})
-    return diffusers_pipeline(components, img2img=img2img, scheduler=sched)
-
-
 def diffusers_images(
     components, scheduler: str, *, seed: int = 0, generator=None, image=None, strength=0.75, **kwargs
 ) -> np.ndarray:
-    pipe = reference(components, scheduler, img2img=image is not None)
+    pipe = reference_pipeline(components, "img2img" if image is not None else "text", scheduler)
     if image is not None:
         kwargs.update(image=image, strength=strength)
     else:

@@ -13,14 +13,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
-from conftest import run_cli  # noqa: E402
+from conftest import reference_pipeline, run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from riffusion_engine import load  # noqa: E402
-from riffusion_engine.engine.runtime.pipeline import Engine, slerp  # noqa: E402
+from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
 from riffusion_engine.engine.runtime.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
 from riffusion_engine.engine.runtime.requests import SCHEDULERS, STEP_OPTIONS, PromptInput, Request  # noqa: E402
+from riffusion_engine.engine.runtime.tensors import slerp  # noqa: E402
 from riffusion_engine.export import artifacts  # noqa: E402
-from riffusion_engine.export.models import diffusers_pipeline  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 # The onnxruntime backend against diffusers in fp32 (max |difference| of [0, 1] images):
@@ -31,13 +31,6 @@ ONNX_IMAGE_TOLERANCE = 1e-3
 @pytest.fixture(scope="session")
 def ort_engine(tiny_export) -> Engine:
     return load(artifacts=tiny_export[0], backend="onnxruntime")
-
-
-def reference_pipeline(tiny, kind: str = "text", scheduler: str = "pndm"):
-    """diffusers' own pipeline over the same components."""
-    class_name, overrides = SCHEDULERS[scheduler]
-    sched = getattr(diffusers, class_name).from_config({**dict(tiny.scheduler.config), **overrides})
-    return diffusers_pipeline(tiny, img2img=kind == "img2img", scheduler=sched)
 
 
 def images(engine: Engine, *requests: Request) -> np.ndarray:

@@ -35,11 +35,11 @@ import numpy as np
 from ...export.manifest import ModelShape
 from ...kernels.errors import RiffusionError
 from ...kernels.griffin_lim import GriffinLimOptions
-from ...kernels.image import IMAGE_MODES, pixels_from_image
+from ...kernels.image import IMAGE_MODES
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
-from .defaults import SCHEDULER, STEPS, WIDTH
-from .profiles import Choices
+from .defaults import WIDTH
+from .profiles import DEFAULT_PROFILE, Choices
 from .prompts import Tokens, apply_weights, tokenize
 from .requests import (
     SCHEDULERS,
@@ -50,22 +50,11 @@ from .requests import (
     Request,
     first_step,
 )
+from .tensors import image_batch, mask_tensor, slerp, to_pixels
 
 log = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
-
-
-def slerp(alpha: float, a: Any, b: Any, *, dot_threshold: float = 0.9995) -> Any:
-    """Spherical interpolation of two noise tensors; linear when nearly parallel."""
-    import torch
-
-    dot = torch.sum(a * b) / (torch.linalg.norm(a) * torch.linalg.norm(b))
-    if torch.abs(dot) > dot_threshold:
-        return (1 - alpha) * a + alpha * b
-    theta = torch.acos(dot)
-    sin = torch.sin(theta)
-    return torch.sin((1 - alpha) * theta) / sin * a + torch.sin(alpha * theta) / sin * b
 
 
 class Engine:
@@ -84,11 +73,7 @@ class Engine:
         choices: Choices | None = None,
     ) -> None:
         self.backend = backend
-        # The run defaults (scheduler, steps, guidance) of the profile it was loaded with.
-        self.choices = choices
-        self.scheduler = choices.scheduler if choices else SCHEDULER
-        self.steps = choices.steps if choices else STEPS
-        self.guidance = choices.guidance if choices else 7.0
+        self.choices = choices  # what it was loaded with; its request defaults below
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.shape = shape
@@ -103,6 +88,19 @@ class Engine:
             )
 
     # -- public API ---------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> str:
+        """The scheduler a request left unset runs: the profile's (PNDM by default)."""
+        return (self.choices or DEFAULT_PROFILE).scheduler
+
+    @property
+    def steps(self) -> int:
+        return (self.choices or DEFAULT_PROFILE).steps
+
+    @property
+    def guidance(self) -> float:
+        return (self.choices or DEFAULT_PROFILE).guidance
 
     def generate(
         self,
@@ -386,7 +384,7 @@ class Engine:
             timesteps = timesteps[start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
-            image = _image_batch([r.seed_image for r in requests]).to(device)
+            image = image_batch([r.seed_image for r in requests]).to(device)
             inputs = {"image": image, "noise": eps} if self.shape.sampled_vae else {"image": image}
             with _timer(timings, "vae_encoder", self.backend):
                 init = self.backend.run("vae_encoder", inputs)
@@ -395,7 +393,7 @@ class Engine:
             else:
                 latents = init
             if any(r.mask is not None for r in requests):
-                mask = torch.stack([_mask_tensor(r.mask, latent_shape) for r in requests]).to(device)
+                mask = torch.stack([mask_tensor(r.mask, latent_shape) for r in requests]).to(device)
 
         step_kwargs = dict(STEP_OPTIONS.get(first.scheduler, {}))
         step_parameters = inspect.signature(scheduler.step).parameters
@@ -438,7 +436,7 @@ class Engine:
         from ...kernels.image import spectrogram_from_pixels
 
         begin = time.perf_counter()
-        pixels = _pixels(image)
+        pixels = to_pixels(image)
         xp = xpm.get_xp(self.backend.device)
         mel = spectrogram_from_pixels(
             xpm.as_array(pixels, xp), self.params, max_value=DEFAULT_MAX_VALUE, xp=xp
@@ -452,43 +450,12 @@ class Engine:
     def picture(self, image: Any) -> Any:
         """One row of :meth:`images` -> the PIL spectrogram image a clip carries, its
         parameters in the EXIF."""
-        return self._picture(_pixels(image))
+        return self._picture(to_pixels(image))
 
     def _picture(self, pixels: Any) -> Any:
         from ...kernels.image import image_from_pixels
 
         return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
-
-
-def _pixels(image: Any) -> Any:
-    """An image row in [0, 1] -> its 8-bit pixels ``(height, width, 3)``, rounded as diffusers rounds."""
-    import torch
-
-    return (image * 255).round().to(torch.uint8)
-
-
-def _image_batch(images: list[Any]) -> Any:
-    """PIL images -> ``(batch, 3, height, width)`` float in [-1, 1], as diffusers
-    preprocesses them (a channels-last view of the pixels, which the torch backend's
-    convolutions see exactly as diffusers' do)."""
-    import torch
-
-    pixels = np.stack([pixels_from_image(image).astype(np.float32) / 255.0 for image in images])
-    return torch.from_numpy(pixels * 2 - 1).permute(0, 3, 1, 2)
-
-
-def _mask_tensor(mask: Any, latent_shape: tuple[int, int, int]) -> Any:
-    """A grayscale PIL mask -> ``(channels, h, w)`` in [0, 1], 1 = regenerate; no mask =
-    regenerate everywhere. Downsampled to latent size by nearest neighbour, as Riffusion does."""
-    import torch
-    from PIL import Image
-
-    channels, height, width = latent_shape
-    if mask is None:
-        return torch.ones(latent_shape)
-    small = mask.convert("L").resize((width, height), resample=Image.NEAREST)
-    values = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
-    return values.expand(channels, height, width).contiguous()
 
 
 @contextlib.contextmanager

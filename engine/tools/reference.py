@@ -83,27 +83,35 @@ class _Timer:
         return calls
 
 
+def diffusers_scheduler(components: Any, name: str) -> Any:
+    """diffusers' scheduler that the engine calls ``name``, built from the components'
+    config as a diffusers pipeline is given it (without the engine's own corrections)."""
+    import diffusers
+
+    from ..runtime.requests import SCHEDULERS
+
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config({**dict(components.scheduler.config), **overrides})
+
+
 class ReferencePipeline:
     """diffusers' pipeline (fp32 eager) plus the original audio conversion (librosa)."""
 
     def __init__(self, model: str, device: str = "cpu", *, choices: Any = None) -> None:
         """``choices`` (a profile's, :class:`Choices`): its LoRAs fused by diffusers, its
         VAE (AutoencoderTiny) and its scheduler; None: the model as published, PNDM."""
-        import diffusers
         import torch
 
         from ...export.adapters import Variant
         from ...export.models import diffusers_pipeline, load_components
-        from ..runtime.requests import SCHEDULERS, STEP_OPTIONS
+        from ..runtime.requests import STEP_OPTIONS
 
         variant = Variant(choices.loras, choices.vae) if choices is not None else None
         components = load_components(model, seed=0, variant=variant)
         scheduler = None
         self.step_options: dict[str, Any] = {}
         if choices is not None:
-            class_name, overrides = SCHEDULERS[choices.scheduler]
-            config = {**dict(components.scheduler.config), **overrides}
-            scheduler = getattr(diffusers, class_name).from_config(config)
+            scheduler = diffusers_scheduler(components, choices.scheduler)
             self.step_options = dict(STEP_OPTIONS.get(choices.scheduler, {}))
         self.pipe = diffusers_pipeline(components, scheduler=scheduler).to(device)
         # img2img over the same modules (the timers below see both pipelines' calls)
