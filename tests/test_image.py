@@ -107,7 +107,7 @@ def test_bad_images(tmp_path, params: SpectrogramParams) -> None:
 def test_a_16_bit_gray_image_is_its_8_bit_twin(tmp_path, params: SpectrogramParams) -> None:
     """A 16-bit PNG (as image editors export) reads as its top 8 bits, in image-to-audio
     and as a seed image alike: one rule for both."""
-    from riffusion_engine.engine.runtime.pipeline import _image_batch
+    from riffusion_engine.engine.runtime.tensors import image_batch
     from riffusion_engine.kernels.image import pixels_from_image
 
     eight = np.random.default_rng(0).integers(0, 256, size=(512, 64), dtype=np.uint16)
@@ -117,7 +117,7 @@ def test_a_16_bit_gray_image_is_its_8_bit_twin(tmp_path, params: SpectrogramPara
     expected = np.repeat(eight.astype(np.uint8)[..., None], 3, axis=-1)
     np.testing.assert_array_equal(pixels_from_image(deep), expected)
     gray = Image.fromarray(eight.astype(np.uint8), mode="L")
-    np.testing.assert_array_equal(_image_batch([deep]).numpy(), _image_batch([gray]).numpy())
+    np.testing.assert_array_equal(image_batch([deep]).numpy(), image_batch([gray]).numpy())
     mel, _ = spectrogram_from_image(deep, params)
     np.testing.assert_array_equal(mel, spectrogram_from_image(gray, params)[0])
 
