@@ -5,6 +5,9 @@ lookahead 1, 2 and 4, and several streams at once through the server's scheduler
         --json benchmarks/results/stream-random-tiny-cpu.json
     python benchmarks/bench_stream.py --model random:full --device cuda --precision fp16 --duration 60
     python benchmarks/bench_stream.py --model random:full --profile realtime --rows on1 --duration 60
+    python benchmarks/bench_stream.py --model random:full --profile realtime --steer 3 \\
+        --widths 256,512 --duration 60
+
 
 Each stream walks at Riffusion's web-app settings (50 steps, denoising 0.75 on the
 og_beat seed image, alpha step 0.25; with --profile realtime, its 4 LCM steps and no
@@ -14,6 +17,15 @@ an underrun is a clip ready after it was due, playback having started when the f
 clip was ready. Several streams share one engine through the server's batcher (clips
 due soonest first, batched when they share a shape), as ``serve`` runs them.
 Configurations run one after another in one process, after a warm-up.
+
+With ``--steer N`` it measures what a listener hears instead: a server (``serve``'s app,
+in this process) streams to a client that plays in real time on its own clock
+(``riffusion_engine.engine.tools.listener``) and sends a new prompt (``--when``, by
+default now) each N clips, after the clip before it has begun playing. For each
+``--widths`` clip width and ``--stream-buffers`` depth it reports ``prompt_to_ear_s`` (from
+sending a prompt to hearing the first clip that moves toward it, on the client's clock,
+and the server's own figure), the margin (audio seconds received per wall second) and
+the underruns after the first clip.
 """
 
 from __future__ import annotations
@@ -108,6 +120,78 @@ def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[st
     }
 
 
+STEER = Table(
+    [
+        Column("width", 5),
+        Column("buffer", 6),
+        Column("clips", 5),
+        Column("margin", 7, ".2f", "x"),
+        Column("underruns", 9),
+        Column("p2e med", 8, ".2f"),
+        Column("p2e p90", 8, ".2f"),
+        Column("server med", 10, ".2f"),
+    ],
+    sep=" ",
+)
+PROMPTS = ("church bells on sunday", "dub techno with a choir", "lofi hip hop beat", "jazz trio")
+
+
+def run_listener(
+    engine: Any, *, width: int, buffer: int, duration: float, every: int, when: str
+) -> dict[str, Any]:
+    """One stream through the server to a real-time listener that steers every ``every``
+    clips; what it heard."""
+    from websockets.sync.client import connect
+
+    from riffusion_engine.engine.serve.app import background, create_app
+    from riffusion_engine.engine.serve.config import ServerConfig
+    from riffusion_engine.engine.tools.listener import Listener
+    from riffusion_engine.engine.tools.measure import summary
+
+    app = create_app(engine, ServerConfig(max_streams=1, stream_buffer=buffer, max_steps=1000))
+    start = {"prompt": PROMPTS[0], "seed": 1, "guidance": engine.guidance}
+    with background(app) as url, connect(url.replace("http://", "ws://") + "/stream") as ws:
+        listener = Listener(ws)
+        listener.send({"type": "start", "start": start, "num_inference_steps": engine.steps, "width": width})
+        ready = listener.next_event(600)
+        if ready["type"] != "ready":
+            raise SystemExit(f"bench_stream: the server refused the stream: {ready}")
+        began = time.monotonic()
+        steered = 0
+        while listener.audio_s < duration:
+            listener.pump(0.02)
+            due = (steered + 1) * every  # steer once this clip has begun playing
+            if due in listener.begins and time.monotonic() >= listener.begins[due]:
+                steered += 1
+                prompt = PROMPTS[steered % len(PROMPTS)]
+                listener.steer({"prompt": prompt, "seed": 1 + steered, "guidance": engine.guidance}, when)
+        wall = time.monotonic() - began
+        listener.send({"type": "stop"})
+    heard = [r for r in listener.reactions if r.client_s is not None]
+    client = summary([r.client_s for r in heard]) if heard else None
+    server = summary([r.server_s for r in heard]) if heard else None
+    clips = sum(1 for e, _ in listener.clips if e["type"] == "clip")
+    return {
+        "width": width,
+        "stream_buffer": buffer,
+        "when": when,
+        "every_clips": every,
+        "clip_s": ready["clip_s"],
+        "clips": clips,
+        "audio_s": listener.audio_s,
+        "wall_s": wall,
+        "margin": listener.audio_s / wall,
+        "underruns": listener.underruns,
+        "prompts": len(listener.reactions),
+        "prompt_to_ear_s": client,
+        "server_prompt_to_ear_s": server,
+        "reactions": [
+            {"prompt": r.prompt, "index": r.index, "client_s": r.client_s, "server_s": r.server_s}
+            for r in listener.reactions
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,8 +223,22 @@ def main() -> None:
         help="which rows: off1 (no pipelining), on1, on2, on4 (pipelining, lookahead 1/2/4), streams "
         "(--streams at once) (default: all)",
     )
+    parser.add_argument(
+        "--steer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure prompt-to-ear instead: a real-time listener through the server, a new prompt every N clips",
+    )
+    parser.add_argument("--when", default="now", choices=("now", "jump", "wrap"), help="with --steer (default: now)")
+    parser.add_argument("--widths", default="512", help="with --steer: clip widths, comma-separated (default: 512)")
+    parser.add_argument(
+        "--stream-buffers", default="3", help="with --steer: the server's --stream-buffer values (default: 3)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.steer is not None and args.steer < 1:
+        raise SystemExit("bench_stream: --steer takes a number of clips >= 1")
 
     from riffusion_engine import load
     from riffusion_engine.engine.runtime.profiles import cpu_features
@@ -161,6 +259,9 @@ def main() -> None:
     if engine.choices is not None:
         print(engine.choices.describe())
     args.steps = args.steps or engine.steps
+    if args.steer is not None:
+        steer(engine, args)
+        return
     base = {"steps": args.steps, "scheduler": engine.scheduler, "alpha_step": 0.25}
     table = {
         "off1": (1, {**base, "pipeline": False, "lookahead": 1}),
@@ -202,6 +303,48 @@ def main() -> None:
             "duration_s": args.duration,
             "rows": dict(zip(names, rows, strict=True)),
             "pipelining_speedup": speedup,
+        }
+        write_json(args.json, out)
+
+
+def steer(engine: Any, args: argparse.Namespace) -> None:
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+        buffers = [int(b) for b in args.stream_buffers.split(",")]
+    except ValueError:
+        raise SystemExit("bench_stream: --widths and --stream-buffers take integers, comma-separated") from None
+    run_listener(engine, width=widths[0], buffer=1, duration=1, every=1, when=args.when)  # warm-up
+    rows = []
+    print(STEER.header())
+    for width, buffer in itertools.product(widths, buffers):
+        row = run_listener(
+            engine, width=width, buffer=buffer, duration=args.duration, every=args.steer, when=args.when
+        )
+        rows.append(row)
+        client, server = row["prompt_to_ear_s"] or {}, row["server_prompt_to_ear_s"] or {}
+        nan = float("nan")
+        print(
+            STEER.row(
+                width,
+                buffer,
+                row["clips"],
+                row["margin"],
+                row["underruns"],
+                client.get("median_s", nan),
+                client.get("p90_s", nan),
+                server.get("median_s", nan),
+            )
+        )
+    if args.json:
+        out = {
+            "model": args.artifacts or args.model,
+            "backend": engine.backend.name,
+            "device": args.device,
+            "profile": engine.choices.describe() if engine.choices is not None else "default",
+            "cpu_features": list(cpu_features()),
+            "duration_s": args.duration,
+            "steer_every_clips": args.steer,
+            "rows": rows,
         }
         write_json(args.json, out)
 

@@ -92,6 +92,80 @@ def test_stream_clips_equal_one_shot_runs_and_join_as_documented(torch_engine) -
     assert max(jumps) <= own
 
 
+def own_jumps(chunks: list) -> tuple[float, list[float]]:
+    """The clips' own 99.9th percentile of sample-to-sample steps, and the steps at each
+    chunk boundary of the joined audio."""
+    clips = [c.clip.audio for c in chunks if c.clip is not None]
+    own = np.percentile(np.concatenate([np.abs(np.diff(c.astype(float), axis=1)).ravel() for c in clips]), 99.9)
+    joined = np.concatenate([c.audio for c in chunks], 1).astype(float)
+    ends = np.cumsum([c.audio.shape[-1] for c in chunks[:-1]])
+    return float(own), [abs(joined[0, i] - joined[0, i - 1]) for i in ends]
+
+
+def test_now_walks_from_where_the_music_is_to_the_new_prompt(torch_engine) -> None:
+    """A prompt queued now: the clips made but not yet read are dropped and made again;
+    the first new clip starts at the last read clip's point (a blend at its alpha) and is
+    already alpha_step toward the prompt. Oracles: the clip at alpha 0 of the new pair is
+    the last read clip itself (no jump back); each clip is Engine.run of its request; the
+    joins and the length law hold across the change."""
+    from riffusion_engine.engine.runtime.requests import Blend, Request
+
+    lofi = PromptInput("lofi", 5)
+    with Stream.open(torch_engine, "jazz", "techno", seed_image=None, max_clips=5, buffer=3, **FAST) as stream:
+        chunks = iter(stream)
+        seen = [next(chunks), next(chunks)]
+        deadline = time.monotonic() + 120
+        while stream.clips_made < 4 and time.monotonic() < deadline:  # clips 2 and 3 made, unread
+            time.sleep(0.05)
+        assert stream.clips_made == 4
+        stream.queue(lofi, now=True)
+        seen += list(chunks)
+    assert [c.index for c in seen] == [0, 1, 2, 3, 4, 4] and seen[-1].final
+    before, after = seen[1].request, seen[2].request
+    assert after.end is lofi and after.alpha == 0.25
+    assert after.start == Blend(before.start, before.end, before.alpha)
+    assert [c.request.alpha for c in seen[2:5]] == [0.25, 0.5, 0.75]
+    # The new pair at alpha 0 is where the music was: the last read clip, bitwise.
+    (back,) = torch_engine.run([Request(after.start, lofi, 0.0, steps=3, width=256)])
+    assert np.array_equal(back.audio, seen[1].clip.audio)
+    for chunk in seen[:-1]:
+        (alone,) = torch_engine.run([chunk.request])
+        assert np.array_equal(chunk.clip.audio, alone.audio)
+    joined = np.concatenate([c.audio for c in seen], 1)
+    assert joined.shape[-1] == stream.length_samples(5)
+    assert np.array_equal(joined, naive_join([c.clip.audio for c in seen[:-1]], stream.overlap_samples))
+    own, jumps = own_jumps(seen)
+    assert max(jumps) <= own
+
+
+def test_jump_makes_the_prompts_own_clip_next_and_steering_again_nests(torch_engine) -> None:
+    from riffusion_engine.engine.runtime.requests import Blend
+
+    from riffusion_engine.engine.runtime.requests import Request
+
+    lofi, ambient, drums = PromptInput("lofi", 5), PromptInput("ambient", 6), PromptInput("drums", 7)
+    with Stream.open(torch_engine, "jazz", "techno", seed_image=None, max_clips=6, buffer=1, **FAST) as stream:
+        chunks = iter(stream)
+        seen = [next(chunks), next(chunks)]
+        stream.queue(lofi, "jump")
+        seen += [next(chunks), next(chunks)]
+        stream.queue(ambient, now=True)
+        seen.append(next(chunks))
+        stream.queue(drums, now=True)  # before the walk reached ambient: from a blend of a blend
+        seen += list(chunks)
+    walk = [(c.request.end.prompt, c.request.alpha) for c in seen[:-1]]
+    assert walk == [("techno", 0), ("techno", 0.25), ("lofi", 1.0), ("lofi", 0.25), ("ambient", 0.25), ("drums", 0.25)]
+    # After a jump the walk wraps: lofi is the start, its next seed the end.
+    assert seen[3].request.start is lofi and seen[3].request.end == PromptInput("lofi", 6)
+    assert seen[4].request.start == Blend(lofi, PromptInput("lofi", 6), 0.25)
+    nested = seen[5].request.start
+    assert nested == Blend(seen[4].request.start, ambient, 0.25) and nested.depth == 2
+    (back,) = torch_engine.run([Request(nested, drums, 0.0, steps=3, width=256)])
+    assert np.array_equal(back.audio, seen[4].clip.audio)  # where the music was, again
+    with pytest.raises(RiffusionError, match="when must be one of wrap, now, jump"):
+        stream.queue(lofi, "later")
+
+
 def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
     settings = dict(seed_image=None, max_clips=3, steps=3, width=256)
     with Stream.open(torch_engine, "jazz", pipeline=False, **settings) as stream:
@@ -219,8 +293,10 @@ def test_bad_stream_settings_are_clear_errors(torch_engine) -> None:
             Stream.open(torch_engine, "jazz", seed_image=None, **bad)
     with pytest.raises(RiffusionError, match="prompt"):
         Stream.open(torch_engine, "", seed_image=None)
+    from riffusion_engine.engine.runtime.seeds import seed_image
+
     with pytest.raises(RiffusionError, match="seed_image is 512x512; this clip is 256x512"):
-        Stream.open(torch_engine, "jazz", width=256)
+        Stream.open(torch_engine, "jazz", width=256, seed_image=seed_image("og_beat"))
     with pytest.raises(RiffusionError, match="unknown stream setting 'lookahed'"):
         Stream.open(torch_engine, "jazz", seed_image=None, lookahed=2)
     with pytest.raises(RiffusionError, match="max_clips"):

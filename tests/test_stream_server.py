@@ -23,6 +23,7 @@ from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noq
 from riffusion_engine.engine.runtime.seeds import seed_image  # noqa: E402
 from riffusion_engine.engine.serve.app import background, create_app  # noqa: E402
 from riffusion_engine.engine.serve.config import ServerConfig  # noqa: E402
+from riffusion_engine.engine.tools.listener import Listener  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -138,6 +139,81 @@ def test_bad_control_messages_are_error_events_and_the_stream_goes_on(server) ->
         ws.send(json.dumps({"type": "prompt", "prompt": {"prompt": "techno", "seed": 9}}))
         ends = [e["end"]["prompt"] for e, _ in clip_events(ws, 7)]
         assert "techno" in ends  # the queued prompt became the end at a wrap
+
+
+def test_now_reaches_the_ear_without_a_gap(server) -> None:
+    """A listener steers now after clip 1 began: clips made but not sent are made again
+    toward the prompt; the first of them carries prompt_to_ear_s, which agrees with the
+    listener's own clock; the audio keeps the length law and has no jump at a join."""
+    url, _ = server
+    no_streams(url)
+    before = metric(url, "riffusion_stream_prompt_to_ear_seconds_count")
+    with connect(ws_url(url)) as ws:
+        ws.send(start(width=256))
+        listener = Listener(ws)
+        ready = listener.next_event()
+        assert ready["type"] == "ready" and ready["width"] == 256 and ready["clip_s"] == pytest.approx(2.55)
+        event = listener.next_clip()
+        while 1 not in listener.begins or time.monotonic() < listener.begins[1]:
+            event = listener.next_clip()  # until clip 1 plays; the server has made clips ahead
+        reaction = listener.steer({"prompt": "techno", "seed": 9}, "now")
+        while "prompt_to_ear_s" not in event:
+            event = listener.next_clip()
+        first = event
+        for _ in range(2):
+            listener.next_clip()
+        time.sleep(max(0.0, listener.begins[first["index"]] - time.monotonic()) + 0.2)
+        listener.tell()  # the first clip toward techno began: the histogram has it
+        listener.send({"type": "stop"})
+        while listener.clips[-1][0]["type"] != "tail":
+            listener.next_clip()
+    events = [e for e, _ in listener.clips]
+    assert [e["index"] for e in events] == list(range(len(events) - 1)) + [events[-2]["index"]]
+    assert first["end"]["prompt"] == "techno" and first["alpha"] == 0.25
+    previous = events[first["index"] - 1]
+    assert first["start"]["start"] == previous["start"] and first["start"]["end"] == previous["end"]
+    assert first["start"]["alpha"] == previous["alpha"]
+    assert reaction.index == first["index"]
+    assert reaction.server_s == pytest.approx(reaction.client_s, abs=0.1)
+    assert metric(url, "riffusion_stream_prompt_to_ear_seconds_count") == before + 1
+    pcm = np.concatenate([np.frombuffer(a, dtype="<i2") for _, a in listener.clips]).astype(float)
+    clip, overlap = round(ready["clip_s"] * 44100), round(ready["overlap_s"] * 44100)
+    clips = len(events) - 1
+    assert len(pcm) == clips * clip - (clips - 1) * overlap  # the length law, across the change
+    own = np.percentile(np.abs(np.diff(pcm)), 99.9)
+    ends = np.cumsum([len(a) // 2 for _, a in listener.clips[:-1]])
+    assert max(abs(pcm[i] - pcm[i - 1]) for i in ends) <= own
+
+
+def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_export) -> None:
+    """Over an export (widths 256..1024): a bad when, a width off the 8-pixel grid or
+    outside the export's profile, and now before start are error events."""
+    from riffusion_engine import load
+
+    engine = load(artifacts=tiny_export[0], backend="onnxruntime")
+    app = create_app(engine, ServerConfig(max_steps=1000))
+    techno = {"prompt": "techno", "seed": 9}
+    with background(app) as url, connect(ws_url(url)) as ws:
+        for bad, field, says in (
+            (json.dumps({"type": "prompt", "prompt": techno, "when": "now"}), "type", "start message"),
+            (start(width=260), "width", "multiple of 8"),
+            (start(width=128), "width", "256..1024 pixels (export with --width 128 for shorter clips)"),
+            (start(width=1040), "width", "256..1024 pixels (export with --max-width for longer clips)"),
+            (start(width=8.5), "width", "integer"),
+        ):
+            ws.send(bad)
+            event, _ = receive(ws)
+            assert event["type"] == "error" and event["field"] == field and says in event["message"], (bad, event)
+        ws.send(start(width=256))
+        assert receive(ws)[0]["type"] == "ready"
+        ws.send(json.dumps({"type": "prompt", "prompt": techno, "when": "soon"}))
+        event, _ = receive(ws)
+        while event["type"] != "error":
+            event, _ = receive(ws)
+        assert event["field"] == "when" and "'wrap', 'now' or 'jump'" in event["message"]
+        ws.send(json.dumps({"type": "prompt", "prompt": techno, "when": "jump"}))
+        ends = [e["end"]["prompt"] for e, _ in clip_events(ws, 3)]
+        assert "techno" in ends
 
 
 def no_streams(url: str) -> None:
@@ -265,7 +341,21 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
                 "window.riffusionPlayer.events.some(e => e.end.prompt === 'dub techno with a choir')",
                 timeout=120_000,
             )
+            # The page steers now by default, at 256-pixel clips, and shows when the prompt was heard.
+            assert page.evaluate("window.riffusionPlayer.width") == 256
+            page.wait_for_function("window.riffusionPlayer.reactions.length >= 1", timeout=120_000)
+            toward = page.evaluate(
+                "window.riffusionPlayer.events.find(e => e.end.prompt === 'dub techno with a choir')"
+            )
+            assert toward["alpha"] == 1 and toward["prompt_to_ear_s"] > 0  # alpha_step 1: on its way, at once
+            assert "heard" in page.inner_text("#now")
             assert not errors and not state["errors"], (errors, state["errors"])
+            # A width the server refuses: the page starts again at the seed image's.
+            other = browser.new_page()
+            other.goto(url + "/?steps=3&alpha_step=1&seed=6&width=100")
+            other.click("#play")
+            other.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+            assert other.evaluate("window.riffusionPlayer.width") == 512
         finally:
             browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)

@@ -61,7 +61,11 @@ def add_parser(sub: Any) -> None:
         "--max-streams", type=int, default=4, help="most /stream WebSockets open at once; one more is refused"
     )
     p.add_argument(
-        "--stream-buffer", type=int, default=3, help="clips a stream makes ahead of its listener's playback"
+        "--stream-buffer",
+        type=int,
+        default=3,
+        help="clips a stream makes ahead of its listener's playback (default: 3); deeper rides out slow "
+        "clips, shallower answers a prompt sooner",
     )
     p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
     ray = p.add_argument_group(

@@ -44,11 +44,14 @@ from .prompts import Tokens, apply_weights, tokenize
 from .requests import (
     SCHEDULERS,
     STEP_OPTIONS,
+    Blend,
     Cancelled,
     Clip,
+    Point,
     PromptInput,
     Request,
     first_step,
+    leaves,
 )
 from .tensors import image_batch, mask_tensor, slerp, to_pixels
 
@@ -210,7 +213,8 @@ class Engine:
             )
         for end in (request.start, request.end):
             if end is not None:
-                self.check_prompt(end)
+                for prompt in leaves(end):
+                    self.check_prompt(prompt)
 
     def check_prompt(self, prompt: PromptInput) -> None:
         """Raise RiffusionError for a prompt input whose texts this engine cannot encode."""
@@ -230,9 +234,10 @@ class Engine:
             low, high = self.shape.widths
             if not low <= request.width <= high:
                 allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
+                hint = "--max-width for longer" if request.width > high else f"--width {request.width} for shorter"
                 raise RiffusionError(
                     f"width {request.width} is outside this {self.backend.name} export's profile: it "
-                    f"takes {allowed} (export with --max-width for longer clips)"
+                    f"takes {allowed} (export with {hint} clips)"
                 )
         for name in ("seed_image", "mask"):
             image = getattr(request, name)
@@ -288,12 +293,23 @@ class Engine:
         def text(p: PromptInput) -> str:
             return (p.negative_prompt or "") if negative else p.prompt
 
-        start = self.encode([text(r.start) for r in requests], negative=negative)
-        if all(r.end is None for r in requests):
-            return start
-        end = self.encode([text(r.end or r.start) for r in requests], negative=negative)
-        alpha = self._column([r.alpha if r.end is not None else 0.0 for r in requests], start.ndim)
-        return torch.lerp(start, end, alpha)  # exactly start at 0 and end at 1
+        if all(isinstance(r.start, PromptInput) for r in requests):
+            start = self.encode([text(r.start) for r in requests], negative=negative)
+            if all(r.end is None for r in requests):
+                return start
+            end = self.encode([text(r.end or r.start) for r in requests], negative=negative)
+            alpha = self._column([r.alpha if r.end is not None else 0.0 for r in requests], start.ndim)
+            return torch.lerp(start, end, alpha)  # exactly start at 0 and end at 1
+        # A steered stream's clip starts from a blend: every text encoded in one batch
+        # (then cached), each point the same lerps a clip at its alpha makes.
+        self.encode(list(dict.fromkeys(text(p) for r in requests for p in leaves(r.blend))), negative=negative)
+
+        def at(point: Point) -> Any:
+            if isinstance(point, Blend):
+                return torch.lerp(at(point.start), at(point.end), point.alpha)
+            return self.encode([text(point)], negative=negative)[0]
+
+        return torch.stack([at(r.blend) for r in requests])
 
     def _column(self, values: Sequence[float], ndim: int) -> Any:
         import torch
@@ -328,11 +344,20 @@ class Engine:
         import torch
 
         generators, eps, noise = [], [], []
+
+        def at(point: Point, generator: Any) -> Any:
+            # A blend's noise is the slerp its clip drew: the start's from ``generator``
+            # (after the posterior draws), each end's from a fresh generator of its seed.
+            if isinstance(point, Blend):
+                b = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(point.end.seed))
+                return slerp(point.alpha, at(point.start, generator), b)
+            return torch.randn(shape, generator=generator)
+
         for request in requests:
             generator = torch.Generator("cpu").manual_seed(request.start.seed)
             if request.seed_image is not None and self.shape.sampled_vae:
                 eps.append(torch.randn(shape, generator=generator))
-            a = torch.randn(shape, generator=generator)
+            a = at(request.start, generator)
             if request.end is not None and request.alpha > 0:
                 b = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.end.seed))
                 a = slerp(request.alpha, a, b)

@@ -4,7 +4,7 @@ parameter one clip depends on), the clip, and the schedulers by name."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,64 @@ class PromptInput:
 
 
 @dataclass(frozen=True)
+class Blend:
+    """A point between two prompt inputs, as a clip at ``alpha`` makes it: text embeddings
+    and guidance and denoising interpolated linearly, noise spherically (each end's own
+    draws, as :class:`Request` interpolates them). A stream steered mid-walk starts from
+    the last clip's point, so the music moves on from where it is instead of jumping
+    back; ``start`` may itself be a blend (steered again before the walk reached its end)."""
+
+    start: PromptInput | Blend
+    end: PromptInput
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha) or not 0 <= self.alpha <= 1:
+            raise RiffusionError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+    @property
+    def guidance(self) -> float:
+        return (1 - self.alpha) * self.start.guidance + self.alpha * self.end.guidance
+
+    @property
+    def denoising(self) -> float:
+        return (1 - self.alpha) * self.start.denoising + self.alpha * self.end.denoising
+
+    @property
+    def seed(self) -> int:
+        """The seed whose generator draws a clip's other randomness (its start's)."""
+        return self.start.seed
+
+    @property
+    def depth(self) -> int:
+        """Blends nested in this one, itself included."""
+        return 1 + (self.start.depth if isinstance(self.start, Blend) else 0)
+
+    def leaves(self) -> list[PromptInput]:
+        """The prompt inputs it blends, start first."""
+        return [*leaves(self.start), self.end]
+
+    @classmethod
+    def point(cls, start: PromptInput | Blend, end: PromptInput | None, alpha: float) -> PromptInput | Blend:
+        """The point at ``alpha`` from ``start`` to ``end``: an end itself at alpha 0 or 1."""
+        if end is None or alpha <= 0:
+            return start
+        return end if alpha >= 1 else cls(start, end, alpha)
+
+
+Point = PromptInput | Blend
+
+
+def leaves(point: Point) -> list[PromptInput]:
+    """The prompt inputs ``point`` is made of."""
+    return point.leaves() if isinstance(point, Blend) else [point]
+
+
+@dataclass(frozen=True)
 class Request:
     """Everything one clip depends on."""
 
-    start: PromptInput  # the prompt input (alpha 0)
+    start: Point  # the prompt input (alpha 0), or a point between two (a steered stream's)
     end: PromptInput | None = None  # interpolate towards this one (alpha 1)
     alpha: float = 0.0  # position between start and end, 0..1
     steps: int = STEPS  # scheduler steps (a seed image runs int(steps * denoising) of them)
@@ -82,16 +136,9 @@ class Request:
             raise RiffusionError("a mask needs a seed image (it says which parts of it to keep)")
 
     @property
-    def blend(self) -> PromptInput:
-        """Guidance and denoising at alpha (the other fields are the start's)."""
-        if self.end is None:
-            return self.start
-        a = self.alpha
-        return replace(
-            self.start,
-            guidance=(1 - a) * self.start.guidance + a * self.end.guidance,
-            denoising=(1 - a) * self.start.denoising + a * self.end.denoising,
-        )
+    def blend(self) -> Point:
+        """The clip's point: its guidance and denoising are the ones it runs at."""
+        return self.start if self.end is None else Blend(self.start, self.end, self.alpha)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one batch."""

@@ -148,3 +148,9 @@ class SeedLibrary:
             return built.copy() if mode is None else built.convert(mode)
         shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
         raise RiffusionError(f"{field}: unknown id {shown!r}; known ids: {', '.join(self.ids())}")
+
+
+def crop_width(image: Any, width: int) -> Any:
+    """``image``'s first ``width`` columns (the first ``width / 100`` seconds of a
+    spectrogram), or ``image`` itself when it is not wider."""
+    return image.crop((0, 0, width, image.height)) if image.width > width else image

@@ -64,6 +64,13 @@ class Metrics:
             buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20),
             registry=self.registry,
         )
+        self.stream_prompt_to_ear = Histogram(
+            "riffusion_stream_prompt_to_ear_seconds",
+            "From a stream's prompt message to the client's `played` of the first clip that moves "
+            "toward it",
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120),
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "riffusion_batch_seconds",
             "Engine time per batch",

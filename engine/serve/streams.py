@@ -5,8 +5,12 @@ The client sends JSON control messages; the first must be ``start``::
 
     {"type": "start", "start": {"prompt": "jazz", "seed": 1}, "end": {...} (optional),
      "seed_image_id": "og_beat", "mask_image_id": null, "num_inference_steps": 50,
-     "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false}
-    {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}}   the end from the next wrap
+     "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false,
+     "width": 256 (optional: the clip's pixels, 100 per second; the seed image's by default)}
+    {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}, "when": "wrap"}
+        wrap (the default): the end from the next wrap; now: the next clip not yet sent
+        walks from where the music is to it (already at alpha_step); jump: the next clip
+        not yet sent is its own (alpha 1). now and jump drop the clips made but not sent.
     {"type": "update", "start": {...}, "end": {...}, "seed_image_id": ..., "mask_image_id": ...}
     {"type": "played", "clip": N}   clip N began playing: the server makes clips up to
                                     N + buffer (a client that sends none gets ``buffer`` clips)
@@ -19,7 +23,9 @@ the same way. The server sends JSON events and binary audio:
      "profile": "realtime", "scheduler": "lcm", "steps": 4, "guidance": 1.0, ...}
     {"type": "clip", "index": N, "start": {...}, "end": {...}, "alpha": 0.25, "start_s": ...,
      "samples": ..., "image": "data:image/jpeg;base64,...", "margin": 1.8, "ahead_s": 3.2,
-     "behind": false}   followed by one binary frame: the chunk's audio, 16-bit PCM
+     "behind": false, "prompt_to_ear_s": 2.4 (the first clip toward a prompt: from its message
+     to when playback reaches this clip, for a client that plays audio as soon as it has it)}
+                        followed by one binary frame: the chunk's audio, 16-bit PCM
                         little-endian, channels interleaved, to play right after the last
     {"type": "behind", "index": N, "late_s": 0.4}   the clip was ready after it was due
     {"type": "error", "field": "start.prompt", "message": "..."}   a refused message; the stream goes on
@@ -47,9 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import SCHEDULER, SEED_IMAGE
 from ..runtime.pipeline import Engine
-from ..runtime.requests import Cancelled, PromptInput, Request
-from ..runtime.seeds import ID_PATTERN, SeedLibrary
-from ..stream import Stream, StreamSettings, advance_samples, clip_samples
+from ..runtime.requests import Blend, Cancelled, PromptInput, Request
+from ..runtime.seeds import ID_PATTERN, SeedLibrary, crop_width
+from ..stream import Stream, StreamChunk, StreamSettings, advance_samples, clip_samples
 from .api import ApiPromptInput, JsonInt, jpeg_data_url, profile_name, profiled, prompt_input
 from .batcher import Batcher
 from .config import FieldError, ServerConfig, checked_steps
@@ -75,6 +81,7 @@ class StartMessage(_Message):
     alpha_step: float = Field(0.25, gt=0, le=1, allow_inf_nan=False)
     crossfade_s: float = Field(0.2, ge=0, le=2.5, allow_inf_nan=False)
     continuation: bool = False
+    width: JsonInt | None = Field(None, ge=8)  # pixels per clip; None: the seed image's
     # The profile the client expects; the server runs one (serve --profile), and refuses another.
     profile: Literal["default", "realtime"] | None = None
 
@@ -82,6 +89,7 @@ class StartMessage(_Message):
 class PromptMessage(_Message):
     type: Literal["prompt"]
     prompt: ApiPromptInput
+    when: Literal["wrap", "now", "jump"] = "wrap"  # walk.WHEN
 
 
 class UpdateMessage(_Message):
@@ -136,6 +144,22 @@ def _prompt(engine: Engine, name: str, value: ApiPromptInput) -> PromptInput:
         return prompt_input(engine, name, value)
     except FieldError as exc:
         raise MessageError(exc.field, exc.reason) from None
+
+
+def _width(engine: Engine, width: int, widest: int, seed_image_id: str) -> int:
+    """A stream's clip width, checked: a multiple of 8 that the engine's export takes and
+    its seed image spans."""
+    if width % 8:
+        raise MessageError("width", f"must be a multiple of 8 pixels (100 per second), got {width}")
+    try:
+        engine.check_images(Request(PromptInput("width"), width=width))
+    except RiffusionError as exc:
+        raise MessageError("width", str(exc)) from None
+    if width > widest:
+        raise MessageError(
+            "width", f"{width} is wider than the seed image {seed_image_id!r} ({widest} pixels)"
+        )
+    return width
 
 
 def _image(seeds: SeedLibrary, field: str, image_id: str | None, mode: str) -> Any:
@@ -213,6 +237,15 @@ class _Session:
         self.paused_total = 0.0
         self.step_s = 0.0  # new audio per clip, seconds
         self.reason = "stopped by the client"
+        self.sent = -1  # the last clip sent: a steer keeps it and remakes the ones after
+        self.send_lock = asyncio.Lock()  # a clip is sent whole before a steer, or dropped by it
+        # The client's playback, as a client that plays each chunk as soon as it has it
+        # and right after the previous one: each sent chunk's (send time, seconds), and
+        # the last clip the client said began playing, with when it said so.
+        self.timeline: dict[int, tuple[float, float]] = {}
+        self.anchor: tuple[int, float] | None = None
+        self.toward: list[tuple[PromptInput, float]] = []  # prompts no clip has moved toward, and when they came
+        self.hearing: dict[int, float] = {}  # a clip moving toward a prompt -> when the prompt came
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.socket.send_text(json.dumps(payload))
@@ -287,10 +320,15 @@ class _Session:
         end = _prompt(engine, "end", message.end) if message.end is not None else None
         seed_image = _image(seeds, "seed_image_id", message.seed_image_id, "RGB")
         mask = _image(seeds, "mask_image_id", message.mask_image_id, "L")
+        width = seed_image.width
+        if message.width is not None:
+            width = _width(engine, message.width, seed_image.width, message.seed_image_id)
+            seed_image = crop_width(seed_image, width)
+            mask = None if mask is None else crop_width(mask, width)
         try:
             settings = StreamSettings(
                 steps=engine.steps if profiled(engine) else steps,
-                width=seed_image.width,
+                width=width,
                 scheduler=engine.scheduler if profiled(engine) else SCHEDULER,
                 alpha_step=message.alpha_step,
                 crossfade_s=message.crossfade_s,
@@ -330,6 +368,7 @@ class _Session:
                 "channels": 1,
                 "format": "pcm_s16le",
                 "clip_s": clip_samples(self.stream.settings, params) / params.sample_rate,
+                "width": self.stream.settings.width,
                 "overlap_s": self.stream.overlap_samples / params.sample_rate,
                 "buffer": self.config.stream_buffer,
                 "lifetime_s": self.config.stream_lifetime_s,
@@ -344,49 +383,89 @@ class _Session:
     async def _send_clips(self) -> None:
         assert self.stream is not None
         chunks = iter(self.stream)
-        made_s = 0.0
+        self.made_s = 0.0
         while True:
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None:
                 return
-            while chunk.index > self.played + self.config.stream_buffer and not self.stream.stopped:
+            while (
+                chunk.index > self.played + self.config.stream_buffer
+                and not self.stream.stopped
+                and self.stream.current(chunk)
+            ):
                 self.credit.clear()
                 await self.credit.wait()
-            now = time.monotonic()
-            if self.playback is None:
-                self.playback = now
-            due = self._deadline(chunk.index)
-            late = chunk.made_at - due if chunk.index > 0 and not chunk.final else 0.0
-            made_s += chunk.duration_s
-            working = max(now - self.began - self.paused_total, 1e-6)
-            margin = made_s / working
-            event: dict[str, Any] = {
-                "type": "tail" if chunk.final else "clip",
-                "index": chunk.index,
-                "start_s": chunk.start_s,
-                "samples": int(chunk.audio.shape[-1]),
-                "margin": round(margin, 3),
-            }
-            if not chunk.final:
-                request = chunk.request
-                event.update(
-                    start=_describe(request.start),
-                    end=_describe(request.end or request.start),
-                    alpha=request.alpha,
-                    ahead_s=round(due - now, 3),
-                    behind=late > 0,
-                    image=await asyncio.to_thread(jpeg_data_url, chunk.clip.image),
-                )
-                self.hub.metrics.stream_clips.inc()
-                self.hub.metrics.stream_margin.observe(margin)
-                if late > 0:
-                    self.hub.metrics.stream_underruns.inc()
-                    await self.send_json({"type": "behind", "index": chunk.index, "late_s": round(late, 3)})
-            await self.send_json(event)
-            # channels interleaved, little-endian 16-bit
-            await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
+            async with self.send_lock:
+                if not self.stream.current(chunk):
+                    continue  # a steer dropped it: the stream makes it again
+                await self._send(chunk)
+                self.sent = chunk.index
             if chunk.final:
                 return
+
+    async def _send(self, chunk: StreamChunk) -> None:
+        """The chunk's event and audio frame."""
+        assert self.stream is not None
+        now = time.monotonic()
+        if self.playback is None:
+            self.playback = now
+        due = self._deadline(chunk.index)
+        late = chunk.made_at - due if chunk.index > 0 and not chunk.final else 0.0
+        self.made_s += chunk.duration_s
+        working = max(now - self.began - self.paused_total, 1e-6)
+        margin = self.made_s / working
+        event: dict[str, Any] = {
+            "type": "tail" if chunk.final else "clip",
+            "index": chunk.index,
+            "start_s": chunk.start_s,
+            "samples": int(chunk.audio.shape[-1]),
+            "margin": round(margin, 3),
+        }
+        if not chunk.final:
+            request = chunk.request
+            event.update(
+                start=_describe(request.start),
+                end=_describe(request.end or request.start),
+                alpha=request.alpha,
+                ahead_s=round(due - now, 3),
+                behind=late > 0,
+                image=await asyncio.to_thread(jpeg_data_url, chunk.clip.image),
+            )
+            ear = self._prompt_to_ear(chunk, now)
+            if ear is not None:
+                event["prompt_to_ear_s"] = round(ear, 3)
+            self.hub.metrics.stream_clips.inc()
+            self.hub.metrics.stream_margin.observe(margin)
+            if late > 0:
+                self.hub.metrics.stream_underruns.inc()
+                await self.send_json({"type": "behind", "index": chunk.index, "late_s": round(late, 3)})
+        await self.send_json(event)
+        # channels interleaved, little-endian 16-bit
+        await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
+        self.timeline[chunk.index] = (now, chunk.duration_s)
+
+    def _prompt_to_ear(self, chunk: StreamChunk, now: float) -> float | None:
+        """For the first clip that moves toward a prompt (its end, alpha > 0): seconds from
+        the prompt's message to when playback reaches the clip, for a client that plays
+        each chunk as soon as it has it, right after the one before (the last ``played``
+        anchors the clock). Prompts before it that no clip moved toward are passed over."""
+        request = chunk.request
+        found = next(
+            (i for i, (p, _) in enumerate(self.toward) if p is request.end and request.alpha > 0), None
+        )
+        if found is None:
+            return None
+        received = self.toward[found][1]
+        del self.toward[: found + 1]
+        self.hearing[chunk.index] = received
+        index, begins = self.anchor if self.anchor is not None else (0, None)
+        for i in range(index, chunk.index + 1):
+            sent, seconds = self.timeline.get(i, (now, 0.0))
+            begins = sent if begins is None else max(sent, begins)
+            if i < chunk.index:
+                begins += seconds
+        assert begins is not None
+        return begins - received
 
     async def _receive_controls(self) -> None:
         assert self.stream is not None
@@ -399,11 +478,14 @@ class _Session:
                 return
             if not text:
                 continue
+            received = time.monotonic()
             try:
                 message = parse_message(text)
                 if isinstance(message, StartMessage):
                     raise MessageError("type", "the stream has started; send update or prompt to change it")
-                if isinstance(message, (PromptMessage, UpdateMessage)):
+                if isinstance(message, PromptMessage):
+                    await self._steer(message, received)
+                elif isinstance(message, UpdateMessage):
                     await asyncio.to_thread(self._apply, message)  # tokenizes: off the event loop
                 else:
                     self._control(message)
@@ -420,6 +502,13 @@ class _Session:
         stream = self.stream
         assert stream is not None
         if isinstance(message, PlayedMessage):
+            now = time.monotonic()
+            if message.clip <= self.sent and message.clip > self.played:
+                self.anchor = (message.clip, now)
+                for i in [i for i in self.timeline if i < message.clip]:
+                    del self.timeline[i]
+            for index in [i for i in self.hearing if i <= message.clip]:
+                self.hub.metrics.stream_prompt_to_ear.observe(now - self.hearing.pop(index))
             self.played = max(self.played, message.clip)
             self.credit.set()
         elif message.type == "pause":
@@ -432,28 +521,55 @@ class _Session:
                 self.paused_at = None
             stream.resume()
 
-    def _apply(self, message: PromptMessage | UpdateMessage) -> None:
+    async def _steer(self, message: PromptMessage, received: float) -> None:
+        """Queue the prompt for the wrap, or steer now: the clips after the last one sent
+        are dropped (the one waiting for the client's credit included) and made again."""
         stream = self.stream
         assert stream is not None
-        if isinstance(message, PromptMessage):
-            stream.queue(_prompt(self.engine, "prompt", message.prompt))
-        elif isinstance(message, UpdateMessage):
-            changes: dict[str, Any] = {}
-            if message.start is not None:
-                changes["start"] = _prompt(self.engine, "start", message.start)
-            if message.end is not None:
-                changes["end"] = _prompt(self.engine, "end", message.end)
-            if message.seed_image_id is not None:
-                changes["seed_image"] = _image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
-            if message.mask_image_id is not None:
-                changes["mask"] = _image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L")
-            try:
-                stream.update(**changes)
-            except RiffusionError as exc:
-                raise MessageError(next(iter(changes), "update"), str(exc)) from None
+        prompt = await asyncio.to_thread(_prompt, self.engine, "prompt", message.prompt)  # tokenizes
+        try:
+            if message.when == "wrap":
+                await asyncio.to_thread(stream.queue, prompt)
+            else:
+                async with self.send_lock:
+                    await asyncio.to_thread(stream.queue, prompt, message.when, after=self.sent)
+                    self.toward.clear()  # the prompts queued for the wrap are replaced
+                    self.credit.set()  # a chunk waiting for credit is dropped now
+        except RiffusionError as exc:
+            raise MessageError("prompt", str(exc)) from None
+        self.toward.append((prompt, received))
+
+    def _apply(self, message: UpdateMessage) -> None:
+        stream = self.stream
+        assert stream is not None
+        changes: dict[str, Any] = {}
+        if message.start is not None:
+            changes["start"] = _prompt(self.engine, "start", message.start)
+        if message.end is not None:
+            changes["end"] = _prompt(self.engine, "end", message.end)
+        width = stream.settings.width  # a shorter stream's images: their first columns
+        if message.seed_image_id is not None:
+            image = _image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
+            changes["seed_image"] = crop_width(image, width)
+        if message.mask_image_id is not None:
+            changes["mask"] = crop_width(_image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L"), width)
+        try:
+            stream.update(**changes)
+        except RiffusionError as exc:
+            raise MessageError(next(iter(changes), "update"), str(exc)) from None
 
 
-def _describe(prompt: PromptInput) -> dict[str, Any]:
+def _describe(prompt: PromptInput | Blend) -> dict[str, Any]:
+    """A prompt input as the API writes it; a blend (where a steered walk started) as its
+    two ends and alpha."""
+    if isinstance(prompt, Blend):
+        return {
+            "start": _describe(prompt.start),
+            "end": _describe(prompt.end),
+            "alpha": prompt.alpha,
+            "guidance": prompt.guidance,
+            "denoising": prompt.denoising,
+        }
     return {
         "prompt": prompt.prompt,
         "seed": prompt.seed,

@@ -74,6 +74,7 @@ class StreamChunk:
     clip: Clip | None  # the clip as made (None for the final tail)
     made_at: float = field(default_factory=time.monotonic)  # when it was ready
     final: bool = False  # the last chunk: the stream has stopped
+    generation: int = 0  # the stream's steer count when it was made (Stream.current)
 
     @property
     def duration_s(self) -> float:

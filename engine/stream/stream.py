@@ -14,20 +14,31 @@ from typing import Any
 
 from ...kernels.errors import RiffusionError
 from ...kernels.joins import Joiner
-from ..runtime.defaults import SEED_IMAGE
+from ..runtime.defaults import SEED_IMAGE, WIDTH
 from ..runtime.pipeline import Engine
-from ..runtime.requests import Cancelled, PromptInput, Request
+from ..runtime.requests import Blend, Cancelled, PromptInput, Request
 from ..runtime.seeds import seed_image as builtin_seed_image
 from .settings import Runner, StreamChunk, StreamSettings, length_samples, overlap_samples
-from .walk import Walk, continuation_inputs, keep_columns
+from .walk import WHEN, Walk, continuation_inputs, keep_columns
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """What a steer rewinds to: the stream just after one clip was made."""
+
+    request: Request  # the clip's request (its point is where the music is)
+    tail: Any  # the joiner's held tail after it
+    position: int  # the joiner's samples emitted after it
+    picture: Any  # its image, which a continuation clip keeps columns of
 
 
 class Stream:
     """An endless stream of clips from an :class:`Engine` (module docstring).
 
-    Iterate it for :class:`StreamChunk`\\ s; :meth:`queue` a prompt, :meth:`update` the
-    pair, seed image or mask, :meth:`pause`, :meth:`resume` and :meth:`stop` it from any
-    thread. ``max_clips`` stops it after that many clips (None: endless)."""
+    Iterate it for :class:`StreamChunk`\\ s; :meth:`queue` a prompt (at the next wrap, or
+    now), :meth:`update` the pair, seed image or mask, :meth:`pause`, :meth:`resume` and
+    :meth:`stop` it from any thread. ``max_clips`` stops it after that many clips (None:
+    endless)."""
 
     def __init__(
         self,
@@ -65,10 +76,14 @@ class Stream:
         self.pipelined = (
             self.settings.pipeline if self.settings.pipeline is not None else engine.backend.device == "cuda"
         )
-        self.clips_started = 0  # requests handed to the runner
-        self.clips_made = 0  # clips turned into audio
+        self.clips_started = 0  # the index of the next request handed to the runner
+        self.clips_made = 0  # clips turned into audio (kept ones: a steer drops the rest)
+        self.generation = 0  # bumped by each steer: clips of an older one are dropped
+        self.delivered = -1  # the last clip iteration handed out
+        self._history: dict[int, _Made] = {}  # recent clips made, by index
         self._previous_image: Any = None
-        self._last: Request = self.walk.peek()
+        self._first: Request = self.walk.peek()
+        self._last: Request = self._first
         self._threads = [threading.Thread(target=self._diffuse, name="stream-diffusion", daemon=True)]
         if self.pipelined:
             self._threads.append(threading.Thread(target=self._audio_loop, name="stream-audio", daemon=True))
@@ -89,9 +104,9 @@ class Stream:
     ) -> Stream:
         """A stream walking from ``start`` to ``end`` and on, as Riffusion's web app does:
         prompts may be strings; ``seed_image`` is a built-in seed image id (the web app's
-        ``og_beat`` by default), a PIL image or None (text to clip); ``settings`` are
-        :class:`StreamSettings` fields (steps and scheduler by default the engine's
-        profile's)."""
+        ``og_beat`` by default, made as wide as the clips), a PIL image or None (text to
+        clip); ``settings`` are :class:`StreamSettings` fields (steps and scheduler by
+        default the engine's profile's)."""
 
         def prompt_input(value: PromptInput | str) -> PromptInput:
             # A prompt given as text runs at the engine's profile's guidance (7, or off).
@@ -107,8 +122,8 @@ class Stream:
             raise RiffusionError(
                 f"unknown stream setting {unknown[0]!r}; choose from {', '.join(sorted(fields))}"
             )
-        if isinstance(seed_image, str):
-            seed_image = builtin_seed_image(seed_image, engine.params)
+        if isinstance(seed_image, str):  # made as wide as the clips
+            seed_image = builtin_seed_image(seed_image, engine.params, width=settings.get("width", WIDTH))
         return cls(
             engine,
             prompt_input(start),
@@ -125,11 +140,47 @@ class Stream:
         """RiffusionError for a request of this stream the engine cannot run."""
         self.engine.check(request)
 
-    def queue(self, prompt: PromptInput) -> None:
-        """``prompt`` becomes the end at the next wrap (after those queued before it)."""
+    def queue(self, prompt: PromptInput, when: str = "wrap", *, now: bool = False, after: int | None = None) -> None:
+        """Steer the walk to ``prompt`` (``now=True`` is ``when="now"``):
+
+        - ``"wrap"``: it becomes the end at the next wrap (after those queued before it);
+        - ``"now"``: the next clip not yet made walks from where the music is (the point of
+          clip ``after``, by default the last one iteration handed out) to ``prompt``, at
+          alpha ``alpha_step``, already on its way;
+        - ``"jump"``: the next clip is ``prompt``'s own (alpha 1).
+
+        ``now`` and ``jump`` drop the clips made after ``after`` and the one denoising
+        (it stops at its next step) and make them again; the joins and a continuation
+        go on from clip ``after``. They replace the prompts queued for the wrap."""
+        when = "now" if now else when
+        if when not in WHEN:
+            raise RiffusionError(f"when must be one of {', '.join(WHEN)}, got {when!r}")
         self.engine.check_prompt(prompt)
         with self._lock:
-            self.walk.queue(prompt)
+            if when == "wrap":
+                self.walk.queue(prompt)
+                return
+            after = self.delivered if after is None else after
+            if not isinstance(after, int) or not -1 <= after <= self.delivered:
+                raise RiffusionError(f"after must be a clip handed out, -1..{self.delivered}, got {after!r}")
+            made = self._history.get(after)
+            if after >= 0 and made is None:
+                raise RiffusionError(f"clip {after} is too old to steer from")
+            self.generation += 1
+            if made is None:  # nothing kept: from the stream's start
+                self.joiner.tail, self.joiner.position = None, 0
+                self._previous_image, self._last, point = None, self._first, self._first.start
+            else:
+                self.joiner.tail, self.joiner.position = made.tail, made.position
+                self._previous_image, self._last = made.picture, made.request
+                point = Blend.point(made.request.start, made.request.end, made.request.alpha)
+            self.clips_started = self.clips_made = after + 1
+            self.delivered = after
+            self.walk.steer(point, prompt, jump=when == "jump")
+
+    def current(self, chunk: StreamChunk) -> bool:
+        """Whether ``chunk`` still belongs to the stream (no steer dropped it since)."""
+        return chunk.generation == self.generation
 
     def update(
         self,
@@ -196,6 +247,10 @@ class Stream:
                 raise item
             if item is None:
                 return
+            with self._lock:
+                if not self.current(item):
+                    continue  # made before a steer
+                self.delivered = max(self.delivered, item.index)
             yield item
             if item.final:
                 return
@@ -211,9 +266,12 @@ class Stream:
     def _run_engine(self, requests: Sequence[Request], deadlines: Sequence[float], should_stop: Any) -> Any:
         return self.engine.images(requests, should_stop=should_stop)
 
-    def _put(self, target: queue.Queue[Any], item: Any) -> bool:
-        """Put ``item``, waiting for room; False once stopped (the item is dropped)."""
+    def _put(self, target: queue.Queue[Any], item: Any, generation: int | None = None) -> bool:
+        """Put ``item``, waiting for room; False once stopped (the item is dropped). An
+        item of ``generation`` is dropped once a steer makes it stale (True: go on)."""
         while not self._stopped.is_set():
+            if generation is not None and generation != self.generation:
+                return True
             try:
                 target.put(item, timeout=0.05)
                 return True
@@ -221,7 +279,8 @@ class Stream:
                 continue
         return False
 
-    def _next_requests(self) -> list[Request]:
+    def _next_requests(self) -> tuple[list[Request], int, int]:
+        """The next requests, the index of the first and the generation they belong to."""
         with self._lock:
             count = self.settings.lookahead
             if self.max_clips is not None:
@@ -235,8 +294,9 @@ class Stream:
                     )
                     request = replace(request, seed_image=seed, mask=mask)
                 requests.append(request)
+            first = self.clips_started
             self.clips_started += len(requests)
-            return requests
+            return requests, first, self.generation
 
     def _diffuse(self) -> None:
         target = self._images if self.pipelined else None
@@ -245,29 +305,41 @@ class Stream:
                 self._resumed.wait()
                 if self._stopped.is_set():
                     break
-                requests = self._next_requests()
+                requests, first, generation = self._next_requests()
                 if not requests:
                     break
-                first = self.clips_started - len(requests)
                 deadlines = [self._deadline(first + i) for i in range(len(requests))]
                 timings: dict[str, float] = {}
                 begin = time.perf_counter()
-                images = self._runner(requests, deadlines, self._stopped.is_set)
+
+                def stale(generation: int = generation) -> bool:
+                    return self._stopped.is_set() or generation != self.generation
+
+                try:
+                    images = self._runner(requests, deadlines, stale)
+                except Cancelled:
+                    if self._stopped.is_set() or generation == self.generation:
+                        raise
+                    continue  # steered: the next requests walk the new way
                 timings["diffusion"] = time.perf_counter() - begin
-                for request, image in zip(requests, images, strict=True):
-                    if self.settings.continuation:
-                        if self._previous_image is not None:
-                            image = keep_columns(
-                                image, self._previous_image, self.settings.continuation_columns
-                            )
-                        self._previous_image = self.engine.picture(image)
+                for index, (request, image) in enumerate(zip(requests, images, strict=True), first):
+                    picture = None
+                    with self._lock:
+                        if generation != self.generation:
+                            break
+                        if self.settings.continuation:
+                            if self._previous_image is not None:
+                                image = keep_columns(
+                                    image, self._previous_image, self.settings.continuation_columns
+                                )
+                            self._previous_image = picture = self.engine.picture(image)
                     if self.pipelined and self.engine.backend.device == "cuda":
                         import torch
 
                         torch.cuda.current_stream().synchronize()  # the audio thread reads it
-                    item = (request, image, dict(timings))
+                    item = (index, generation, request, image, dict(timings), picture)
                     if target is not None:
-                        if not self._put(target, item):
+                        if not self._put(target, item, generation):
                             return
                     elif not self._audio(item):
                         return
@@ -315,15 +387,24 @@ class Stream:
         except BaseException as exc:
             self._put(self._out, exc)
 
-    def _audio(self, item: tuple[Request, Any, dict[str, float]]) -> bool:
-        request, image, timings = item
+    def _audio(self, item: tuple[int, int, Request, Any, dict[str, float], Any]) -> bool:
+        index, generation, request, image, timings, picture = item
+        if generation != self.generation:
+            return True  # steered since: dropped
         clip = self.engine.to_clip(image, timings)
-        audio, start = self.joiner.add(clip.audio)
-        index = self.clips_made
-        self.clips_made += 1
-        self._last = request
-        chunk = StreamChunk(index, audio, self.sample_rate, start / self.sample_rate, request, clip)
-        return self._put(self._out, chunk)
+        with self._lock:
+            if generation != self.generation:
+                return True
+            audio, start = self.joiner.add(clip.audio)
+            self.clips_made = index + 1
+            self._last = request
+            self._history[index] = _Made(request, self.joiner.tail, self.joiner.position, picture)
+            for old in [i for i in self._history if i < self.delivered - 8]:
+                del self._history[old]
+        chunk = StreamChunk(
+            index, audio, self.sample_rate, start / self.sample_rate, request, clip, generation=generation
+        )
+        return self._put(self._out, chunk, generation)
 
     def _flush(self) -> None:
         tail = self.joiner.flush()
@@ -337,6 +418,7 @@ class Stream:
                 self._last,
                 None,
                 final=True,
+                generation=self.generation,
             )
             self._put_final(self._out, chunk)
         else:

@@ -8,14 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.requests import MAX_SEED, PromptInput, Request
+from ..runtime.requests import MAX_SEED, Blend, Point, PromptInput, Request
 from .settings import StreamSettings
+
+WHEN = ("wrap", "now", "jump")  # when a queued prompt takes over the walk
+MAX_BLEND_DEPTH = 8  # a start steered from a blend of blends ... keeps this many levels
 
 
 class Walk:
     """The web app's alpha walk (module docstring): which request comes next."""
 
-    def __init__(self, start: PromptInput, end: PromptInput | None, settings: StreamSettings) -> None:
+    def __init__(self, start: Point, end: PromptInput | None, settings: StreamSettings) -> None:
         self.settings = settings
         self.start, self.end = start, end if end is not None else _next_seed(start)
         self.alpha = 0.0
@@ -25,6 +28,14 @@ class Walk:
 
     def queue(self, prompt: PromptInput) -> None:
         self.upcoming.append(prompt)
+
+    def steer(self, point: Point, prompt: PromptInput, *, jump: bool = False) -> None:
+        """Walk from ``point`` (where the music is) to ``prompt`` from the next clip on: at
+        alpha ``alpha_step`` (already on its way), or at alpha 1 with ``jump`` (the
+        prompt's own clip). Prompts queued for the wrap are dropped: this one replaces them."""
+        self.start, self.end = shallow(point, MAX_BLEND_DEPTH - 1), prompt
+        self.alpha = 1.0 if jump else min(self.settings.alpha_step, 1.0)
+        self.upcoming.clear()
 
     def peek(self) -> Request:
         """The next request, without moving on."""
@@ -47,6 +58,16 @@ class Walk:
             self.start = self.end
             self.end = self.upcoming.popleft() if self.upcoming else _next_seed(self.start)
         return request
+
+
+def shallow(point: Point, depth: int) -> Point:
+    """``point`` with at most ``depth`` nested blends: deeper ones (steered many times in a
+    row) become the prompt input they are nearest, which holds the least of the mix."""
+    if not isinstance(point, Blend):
+        return point
+    if depth <= 0:
+        return shallow(point.start if point.alpha < 0.5 else point.end, 0)
+    return Blend(shallow(point.start, depth - 1), point.end, point.alpha)
 
 
 def _next_seed(prompt: PromptInput) -> PromptInput:

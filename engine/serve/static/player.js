@@ -2,7 +2,9 @@
 // (each chunk an AudioBuffer scheduled to start where the previous one ends), a
 // scrolling spectrogram, and a "falling behind" indicator. Settings come from the URL
 // query, as in Riffusion's web app: ?steps=50&alpha_step=0.25&seed_image=og_beat&denoising=0.75&seed=N
-// (&profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs)
+// (&profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs;
+// &width=256: pixels per clip, 100 per second, 256 by default: shorter clips react sooner;
+// a server whose export does not take it gets the seed image's width instead)
 "use strict";
 
 const query = new URLSearchParams(location.search);
@@ -15,7 +17,9 @@ const player = {
   samplesPlayed: 0, // grows while the AudioContext plays what was scheduled
   underruns: 0, // chunks that arrived after the previous one had finished playing
   events: [], // the last clip events (without their images)
+  reactions: [], // prompt_to_ear_s of each prompt: from sending it to hearing the music move
   errors: [],
+  width: null, // the clip width the server runs (its ready event's)
   state: "idle",
 };
 window.riffusionPlayer = player;
@@ -31,6 +35,8 @@ let nextTime = 0; // context time where the next chunk starts
 let pending = null; // the clip event whose audio frame comes next
 let segments = []; // {start, duration, index, image, told}
 let seed = number("seed", Math.floor(Math.random() * 1e6));
+let width = number("width", 256); // null once the server refused it: the seed image's width
+let ready = false;
 
 function status(text) {
   el("status").textContent = text;
@@ -43,15 +49,7 @@ function start() {
   socket = new WebSocket(`${scheme}//${location.host}/stream`);
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
-    socket.send(JSON.stringify({
-      type: "start",
-      start: { prompt: el("prompt").value || "a jazz pianist playing a concerto", seed, denoising: number("denoising", 0.75) },
-      seed_image_id: query.get("seed_image") || "og_beat",
-      num_inference_steps: number("steps", 50),
-      alpha_step: number("alpha_step", 0.25),
-      // ?profile=realtime or default: the profile this page expects (the server runs one)
-      ...(query.has("profile") ? { profile: query.get("profile") } : {}),
-    }));
+    sendStart();
     player.state = "playing";
     status("waiting for the first clip...");
   };
@@ -63,8 +61,29 @@ function start() {
   requestAnimationFrame(frame);
 }
 
+function sendStart() {
+  socket.send(JSON.stringify({
+    type: "start",
+    start: { prompt: el("prompt").value || "a jazz pianist playing a concerto", seed, denoising: number("denoising", 0.75) },
+    seed_image_id: query.get("seed_image") || "og_beat",
+    num_inference_steps: number("steps", 50),
+    alpha_step: number("alpha_step", 0.25),
+    // ?profile=realtime or default: the profile this page expects (the server runs one)
+    ...(query.has("profile") ? { profile: query.get("profile") } : {}),
+    ...(width !== null ? { width } : {}),
+  }));
+}
+
+// A prompt as the events describe it: a prompt input, or a blend (where a steered walk
+// started: two ends and an alpha).
+function label(p) {
+  return p.prompt !== undefined ? p.prompt : `${label(p.start)} / ${label(p.end)} at ${p.alpha}`;
+}
+
 function onEvent(event) {
   if (event.type === "ready") {
+    ready = true;
+    player.width = event.width;
     sampleRate = event.sample_rate;
     channels = event.channels;
     player.profile = event.profile;
@@ -78,12 +97,17 @@ function onEvent(event) {
       const { image, ...rest } = event;
       player.events.push(rest);
       if (player.events.length > 50) player.events.shift();
-      el("now").textContent = `clip ${event.index}: ${event.start.prompt} -> ${event.end.prompt} (alpha ${event.alpha})` +
-        `\nreal-time margin ${event.margin.toFixed(2)}x, ${event.ahead_s.toFixed(1)} s ahead`;
+      if (event.prompt_to_ear_s !== undefined) player.reactions.push(event.prompt_to_ear_s);
+      el("now").textContent = `clip ${event.index}: ${label(event.start)} -> ${label(event.end)} (alpha ${event.alpha})` +
+        `\nreal-time margin ${event.margin.toFixed(2)}x, ${event.ahead_s.toFixed(1)} s ahead` +
+        (player.reactions.length ? `\nlast prompt heard ${player.reactions[player.reactions.length - 1].toFixed(1)} s after it was sent` : "");
       behind(event.behind);
     }
   } else if (event.type === "behind") {
     behind(true);
+  } else if (event.type === "error" && !ready && event.field === "width" && width !== null) {
+    width = null; // this server's export takes other widths: the seed image's, then
+    sendStart();
   } else if (event.type === "error") {
     player.errors.push(event);
     status(`refused: ${event.field}: ${event.message}`);
@@ -182,6 +206,7 @@ el("controls").addEventListener("submit", (submit) => {
   const prompt = el("prompt").value.trim();
   if (!prompt || !socket || socket.readyState !== WebSocket.OPEN) return;
   seed += 1;
-  socket.send(JSON.stringify({ type: "prompt", prompt: { prompt, seed, denoising: number("denoising", 0.75) } }));
-  status(`up next: ${prompt}`);
+  const when = el("when").value;
+  socket.send(JSON.stringify({ type: "prompt", prompt: { prompt, seed, denoising: number("denoising", 0.75) }, when }));
+  status(when === "wrap" ? `up next, at the wrap: ${prompt}` : `moving to: ${prompt}`);
 });
