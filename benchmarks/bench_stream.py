@@ -21,7 +21,7 @@ Configurations run one after another in one process, after a warm-up.
 With ``--steer N`` it measures what a listener hears instead: a server (``serve``'s app,
 in this process) streams to a client that plays in real time on its own clock
 (``riffusion_engine.engine.tools.listener``) and sends a new prompt (``--when``, by
-default now) each N clips, after the clip before it has begun playing. For each
+default now) each N clips, at a random moment (seeded) of the clip playing. For each
 ``--widths`` clip width and ``--stream-buffers`` depth it reports ``prompt_to_ear_s`` (from
 sending a prompt to hearing the first clip that moves toward it, on the client's clock,
 and the server's own figure), the margin (audio seconds received per wall second) and
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import statistics
 import threading
 import time
@@ -137,7 +138,7 @@ PROMPTS = ("church bells on sunday", "dub techno with a choir", "lofi hip hop be
 
 
 def run_listener(
-    engine: Any, *, width: int, buffer: int, duration: float, every: int, when: str
+    engine: Any, *, width: int, steps: int, buffer: int, duration: float, every: int, when: str
 ) -> dict[str, Any]:
     """One stream through the server to a real-time listener that steers every ``every``
     clips; what it heard."""
@@ -152,17 +153,20 @@ def run_listener(
     start = {"prompt": PROMPTS[0], "seed": 1, "guidance": engine.guidance}
     with background(app) as url, connect(url.replace("http://", "ws://") + "/stream") as ws:
         listener = Listener(ws)
-        listener.send({"type": "start", "start": start, "num_inference_steps": engine.steps, "width": width})
+        listener.send({"type": "start", "start": start, "num_inference_steps": steps, "width": width})
         ready = listener.next_event(600)
         if ready["type"] != "ready":
             raise SystemExit(f"bench_stream: the server refused the stream: {ready}")
         began = time.monotonic()
         steered = 0
+        offsets = random.Random(0)  # where in the clip the listener sends its prompt
+        offset = offsets.random() * ready["clip_s"]
         while listener.audio_s < duration:
             listener.pump(0.02)
-            due = (steered + 1) * every  # steer once this clip has begun playing
-            if due in listener.begins and time.monotonic() >= listener.begins[due]:
+            due = (steered + 1) * every  # steer while this clip plays, at a random moment of it
+            if due in listener.begins and time.monotonic() >= listener.begins[due] + offset:
                 steered += 1
+                offset = offsets.random() * ready["clip_s"]
                 prompt = PROMPTS[steered % len(PROMPTS)]
                 listener.steer({"prompt": prompt, "seed": 1 + steered, "guidance": engine.guidance}, when)
         wall = time.monotonic() - began
@@ -173,6 +177,7 @@ def run_listener(
     clips = sum(1 for e, _ in listener.clips if e["type"] == "clip")
     return {
         "width": width,
+        "steps": steps,
         "stream_buffer": buffer,
         "when": when,
         "every_clips": every,
@@ -313,12 +318,18 @@ def steer(engine: Any, args: argparse.Namespace) -> None:
         buffers = [int(b) for b in args.stream_buffers.split(",")]
     except ValueError:
         raise SystemExit("bench_stream: --widths and --stream-buffers take integers, comma-separated") from None
-    run_listener(engine, width=widths[0], buffer=1, duration=1, every=1, when=args.when)  # warm-up
+    run_listener(engine, width=widths[0], steps=args.steps, buffer=1, duration=1, every=1, when=args.when)  # warm-up
     rows = []
     print(STEER.header())
     for width, buffer in itertools.product(widths, buffers):
         row = run_listener(
-            engine, width=width, buffer=buffer, duration=args.duration, every=args.steer, when=args.when
+            engine,
+            width=width,
+            steps=args.steps,
+            buffer=buffer,
+            duration=args.duration,
+            every=args.steer,
+            when=args.when,
         )
         rows.append(row)
         client, server = row["prompt_to_ear_s"] or {}, row["server_prompt_to_ear_s"] or {}

@@ -142,9 +142,9 @@ def test_bad_control_messages_are_error_events_and_the_stream_goes_on(server) ->
 
 
 def test_now_reaches_the_ear_without_a_gap(server) -> None:
-    """A listener steers now after clip 1 began: clips made but not sent are made again
-    toward the prompt; the first of them carries prompt_to_ear_s, which agrees with the
-    listener's own clock; the audio keeps the length law and has no jump at a join."""
+    """A listener steers now after clip 1 began: the clips after it, sent or not, are made
+    again toward the prompt; the first of them carries prompt_to_ear_s, which agrees with
+    the listener's own clock; the audio kept has the length law and no jump at a join."""
     url, _ = server
     no_streams(url)
     before = metric(url, "riffusion_stream_prompt_to_ear_seconds_count")
@@ -170,6 +170,10 @@ def test_now_reaches_the_ear_without_a_gap(server) -> None:
     events = [e for e, _ in listener.clips]
     assert [e["index"] for e in events] == list(range(len(events) - 1)) + [events[-2]["index"]]
     assert first["end"]["prompt"] == "techno" and first["alpha"] == 0.25
+    # The clips sent after the one playing were dropped (the client told first), so the
+    # change is heard right after clip 1.
+    rewinds = [e for e in listener.events if e["type"] == "rewind"]
+    assert rewinds == [{"type": "rewind", "after": 1}] and first["index"] == 2 and listener.cuts == 0
     previous = events[first["index"] - 1]
     assert first["start"]["start"] == previous["start"] and first["start"]["end"] == previous["end"]
     assert first["start"]["alpha"] == previous["alpha"]
@@ -326,12 +330,14 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url + "/?steps=3&alpha_step=1&seed=5")
             page.click("#play")
-            page.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+            # Three clips in while the first plays (the server sends two ahead of it).
+            page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)
             # The server's profile, as its ready event says it.
             assert page.inner_text("#profile") == "profile default: pndm, 3 steps, guidance 7"
             page.fill("#prompt", "dub techno with a choir")
             page.press("#prompt", "Enter")
-            page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)
+            # Steering now drops the clips queued after the one playing.
+            page.wait_for_function("window.riffusionPlayer.rewinds >= 1", timeout=120_000)
             played = page.evaluate("window.riffusionPlayer.samplesPlayed")
             page.wait_for_timeout(1500)
             state = page.evaluate("window.riffusionPlayer")

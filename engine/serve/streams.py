@@ -8,9 +8,10 @@ The client sends JSON control messages; the first must be ``start``::
      "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false,
      "width": 256 (optional: the clip's pixels, 100 per second; the seed image's by default)}
     {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}, "when": "wrap"}
-        wrap (the default): the end from the next wrap; now: the next clip not yet sent
-        walks from where the music is to it (already at alpha_step); jump: the next clip
-        not yet sent is its own (alpha 1). now and jump drop the clips made but not sent.
+        wrap (the default): the end from the next wrap; now: the clip after the one
+        playing walks from where the music is to it (already at alpha_step); jump: that
+        clip is the prompt's own (alpha 1). now and jump drop the clips made after the one
+        playing, sent or not (a rewind event tells the client which)
     {"type": "update", "start": {...}, "end": {...}, "seed_image_id": ..., "mask_image_id": ...}
     {"type": "played", "clip": N}   clip N began playing: the server makes clips up to
                                     N + buffer (a client that sends none gets ``buffer`` clips)
@@ -27,6 +28,9 @@ the same way. The server sends JSON events and binary audio:
      to when playback reaches this clip, for a client that plays audio as soon as it has it)}
                         followed by one binary frame: the chunk's audio, 16-bit PCM
                         little-endian, channels interleaved, to play right after the last
+    {"type": "rewind", "after": N}   a steer dropped the clips after N: drop their audio (not
+                                     yet playing); the next chunk is clip N + 1 again, to
+                                     play right after clip N
     {"type": "behind", "index": N, "late_s": 0.4}   the clip was ready after it was due
     {"type": "error", "field": "start.prompt", "message": "..."}   a refused message; the stream goes on
     {"type": "stopped", "reason": "..."}   then the socket closes (1000)
@@ -65,6 +69,9 @@ from .scheduler import QueueFull
 log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code (RFC 6455 registry): the server is at capacity
+# A steer keeps the clips the listener will have begun within this long (the rewind event's
+# way to the client), and drops the later ones it was sent.
+REWIND_MARGIN_S = 0.25
 
 
 class _Message(BaseModel):
@@ -444,6 +451,27 @@ class _Session:
         await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
         self.timeline[chunk.index] = (now, chunk.duration_s)
 
+    def _begins(self, upto: int, now: float) -> list[float]:
+        """When the client begins playing clips ``anchor .. upto`` (clip ``upto`` sent
+        ``now`` if it is not sent yet): each as soon as it has arrived and the one before
+        has ended, from the last clip it said began (else clip 0's arrival)."""
+        first, begins = self.anchor if self.anchor is not None else (0, None)
+        out = []
+        for i in range(first, upto + 1):
+            sent, seconds = self.timeline.get(i, (now, 0.0))
+            begins = sent if begins is None else max(sent, begins)
+            out.append(begins)
+            begins += seconds
+        return out
+
+    def _playing_at(self, moment: float) -> int:
+        """The last clip sent that the client will have begun playing at ``moment``."""
+        if self.sent < 0:
+            return -1
+        first = self.anchor[0] if self.anchor is not None else 0
+        begun = [i for i, t in enumerate(self._begins(self.sent, moment), first) if t <= moment]
+        return max([self.played, *begun[-1:]])
+
     def _prompt_to_ear(self, chunk: StreamChunk, now: float) -> float | None:
         """For the first clip that moves toward a prompt (its end, alpha > 0): seconds from
         the prompt's message to when playback reaches the clip, for a client that plays
@@ -458,14 +486,7 @@ class _Session:
         received = self.toward[found][1]
         del self.toward[: found + 1]
         self.hearing[chunk.index] = received
-        index, begins = self.anchor if self.anchor is not None else (0, None)
-        for i in range(index, chunk.index + 1):
-            sent, seconds = self.timeline.get(i, (now, 0.0))
-            begins = sent if begins is None else max(sent, begins)
-            if i < chunk.index:
-                begins += seconds
-        assert begins is not None
-        return begins - received
+        return self._begins(chunk.index, now)[-1] - received
 
     async def _receive_controls(self) -> None:
         assert self.stream is not None
@@ -503,13 +524,15 @@ class _Session:
         assert stream is not None
         if isinstance(message, PlayedMessage):
             now = time.monotonic()
-            if message.clip <= self.sent and message.clip > self.played:
-                self.anchor = (message.clip, now)
-                for i in [i for i in self.timeline if i < message.clip]:
+            # A clip not sent (one a rewind dropped, the report on its way) never counts.
+            clip = min(message.clip, self.sent)
+            if clip > self.played:
+                self.anchor = (clip, now)
+                for i in [i for i in self.timeline if i < clip]:
                     del self.timeline[i]
-            for index in [i for i in self.hearing if i <= message.clip]:
+            for index in [i for i in self.hearing if i <= clip]:
                 self.hub.metrics.stream_prompt_to_ear.observe(now - self.hearing.pop(index))
-            self.played = max(self.played, message.clip)
+            self.played = max(self.played, clip)
             self.credit.set()
         elif message.type == "pause":
             stream.pause()
@@ -532,12 +555,20 @@ class _Session:
                 await asyncio.to_thread(stream.queue, prompt)
             else:
                 async with self.send_lock:
-                    await asyncio.to_thread(stream.queue, prompt, message.when, after=self.sent)
+                    keep = self._playing_at(time.monotonic() + REWIND_MARGIN_S)
+                    await asyncio.to_thread(stream.queue, prompt, message.when, after=keep)
+                    if keep < self.sent:  # sent, not yet playing: the client drops them
+                        await self.send_json({"type": "rewind", "after": keep})
+                        for index in range(keep + 1, self.sent + 1):
+                            self.timeline.pop(index, None)
+                            self.hearing.pop(index, None)
+                        self.sent = keep
                     self.toward.clear()  # the prompts queued for the wrap are replaced
                     self.credit.set()  # a chunk waiting for credit is dropped now
         except RiffusionError as exc:
             raise MessageError("prompt", str(exc)) from None
         self.toward.append((prompt, received))
+        del self.toward[:-64]  # prompts no clip moved toward yet: the newest
 
     def _apply(self, message: UpdateMessage) -> None:
         stream = self.stream

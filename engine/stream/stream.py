@@ -399,7 +399,7 @@ class Stream:
             self.clips_made = index + 1
             self._last = request
             self._history[index] = _Made(request, self.joiner.tail, self.joiner.position, picture)
-            for old in [i for i in self._history if i < self.delivered - 8]:
+            for old in [i for i in self._history if i < self.delivered - 24]:  # a client's buffer is <= 16
                 del self._history[old]
         chunk = StreamChunk(
             index, audio, self.sample_rate, start / self.sample_rate, request, clip, generation=generation

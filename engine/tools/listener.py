@@ -1,6 +1,7 @@
 """A ``/stream`` client that listens in real time on its own clock, without a sound card:
 each chunk begins playing as soon as it has arrived and the chunk before has ended, and
-it tells the server ``played`` when a clip begins, as the player page does. It measures
+it tells the server ``played`` when a clip begins, and drops the clips a ``rewind`` event
+names before they play, as the player page does. It measures
 what a listener hears: underruns (a chunk that came after the one before had ended) and,
 for each prompt it sends, the seconds from sending it to hearing the first clip that
 moves toward it (the server's ``prompt_to_ear_s``, measured on the client's side).
@@ -44,6 +45,7 @@ class Listener:
         self.events: list[dict[str, Any]] = []  # every event, in order
         self.reactions: list[Reaction] = []
         self.underruns = 0  # chunks after the first that came after the one before had ended
+        self.cuts = 0  # rewinds that came after a dropped clip had begun playing
         self.audio_s = 0.0
 
     def tell(self) -> None:
@@ -97,7 +99,34 @@ class Listener:
             self.sample_rate, self.channels = event["sample_rate"], event["channels"]
         if event["type"] in ("clip", "tail"):
             self._schedule(event, self.ws.recv(timeout=120.0))
+        if event["type"] == "rewind":
+            self._rewind(event["after"])
         return event
+
+    def _seconds(self, audio: bytes) -> float:
+        return len(audio) / 2 / self.channels / self.sample_rate
+
+    def _rewind(self, after: int) -> None:
+        """Drop the clips after ``after``: their audio is not played; the next chunk plays
+        right after clip ``after`` (at once, if a dropped clip had begun: a cut)."""
+        now = time.monotonic()
+        dropped = [(e, a) for e, a in self.clips if e["type"] == "clip" and e["index"] > after]
+        self.clips = [(e, a) for e, a in self.clips if not (e["type"] == "clip" and e["index"] > after)]
+        for event, audio in dropped:
+            self.audio_s -= self._seconds(audio)
+            self.begins.pop(event["index"], None)
+        self.untold = [(i, t) for i, t in self.untold if i <= after]
+        for reaction in self.reactions:
+            if reaction.index is not None and reaction.index > after:
+                reaction.index = reaction.heard = reaction.server_s = None
+        if after < 0:
+            self.play_end = None
+            return
+        audio = next(a for e, a in self.clips if e["type"] == "clip" and e["index"] == after)
+        end = self.begins[after] + self._seconds(audio)
+        if end < now:
+            self.cuts += 1
+        self.play_end = max(end, now)
 
     def next_clip(self, timeout: float = 120.0) -> dict[str, Any]:
         """The next clip or tail event, skipping the others."""
@@ -111,7 +140,7 @@ class Listener:
         if self.play_end is not None and now > self.play_end:
             self.underruns += 1
         begins = now if self.play_end is None else max(now, self.play_end)
-        seconds = len(audio) / 2 / self.channels / self.sample_rate
+        seconds = self._seconds(audio)
         self.play_end = begins + seconds
         self.audio_s += seconds
         self.clips.append((event, audio))

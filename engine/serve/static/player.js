@@ -103,6 +103,8 @@ function onEvent(event) {
         (player.reactions.length ? `\nlast prompt heard ${player.reactions[player.reactions.length - 1].toFixed(1)} s after it was sent` : "");
       behind(event.behind);
     }
+  } else if (event.type === "rewind") {
+    rewind(event.after);
   } else if (event.type === "behind") {
     behind(true);
   } else if (event.type === "error" && !ready && event.field === "width" && width !== null) {
@@ -114,6 +116,22 @@ function onEvent(event) {
   } else if (event.type === "stopped") {
     status(`stopped: ${event.reason}`);
   }
+}
+
+// A steer dropped the clips after `after`: stop their sources (not yet playing) and play
+// the next chunk right after clip `after`.
+function rewind(after) {
+  const kept = segments.filter((s) => s.index <= after);
+  for (const s of segments) {
+    if (s.index > after) {
+      s.source.stop();
+      player.samplesScheduled -= Math.round(s.duration * sampleRate);
+    }
+  }
+  segments = kept;
+  const last = kept[kept.length - 1];
+  nextTime = last ? last.start + last.duration : 0;
+  player.rewinds = (player.rewinds || 0) + 1;
 }
 
 function behind(on) {
@@ -142,7 +160,7 @@ function onAudio(data) {
     nextTime = now + 0.1;
   }
   source.start(nextTime);
-  const segment = { start: nextTime, duration: buffer.duration, index: event ? event.index : -1, image: null, told: false };
+  const segment = { start: nextTime, duration: buffer.duration, index: event ? event.index : -1, image: null, told: false, source };
   if (event && event.image) {
     const image = new Image();
     image.src = event.image;
