@@ -142,12 +142,11 @@ def run_listener(
 ) -> dict[str, Any]:
     """One stream through the server to a real-time listener that steers every ``every``
     clips; what it heard."""
-    from websockets.sync.client import connect
-
     from riffusion_engine.engine.serve.app import background, create_app
     from riffusion_engine.engine.serve.config import ServerConfig
     from riffusion_engine.engine.tools.listener import Listener
     from riffusion_engine.engine.tools.measure import summary
+    from websockets.sync.client import connect
 
     app = create_app(engine, ServerConfig(max_streams=1, stream_buffer=buffer, max_steps=1000))
     start = {"prompt": PROMPTS[0], "seed": 1, "guidance": engine.guidance}
@@ -233,10 +232,15 @@ def main() -> None:
         type=int,
         default=None,
         metavar="N",
-        help="measure prompt-to-ear instead: a real-time listener through the server, a new prompt every N clips",
+        help="measure prompt-to-ear instead: a real-time listener through the server, a new prompt "
+        "every N clips",
     )
-    parser.add_argument("--when", default="now", choices=("now", "jump", "wrap"), help="with --steer (default: now)")
-    parser.add_argument("--widths", default="512", help="with --steer: clip widths, comma-separated (default: 512)")
+    parser.add_argument(
+        "--when", default="now", choices=("now", "jump", "wrap"), help="with --steer (default: now)"
+    )
+    parser.add_argument(
+        "--widths", default="512", help="with --steer: clip widths, comma-separated (default: 512)"
+    )
     parser.add_argument(
         "--stream-buffers", default="3", help="with --steer: the server's --stream-buffer values (default: 3)"
     )
@@ -313,12 +317,18 @@ def main() -> None:
 
 
 def steer(engine: Any, args: argparse.Namespace) -> None:
+    from riffusion_engine.engine.runtime.profiles import cpu_features
+
     try:
         widths = [int(w) for w in args.widths.split(",")]
         buffers = [int(b) for b in args.stream_buffers.split(",")]
     except ValueError:
-        raise SystemExit("bench_stream: --widths and --stream-buffers take integers, comma-separated") from None
-    run_listener(engine, width=widths[0], steps=args.steps, buffer=1, duration=1, every=1, when=args.when)  # warm-up
+        raise SystemExit(
+            "bench_stream: --widths and --stream-buffers take integers, comma-separated"
+        ) from None
+    run_listener(
+        engine, width=widths[0], steps=args.steps, buffer=1, duration=1, every=1, when=args.when
+    )  # warm-up
     rows = []
     print(STEER.header())
     for width, buffer in itertools.product(widths, buffers):

@@ -361,8 +361,11 @@ def test_an_exported_backend_refuses_widths_outside_the_profile(ort_engine, tiny
     width = artifacts.load_manifest(tiny_export[0])["stages"]["vae_decoder"]["spec"]["dims"]["width"]
     assert (width["min"], width["max"]) == (256, 1024)
     ort_engine.check(Request(PromptInput("a funky beat"), width=width["max"]))
-    for outside in (width["max"] + 16, width["min"] - 16):
-        with pytest.raises(RiffusionError, match=r"takes 256\.\.1024 pixels \(export with --max-width"):
+    for outside, hint in (
+        (width["max"] + 16, "--max-width for longer"),
+        (width["min"] - 16, "--width 240 for shorter"),
+    ):
+        with pytest.raises(RiffusionError, match=rf"takes 256\.\.1024 pixels \(export with {hint} clips\)"):
             ort_engine.check(Request(PromptInput("a funky beat"), width=outside))
 
 

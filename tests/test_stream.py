@@ -96,7 +96,9 @@ def own_jumps(chunks: list) -> tuple[float, list[float]]:
     """The clips' own 99.9th percentile of sample-to-sample steps, and the steps at each
     chunk boundary of the joined audio."""
     clips = [c.clip.audio for c in chunks if c.clip is not None]
-    own = np.percentile(np.concatenate([np.abs(np.diff(c.astype(float), axis=1)).ravel() for c in clips]), 99.9)
+    own = np.percentile(
+        np.concatenate([np.abs(np.diff(c.astype(float), axis=1)).ravel() for c in clips]), 99.9
+    )
     joined = np.concatenate([c.audio for c in chunks], 1).astype(float)
     ends = np.cumsum([c.audio.shape[-1] for c in chunks[:-1]])
     return float(own), [abs(joined[0, i] - joined[0, i - 1]) for i in ends]
@@ -111,7 +113,9 @@ def test_now_walks_from_where_the_music_is_to_the_new_prompt(torch_engine) -> No
     from riffusion_engine.engine.runtime.requests import Blend, Request
 
     lofi = PromptInput("lofi", 5)
-    with Stream.open(torch_engine, "jazz", "techno", seed_image=None, max_clips=5, buffer=3, **FAST) as stream:
+    with Stream.open(
+        torch_engine, "jazz", "techno", seed_image=None, max_clips=5, buffer=3, **FAST
+    ) as stream:
         chunks = iter(stream)
         seen = [next(chunks), next(chunks)]
         deadline = time.monotonic() + 120
@@ -125,6 +129,9 @@ def test_now_walks_from_where_the_music_is_to_the_new_prompt(torch_engine) -> No
     assert after.end is lofi and after.alpha == 0.25
     assert after.start == Blend(before.start, before.end, before.alpha)
     assert [c.request.alpha for c in seen[2:5]] == [0.25, 0.5, 0.75]
+    # Its start embedding is the last read clip's interpolated one (the engine's lerp at alpha).
+    here = torch_engine._embeddings_at_alpha([Request(after.start, steps=3, width=256)], negative=False)
+    assert torch.equal(here, torch_engine._embeddings_at_alpha([before], negative=False))
     # The new pair at alpha 0 is where the music was: the last read clip, bitwise.
     (back,) = torch_engine.run([Request(after.start, lofi, 0.0, steps=3, width=256)])
     assert np.array_equal(back.audio, seen[1].clip.audio)
@@ -139,12 +146,12 @@ def test_now_walks_from_where_the_music_is_to_the_new_prompt(torch_engine) -> No
 
 
 def test_jump_makes_the_prompts_own_clip_next_and_steering_again_nests(torch_engine) -> None:
-    from riffusion_engine.engine.runtime.requests import Blend
-
-    from riffusion_engine.engine.runtime.requests import Request
+    from riffusion_engine.engine.runtime.requests import Blend, Request
 
     lofi, ambient, drums = PromptInput("lofi", 5), PromptInput("ambient", 6), PromptInput("drums", 7)
-    with Stream.open(torch_engine, "jazz", "techno", seed_image=None, max_clips=6, buffer=1, **FAST) as stream:
+    with Stream.open(
+        torch_engine, "jazz", "techno", seed_image=None, max_clips=6, buffer=1, **FAST
+    ) as stream:
         chunks = iter(stream)
         seen = [next(chunks), next(chunks)]
         stream.queue(lofi, "jump")
@@ -154,7 +161,14 @@ def test_jump_makes_the_prompts_own_clip_next_and_steering_again_nests(torch_eng
         stream.queue(drums, now=True)  # before the walk reached ambient: from a blend of a blend
         seen += list(chunks)
     walk = [(c.request.end.prompt, c.request.alpha) for c in seen[:-1]]
-    assert walk == [("techno", 0), ("techno", 0.25), ("lofi", 1.0), ("lofi", 0.25), ("ambient", 0.25), ("drums", 0.25)]
+    assert walk == [
+        ("techno", 0),
+        ("techno", 0.25),
+        ("lofi", 1.0),
+        ("lofi", 0.25),
+        ("ambient", 0.25),
+        ("drums", 0.25),
+    ]
     # After a jump the walk wraps: lofi is the start, its next seed the end.
     assert seen[3].request.start is lofi and seen[3].request.end == PromptInput("lofi", 6)
     assert seen[4].request.start == Blend(lofi, PromptInput("lofi", 6), 0.25)
@@ -164,6 +178,49 @@ def test_jump_makes_the_prompts_own_clip_next_and_steering_again_nests(torch_eng
     assert np.array_equal(back.audio, seen[4].clip.audio)  # where the music was, again
     with pytest.raises(RiffusionError, match="when must be one of wrap, now, jump"):
         stream.queue(lofi, "later")
+
+
+def test_now_with_continuation_keeps_the_last_read_clips_columns(torch_engine) -> None:
+    """Clip 2 is made, unread, when a prompt comes now: the new clip 2 keeps clip 1's last
+    columns (not the dropped clip 2's), pixel for pixel."""
+    k = 32
+    with Stream.open(
+        torch_engine, "jazz", seed_image=None, continuation=True, continuation_columns=k, buffer=2, **FAST
+    ) as stream:
+        chunks = iter(stream)
+        seen = [next(chunks), next(chunks)]
+        deadline = time.monotonic() + 120
+        while stream.clips_made < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stream.queue(PromptInput("lofi", 5), now=True)
+        seen += [next(chunks), next(chunks)]
+        stream.stop()
+        seen += list(chunks)
+    clips = [c for c in seen if not c.final]
+    assert [c.index for c in clips] == list(range(len(clips))) and seen[-1].final
+    assert seen[2].request.end.prompt == "lofi" and seen[2].request.alpha == 0.25
+    before, after = (np.asarray(c.clip.image) for c in seen[1:3])
+    assert np.array_equal(after[:, :k], before[:, -k:])
+    assert np.concatenate([c.audio for c in seen], 1).shape[-1] == stream.length_samples(len(clips))
+    with pytest.raises(RiffusionError, match="nothing to steer"):
+        stream.queue(PromptInput("ambient", 6), now=True)
+
+
+def test_blends_nested_deeper_than_the_bound_keep_their_nearest_end() -> None:
+    from riffusion_engine.engine.runtime.requests import Blend
+    from riffusion_engine.engine.stream.walk import MAX_BLEND_DEPTH, shallow
+
+    point = PromptInput("p0", 0)
+    for i in range(1, 12):
+        point = Blend(point, PromptInput(f"p{i}", i), 0.25)
+    assert point.depth == 11
+    capped = shallow(point, MAX_BLEND_DEPTH - 1)
+    assert capped.depth == MAX_BLEND_DEPTH - 1 and capped.leaves()[-7:] == point.leaves()[-7:]
+    # The innermost blend of the kept ones starts from the prompt the cut ones lean to (p0).
+    assert capped.leaves()[0] == PromptInput("p0", 0)
+    walk = Walk(PromptInput("a", 1), None, StreamSettings())
+    walk.steer(point, PromptInput("b", 2))
+    assert walk.peek().blend.depth == MAX_BLEND_DEPTH
 
 
 def test_without_pipelining_and_with_lookahead(torch_engine) -> None:

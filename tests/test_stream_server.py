@@ -168,7 +168,7 @@ def test_now_reaches_the_ear_without_a_gap(server) -> None:
         while listener.clips[-1][0]["type"] != "tail":
             listener.next_clip()
     events = [e for e, _ in listener.clips]
-    assert [e["index"] for e in events] == list(range(len(events) - 1)) + [events[-2]["index"]]
+    assert [e["index"] for e in events] == [*range(len(events) - 1), events[-2]["index"]]
     assert first["end"]["prompt"] == "techno" and first["alpha"] == 0.25
     # The clips sent after the one playing were dropped (the client told first), so the
     # change is heard right after clip 1.
@@ -207,7 +207,10 @@ def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_ex
         ):
             ws.send(bad)
             event, _ = receive(ws)
-            assert event["type"] == "error" and event["field"] == field and says in event["message"], (bad, event)
+            assert event["type"] == "error" and event["field"] == field and says in event["message"], (
+                bad,
+                event,
+            )
         ws.send(start(width=256))
         assert receive(ws)[0]["type"] == "ready"
         ws.send(json.dumps({"type": "prompt", "prompt": techno, "when": "soon"}))

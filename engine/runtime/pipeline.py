@@ -234,7 +234,11 @@ class Engine:
             low, high = self.shape.widths
             if not low <= request.width <= high:
                 allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
-                hint = "--max-width for longer" if request.width > high else f"--width {request.width} for shorter"
+                hint = (
+                    "--max-width for longer"
+                    if request.width > high
+                    else f"--width {request.width} for shorter"
+                )
                 raise RiffusionError(
                     f"width {request.width} is outside this {self.backend.name} export's profile: it "
                     f"takes {allowed} (export with {hint} clips)"
@@ -302,7 +306,9 @@ class Engine:
             return torch.lerp(start, end, alpha)  # exactly start at 0 and end at 1
         # A steered stream's clip starts from a blend: every text encoded in one batch
         # (then cached), each point the same lerps a clip at its alpha makes.
-        self.encode(list(dict.fromkeys(text(p) for r in requests for p in leaves(r.blend))), negative=negative)
+        self.encode(
+            list(dict.fromkeys(text(p) for r in requests for p in leaves(r.blend))), negative=negative
+        )
 
         def at(point: Point) -> Any:
             if isinstance(point, Blend):

@@ -66,8 +66,7 @@ class Metrics:
         )
         self.stream_prompt_to_ear = Histogram(
             "riffusion_stream_prompt_to_ear_seconds",
-            "From a stream's prompt message to the client's `played` of the first clip that moves "
-            "toward it",
+            "From a stream's prompt message to the client's `played` of the first clip that moves toward it",
             buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120),
             registry=self.registry,
         )

@@ -244,14 +244,17 @@ class _Session:
         self.paused_total = 0.0
         self.step_s = 0.0  # new audio per clip, seconds
         self.reason = "stopped by the client"
-        self.sent = -1  # the last clip sent: a steer keeps it and remakes the ones after
+        self.sent = -1  # the last clip sent (a steer may drop the ones after the one playing)
+        self.made_s = 0.0  # audio seconds sent and kept
         self.send_lock = asyncio.Lock()  # a clip is sent whole before a steer, or dropped by it
         # The client's playback, as a client that plays each chunk as soon as it has it
         # and right after the previous one: each sent chunk's (send time, seconds), and
         # the last clip the client said began playing, with when it said so.
         self.timeline: dict[int, tuple[float, float]] = {}
         self.anchor: tuple[int, float] | None = None
-        self.toward: list[tuple[PromptInput, float]] = []  # prompts no clip has moved toward, and when they came
+        self.toward: list[
+            tuple[PromptInput, float]
+        ] = []  # prompts no clip has moved toward, and when they came
         self.hearing: dict[int, float] = {}  # a clip moving toward a prompt -> when the prompt came
 
     async def send_json(self, payload: dict[str, Any]) -> None:
@@ -390,7 +393,6 @@ class _Session:
     async def _send_clips(self) -> None:
         assert self.stream is not None
         chunks = iter(self.stream)
-        self.made_s = 0.0
         while True:
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None:
@@ -560,7 +562,7 @@ class _Session:
                     if keep < self.sent:  # sent, not yet playing: the client drops them
                         await self.send_json({"type": "rewind", "after": keep})
                         for index in range(keep + 1, self.sent + 1):
-                            self.timeline.pop(index, None)
+                            self.made_s -= self.timeline.pop(index, (0.0, 0.0))[1]  # not heard
                             self.hearing.pop(index, None)
                         self.sent = keep
                     self.toward.clear()  # the prompts queued for the wrap are replaced
@@ -583,7 +585,9 @@ class _Session:
             image = _image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
             changes["seed_image"] = crop_width(image, width)
         if message.mask_image_id is not None:
-            changes["mask"] = crop_width(_image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L"), width)
+            changes["mask"] = crop_width(
+                _image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L"), width
+            )
         try:
             stream.update(**changes)
         except RiffusionError as exc:

@@ -81,6 +81,7 @@ class Stream:
         self.generation = 0  # bumped by each steer: clips of an older one are dropped
         self.delivered = -1  # the last clip iteration handed out
         self._history: dict[int, _Made] = {}  # recent clips made, by index
+        self._last_made = False  # max_clips were made: a steer has nothing to remake
         self._previous_image: Any = None
         self._first: Request = self.walk.peek()
         self._last: Request = self._first
@@ -140,7 +141,9 @@ class Stream:
         """RiffusionError for a request of this stream the engine cannot run."""
         self.engine.check(request)
 
-    def queue(self, prompt: PromptInput, when: str = "wrap", *, now: bool = False, after: int | None = None) -> None:
+    def queue(
+        self, prompt: PromptInput, when: str = "wrap", *, now: bool = False, after: int | None = None
+    ) -> None:
         """Steer the walk to ``prompt`` (``now=True`` is ``when="now"``):
 
         - ``"wrap"``: it becomes the end at the next wrap (after those queued before it);
@@ -160,6 +163,8 @@ class Stream:
             if when == "wrap":
                 self.walk.queue(prompt)
                 return
+            if self._last_made or self.stopped:
+                raise RiffusionError("the stream has made its last clip: there is nothing to steer")
             after = self.delivered if after is None else after
             if not isinstance(after, int) or not -1 <= after <= self.delivered:
                 raise RiffusionError(f"after must be a clip handed out, -1..{self.delivered}, got {after!r}")
@@ -296,6 +301,7 @@ class Stream:
                 requests.append(request)
             first = self.clips_started
             self.clips_started += len(requests)
+            self._last_made = not requests  # max_clips reached: the thread ends
             return requests, first, self.generation
 
     def _diffuse(self) -> None:

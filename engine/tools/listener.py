@@ -149,7 +149,13 @@ class Listener:
         self.begins[event["index"]] = begins
         self.untold.append((event["index"], begins))
         if "prompt_to_ear_s" in event:
-            waiting = [r for r in self.reactions if r.heard is None and r.prompt == event["end"].get("prompt")]
+            waiting = [
+                r for r in self.reactions if r.heard is None and r.prompt == event["end"].get("prompt")
+            ]
             if waiting:
                 reaction = waiting[-1]
-                reaction.index, reaction.heard, reaction.server_s = event["index"], begins, event["prompt_to_ear_s"]
+                reaction.index, reaction.heard, reaction.server_s = (
+                    event["index"],
+                    begins,
+                    event["prompt_to_ear_s"],
+                )
