@@ -17,11 +17,12 @@ model, its stages and artifacts) below ``engine`` (the runtime and the applicati
 # file under the folder's name, and these must still name the one package.
 from riffusion_engine.engine.runtime.loading import load
 from riffusion_engine.engine.runtime.pipeline import Engine
-from riffusion_engine.engine.runtime.requests import Cancelled, Clip, PromptInput, Request
+from riffusion_engine.engine.runtime.requests import Blend, Cancelled, Clip, PromptInput, Request
 from riffusion_engine.engine.stream import Stream, StreamChunk, StreamSettings
 from riffusion_engine.kernels import GriffinLimOptions, RiffusionError, SpectrogramParams
 
 __all__ = [
+    "Blend",
     "Cancelled",
     "Clip",
     "Engine",

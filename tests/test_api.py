@@ -10,7 +10,7 @@ import riffusion_engine
 
 # The documented API (README, "Python"): a name leaves it only by a deliberate change here.
 PUBLIC = set(
-    "Cancelled Clip Engine GriffinLimOptions PromptInput Request RiffusionError SpectrogramParams "
+    "Blend Cancelled Clip Engine GriffinLimOptions PromptInput Request RiffusionError SpectrogramParams "
     "Stream StreamChunk StreamSettings load".split()
 )
 
