@@ -65,9 +65,22 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=3,
         help="clips a stream makes ahead of its listener's playback (default: 3); deeper rides out slow "
-        "clips, shallower answers a prompt sooner",
+        "clips and drops more work when a prompt steers now",
     )
     p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
+    p.add_argument(
+        "--stream-start-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a /stream socket may wait before a valid start message; then it is closed (1008) "
+        "(default: 10)",
+    )
+    p.add_argument(
+        "--max-unstarted-streams",
+        type=int,
+        default=16,
+        help="most /stream sockets waiting to start at once; they hold no --max-streams slot (default: 16)",
+    )
     ray = p.add_argument_group(
         "cluster (Ray Serve)",
         "--ray serves the same API from engine replicas on a Ray cluster (the cluster extra): each "
@@ -143,6 +156,8 @@ def run(args: argparse.Namespace) -> None:
         max_streams=args.max_streams,
         stream_buffer=args.stream_buffer,
         stream_lifetime_s=args.stream_lifetime,
+        stream_start_timeout_s=args.stream_start_timeout,
+        max_unstarted_streams=args.max_unstarted_streams,
     )
     if args.ray:
         return _serve_cluster(args, config)

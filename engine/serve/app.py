@@ -92,26 +92,30 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-# An over-limit body is read and dropped up to this many times the limit before the 413
-# (a lingering close, as established HTTP servers do: a client that sends its whole body
-# before reading gets the answer instead of a reset connection); past it, the server closes.
-DRAIN_FACTOR = 4
+# An over-limit body is read and dropped for up to this long and this many bytes before
+# the 413 (a lingering close bounded by time, as nginx bounds it: a client that sends its
+# whole body before reading gets the answer instead of a reset connection); past either
+# bound, the server answers and closes.
+DRAIN_S = 10.0
+DRAIN_BYTES = 64 * 1024 * 1024
 
 
 async def _read_body(request: HttpRequest, limit: int) -> bytes:
     """The body; 413 (and the connection closed) once it is known to exceed ``limit`` bytes,
-    after reading the rest of it up to ``DRAIN_FACTOR`` times the limit."""
+    after reading the rest of it for up to ``DRAIN_S`` seconds and ``DRAIN_BYTES`` bytes."""
     length = request.headers.get("content-length")
     declared = int(length) if length is not None and length.isdigit() else None
     body = bytearray()
     received = 0
     over = declared is not None and declared > limit
+    drain_until = time.monotonic() + DRAIN_S if over else None
     async for chunk in request.stream():
         received += len(chunk)
-        if received > limit:
-            over = True
+        if received > limit and not over:
+            over, drain_until = True, time.monotonic() + DRAIN_S
         if over:
-            if received > DRAIN_FACTOR * limit:
+            assert drain_until is not None
+            if received > max(DRAIN_BYTES, limit) or time.monotonic() > drain_until:
                 break
             continue
         body += chunk

@@ -29,6 +29,8 @@ class ServerConfig:
     max_streams: int = 4  # most streams open at once (/stream); one more is refused (close 1013)
     stream_buffer: int = 3  # clips a stream makes ahead of the client's playback at most
     stream_lifetime_s: float = 3600.0  # a stream ends after this long (close 1000, reason given)
+    stream_start_timeout_s: float = 10.0  # a socket without a valid start after this is closed (1008)
+    max_unstarted_streams: int = 16  # most sockets waiting to start at once (they hold no stream slot)
 
     def __post_init__(self) -> None:
         checks = (
@@ -42,6 +44,11 @@ class ServerConfig:
             ("max_streams", self.max_streams >= 0),
             ("stream_buffer", 1 <= self.stream_buffer <= 16),
             ("stream_lifetime_s", math.isfinite(self.stream_lifetime_s) and self.stream_lifetime_s > 0),
+            (
+                "stream_start_timeout_s",
+                math.isfinite(self.stream_start_timeout_s) and self.stream_start_timeout_s > 0,
+            ),
+            ("max_unstarted_streams", self.max_unstarted_streams >= 1),
         )
         for name, ok in checks:
             if not ok:

@@ -35,9 +35,12 @@ the same way. The server sends JSON events and binary audio:
     {"type": "error", "field": "start.prompt", "message": "..."}   a refused message; the stream goes on
     {"type": "stopped", "reason": "..."}   then the socket closes (1000)
 
-A server at its stream limit accepts and closes at once with code 1013 (try again
-later) and the reason. A stream ends after the server's lifetime; a disconnect stops its
-work at the next UNet step.
+A socket holds one of the server's stream slots only from a valid ``start`` on. Before
+it, ``stop`` closes it (1000, after a ``stopped`` event) and so does the start timeout
+(1008, with the reason); sockets waiting to start have a bound of their own. A server at
+its stream limit closes a new socket, or one whose start finds no slot, with code 1013
+(try again later) and the reason. A stream ends after the server's lifetime; a disconnect
+stops its work at the next UNet step.
 """
 
 from __future__ import annotations
@@ -191,7 +194,8 @@ class StreamHub:
             config,
             metrics,
         )
-        self.open = 0
+        self.open = 0  # streams started: each holds one of max_streams' slots
+        self.waiting = 0  # sockets accepted that have not started a stream
 
     def runner(self, requests: Sequence[Request], deadlines: Sequence[float], should_stop: Any) -> Any:
         """A stream's diffusion through the shared batcher (earliest deadline first)."""
@@ -212,21 +216,50 @@ class StreamHub:
                 raise Cancelled("the stream stopped")
 
     async def serve(self, socket: WebSocket) -> None:
+        """Admit a socket: it holds a stream slot only once it sends a valid start (sockets
+        waiting to start have their own bound and a deadline), then run its stream."""
         await socket.accept()
         if self.open >= self.config.max_streams:
+            await self.refuse(socket)
+            return
+        if self.waiting >= self.config.max_unstarted_streams:
             self.metrics.streams_refused.inc()
             await socket.close(
                 TRY_AGAIN_LATER,
-                f"too many streams: this server runs at most {self.config.max_streams} at once",
+                f"too many sockets waiting to start a stream: at most {self.config.max_unstarted_streams}",
             )
             return
-        self.open += 1
-        self.metrics.streams_open.set(self.open)
+        session = _Session(self, socket)
+        self.waiting += 1
         try:
-            await _Session(self, socket).run()
+            started = await session.admit()
+        finally:
+            self.waiting -= 1
+        if not started:
+            return
+        try:
+            await session.run()
         finally:
             self.open -= 1
             self.metrics.streams_open.set(self.open)
+
+    async def refuse(self, socket: WebSocket) -> None:
+        self.metrics.streams_refused.inc()
+        await socket.close(
+            TRY_AGAIN_LATER, f"too many streams: this server runs at most {self.config.max_streams} at once"
+        )
+
+    def claim(self) -> bool:
+        """Take a stream slot (on the event loop: no await between the check and the count)."""
+        if self.open >= self.config.max_streams:
+            return False
+        self.open += 1
+        self.metrics.streams_open.set(self.open)
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        self.metrics.streams_open.set(self.open)
 
 
 class _Session:
@@ -252,9 +285,8 @@ class _Session:
         # the last clip the client said began playing, with when it said so.
         self.timeline: dict[int, tuple[float, float]] = {}
         self.anchor: tuple[int, float] | None = None
-        self.toward: list[
-            tuple[PromptInput, float]
-        ] = []  # prompts no clip has moved toward, and when they came
+        # The prompts no clip has moved toward yet, and when they came.
+        self.toward: list[tuple[PromptInput, float]] = []
         self.hearing: dict[int, float] = {}  # a clip moving toward a prompt -> when the prompt came
 
     async def send_json(self, payload: dict[str, Any]) -> None:
@@ -263,24 +295,53 @@ class _Session:
     async def error(self, exc: MessageError) -> None:
         await self.send_json({"type": "error", "field": exc.field, "message": str(exc)})
 
-    async def run(self) -> None:
+    async def admit(self) -> bool:
+        """Wait for a valid start: True once the stream runs and holds a slot. Until then
+        each bad message gets its error event; ``stop`` closes the socket (1000), and so
+        does the start timeout (1008); a start when every slot is taken closes it (1013)."""
+        timeout = self.config.stream_start_timeout_s
         try:
-            while self.stream is None:
-                left = self.config.stream_lifetime_s - (time.monotonic() - self.began)
+            while True:
+                left = timeout - (time.monotonic() - self.began)
                 try:
                     text = await asyncio.wait_for(self._receive(), timeout=max(left, 0))
-                except asyncio.TimeoutError:  # a client holding a slot without starting
-                    await self.socket.close(1000, "no start message within the stream's lifetime")
-                    return
+                except asyncio.TimeoutError:  # a socket that never starts holds nothing for long
+                    await self.socket.close(1008, f"no valid start message within {timeout:g} s")
+                    return False
                 if text is None:
-                    return
+                    return False
                 try:
                     message = parse_message(text)
-                    if not isinstance(message, StartMessage):
-                        raise MessageError("type", "the first message must be a start message")
-                    self.stream = await asyncio.to_thread(self._start, message)
                 except MessageError as exc:
                     await self.error(exc)
+                    continue
+                if isinstance(message, ControlMessage) and message.type == "stop":
+                    reason = "stopped by the client before the stream started"
+                    await self.send_json({"type": "stopped", "reason": reason})
+                    await self.socket.close(1000, reason)
+                    return False
+                if not isinstance(message, StartMessage):
+                    await self.error(MessageError("type", "the first message must be a start message"))
+                    continue
+                if not self.hub.claim():
+                    await self.hub.refuse(self.socket)
+                    return False
+                try:
+                    self.stream = await asyncio.to_thread(self._start, message)
+                except BaseException as exc:
+                    self.hub.release()
+                    if not isinstance(exc, MessageError):
+                        raise
+                    await self.error(exc)
+                    continue
+                return True
+        except WebSocketDisconnect:
+            return False
+
+    async def run(self) -> None:
+        """The started stream, until it stops, the client leaves or its lifetime ends."""
+        assert self.stream is not None
+        try:
             await self._ready()
             sender = asyncio.create_task(self._send_clips())
             receiver = asyncio.create_task(self._receive_controls())
