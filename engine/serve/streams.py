@@ -52,21 +52,33 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ...kernels.errors import RiffusionError
-from ..runtime.defaults import SCHEDULER, SEED_IMAGE
+from ..runtime.defaults import SCHEDULER
 from ..runtime.pipeline import Engine
 from ..runtime.requests import Blend, Cancelled, PromptInput, Request
-from ..runtime.seeds import ID_PATTERN, SeedLibrary, crop_width
+from ..runtime.seeds import SeedLibrary, crop_width
 from ..stream import Stream, StreamChunk, StreamSettings, advance_samples, clip_samples
-from .api import ApiPromptInput, JsonInt, jpeg_data_url, profile_name, profiled, prompt_input
+from .api import jpeg_data_url, profile_name, profiled
 from .batcher import Batcher
 from .config import FieldError, ServerConfig, checked_steps
+from .messages import (
+    ControlMessage,
+    MessageError,
+    PlayedMessage,
+    PromptMessage,
+    StartMessage,
+    UpdateMessage,
+    message_image,
+    message_prompt,
+    message_width,
+    parse_message,
+)
 from .metrics import Metrics
+from .playback import Playback
 from .scheduler import QueueFull
 
 log = logging.getLogger(__name__)
@@ -75,110 +87,6 @@ TRY_AGAIN_LATER = 1013  # WebSocket close code (RFC 6455 registry): the server i
 # A steer keeps the clips the listener will have begun within this long (the rewind event's
 # way to the client), and drops the later ones it was sent.
 REWIND_MARGIN_S = 0.25
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StartMessage(_Message):
-    type: Literal["start"]
-    start: ApiPromptInput
-    end: ApiPromptInput | None = None
-    seed_image_id: str = Field(SEED_IMAGE, pattern=ID_PATTERN.pattern)
-    mask_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
-    num_inference_steps: JsonInt | None = Field(None, ge=1)
-    alpha_step: float = Field(0.25, gt=0, le=1, allow_inf_nan=False)
-    crossfade_s: float = Field(0.2, ge=0, le=2.5, allow_inf_nan=False)
-    continuation: bool = False
-    width: JsonInt | None = Field(None, ge=8)  # pixels per clip; None: the seed image's
-    # The profile the client expects; the server runs one (serve --profile), and refuses another.
-    profile: Literal["default", "realtime"] | None = None
-
-
-class PromptMessage(_Message):
-    type: Literal["prompt"]
-    prompt: ApiPromptInput
-    when: Literal["wrap", "now", "jump"] = "wrap"  # walk.WHEN
-
-
-class UpdateMessage(_Message):
-    type: Literal["update"]
-    start: ApiPromptInput | None = None
-    end: ApiPromptInput | None = None
-    seed_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
-    mask_image_id: str | None = Field(None, pattern=ID_PATTERN.pattern)
-
-
-class PlayedMessage(_Message):
-    type: Literal["played"]
-    clip: JsonInt = Field(ge=0)
-
-
-class ControlMessage(_Message):
-    type: Literal["pause", "resume", "stop"]
-
-
-Message = Annotated[
-    StartMessage | PromptMessage | UpdateMessage | PlayedMessage | ControlMessage,
-    Field(discriminator="type"),
-]
-_MESSAGES: TypeAdapter[Any] = TypeAdapter(Message)
-
-
-class MessageError(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def parse_message(text: str) -> Any:
-    """A control message; MessageError naming the field for anything else."""
-    try:
-        return _MESSAGES.validate_json(text)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False, include_input=False)[0]
-        if error["type"] == "json_invalid":
-            raise MessageError("message", f"not JSON: {error['msg']}") from None
-        loc = [str(p) for p in error["loc"]]
-        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            kinds = "start, prompt, update, played, pause, resume, stop"
-            raise MessageError("type", f"must be one of {kinds}") from None
-        field = ".".join(loc[1:]) or "message"  # loc[0] is the message type
-        raise MessageError(field, error["msg"]) from None
-
-
-def _prompt(engine: Engine, name: str, value: ApiPromptInput) -> PromptInput:
-    """The API's validation of a prompt input (``/run_inference/``'s), as a message error."""
-    try:
-        return prompt_input(engine, name, value)
-    except FieldError as exc:
-        raise MessageError(exc.field, exc.reason) from None
-
-
-def _width(engine: Engine, width: int, widest: int, seed_image_id: str) -> int:
-    """A stream's clip width, checked: a multiple of 8 that the engine's export takes and
-    its seed image spans."""
-    if width % 8:
-        raise MessageError("width", f"must be a multiple of 8 pixels (100 per second), got {width}")
-    try:
-        engine.check_images(Request(PromptInput("width"), width=width))
-    except RiffusionError as exc:
-        raise MessageError("width", str(exc)) from None
-    if width > widest:
-        raise MessageError(
-            "width", f"{width} is wider than the seed image {seed_image_id!r} ({widest} pixels)"
-        )
-    return width
-
-
-def _image(seeds: SeedLibrary, field: str, image_id: str | None, mode: str) -> Any:
-    if image_id is None:
-        return None
-    try:
-        return seeds.get(image_id, field=field, mode=mode)
-    except RiffusionError as exc:
-        raise MessageError(field, str(exc)) from None
 
 
 class StreamHub:
@@ -269,7 +177,6 @@ class _Session:
         self.hub, self.socket = hub, socket
         self.engine, self.config = hub.engine, hub.config
         self.stream: Stream | None = None
-        self.played = -1  # the last clip the client said began playing
         self.credit = asyncio.Event()
         self.began = time.monotonic()
         self.playback: float | None = None  # when clip 0 was sent: the playback clock's zero
@@ -277,17 +184,9 @@ class _Session:
         self.paused_total = 0.0
         self.step_s = 0.0  # new audio per clip, seconds
         self.reason = "stopped by the client"
-        self.sent = -1  # the last clip sent (a steer may drop the ones after the one playing)
         self.made_s = 0.0  # audio seconds sent and kept
         self.send_lock = asyncio.Lock()  # a clip is sent whole before a steer, or dropped by it
-        # The client's playback, as a client that plays each chunk as soon as it has it
-        # and right after the previous one: each sent chunk's (send time, seconds), and
-        # the last clip the client said began playing, with when it said so.
-        self.timeline: dict[int, tuple[float, float]] = {}
-        self.anchor: tuple[int, float] | None = None
-        # The prompts no clip has moved toward yet, and when they came.
-        self.toward: list[tuple[PromptInput, float]] = []
-        self.hearing: dict[int, float] = {}  # a clip moving toward a prompt -> when the prompt came
+        self.heard = Playback()  # the client's playback: clips sent and played, prompts on their way
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.socket.send_text(json.dumps(payload))
@@ -387,13 +286,13 @@ class _Session:
             steps = checked_steps(config, message.num_inference_steps)
         except FieldError as exc:
             raise MessageError(exc.field, exc.reason) from None
-        start = _prompt(engine, "start", message.start)
-        end = _prompt(engine, "end", message.end) if message.end is not None else None
-        seed_image = _image(seeds, "seed_image_id", message.seed_image_id, "RGB")
-        mask = _image(seeds, "mask_image_id", message.mask_image_id, "L")
+        start = message_prompt(engine, "start", message.start)
+        end = message_prompt(engine, "end", message.end) if message.end is not None else None
+        seed_image = message_image(seeds, "seed_image_id", message.seed_image_id, "RGB")
+        mask = message_image(seeds, "mask_image_id", message.mask_image_id, "L")
         width = seed_image.width
         if message.width is not None:
-            width = _width(engine, message.width, seed_image.width, message.seed_image_id)
+            width = message_width(engine, message.width, seed_image.width, message.seed_image_id)
             seed_image = crop_width(seed_image, width)
             mask = None if mask is None else crop_width(mask, width)
         try:
@@ -459,7 +358,7 @@ class _Session:
             if chunk is None:
                 return
             while (
-                chunk.index > self.played + self.config.stream_buffer
+                chunk.index > self.heard.played + self.config.stream_buffer
                 and not self.stream.stopped
                 and self.stream.current(chunk)
             ):
@@ -469,7 +368,6 @@ class _Session:
                 if not self.stream.current(chunk):
                     continue  # a steer dropped it: the stream makes it again
                 await self._send(chunk)
-                self.sent = chunk.index
             if chunk.final:
                 return
 
@@ -501,7 +399,7 @@ class _Session:
                 behind=late > 0,
                 image=await asyncio.to_thread(jpeg_data_url, chunk.clip.image),
             )
-            ear = self._prompt_to_ear(chunk, now)
+            ear = self.heard.prompt_to_ear(chunk.index, request, now)
             if ear is not None:
                 event["prompt_to_ear_s"] = round(ear, 3)
             self.hub.metrics.stream_clips.inc()
@@ -512,44 +410,7 @@ class _Session:
         await self.send_json(event)
         # channels interleaved, little-endian 16-bit
         await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
-        self.timeline[chunk.index] = (now, chunk.duration_s)
-
-    def _begins(self, upto: int, now: float) -> list[float]:
-        """When the client begins playing clips ``anchor .. upto`` (clip ``upto`` sent
-        ``now`` if it is not sent yet): each as soon as it has arrived and the one before
-        has ended, from the last clip it said began (else clip 0's arrival)."""
-        first, begins = self.anchor if self.anchor is not None else (0, None)
-        out = []
-        for i in range(first, upto + 1):
-            sent, seconds = self.timeline.get(i, (now, 0.0))
-            begins = sent if begins is None else max(sent, begins)
-            out.append(begins)
-            begins += seconds
-        return out
-
-    def _playing_at(self, moment: float) -> int:
-        """The last clip sent that the client will have begun playing at ``moment``."""
-        if self.sent < 0:
-            return -1
-        first = self.anchor[0] if self.anchor is not None else 0
-        begun = [i for i, t in enumerate(self._begins(self.sent, moment), first) if t <= moment]
-        return max([self.played, *begun[-1:]])
-
-    def _prompt_to_ear(self, chunk: StreamChunk, now: float) -> float | None:
-        """For the first clip that moves toward a prompt (its end, alpha > 0): seconds from
-        the prompt's message to when playback reaches the clip, for a client that plays
-        each chunk as soon as it has it, right after the one before (the last ``played``
-        anchors the clock). Prompts before it that no clip moved toward are passed over."""
-        request = chunk.request
-        found = next(
-            (i for i, (p, _) in enumerate(self.toward) if p is request.end and request.alpha > 0), None
-        )
-        if found is None:
-            return None
-        received = self.toward[found][1]
-        del self.toward[: found + 1]
-        self.hearing[chunk.index] = received
-        return self._begins(chunk.index, now)[-1] - received
+        self.heard.sent_clip(chunk.index, now, chunk.duration_s)
 
     async def _receive_controls(self) -> None:
         assert self.stream is not None
@@ -586,16 +447,8 @@ class _Session:
         stream = self.stream
         assert stream is not None
         if isinstance(message, PlayedMessage):
-            now = time.monotonic()
-            # A clip not sent (one a rewind dropped, the report on its way) never counts.
-            clip = min(message.clip, self.sent)
-            if clip > self.played:
-                self.anchor = (clip, now)
-                for i in [i for i in self.timeline if i < clip]:
-                    del self.timeline[i]
-            for index in [i for i in self.hearing if i <= clip]:
-                self.hub.metrics.stream_prompt_to_ear.observe(now - self.hearing.pop(index))
-            self.played = max(self.played, clip)
+            for seconds in self.heard.played_clip(message.clip, time.monotonic()):
+                self.hub.metrics.stream_prompt_to_ear.observe(seconds)
             self.credit.set()
         elif message.type == "pause":
             stream.pause()
@@ -612,42 +465,38 @@ class _Session:
         are dropped (the one waiting for the client's credit included) and made again."""
         stream = self.stream
         assert stream is not None
-        prompt = await asyncio.to_thread(_prompt, self.engine, "prompt", message.prompt)  # tokenizes
+        prompt = await asyncio.to_thread(message_prompt, self.engine, "prompt", message.prompt)  # tokenizes
         try:
             if message.when == "wrap":
                 await asyncio.to_thread(stream.queue, prompt)
             else:
                 async with self.send_lock:
-                    keep = self._playing_at(time.monotonic() + REWIND_MARGIN_S)
+                    keep = self.heard.playing_at(time.monotonic() + REWIND_MARGIN_S)
                     await asyncio.to_thread(stream.queue, prompt, message.when, after=keep)
-                    if keep < self.sent:  # sent, not yet playing: the client drops them
+                    if keep < self.heard.sent:  # sent, not yet playing: the client drops them
                         await self.send_json({"type": "rewind", "after": keep})
-                        for index in range(keep + 1, self.sent + 1):
-                            self.made_s -= self.timeline.pop(index, (0.0, 0.0))[1]  # not heard
-                            self.hearing.pop(index, None)
-                        self.sent = keep
-                    self.toward.clear()  # the prompts queued for the wrap are replaced
+                        self.made_s -= self.heard.drop_after(keep)  # never heard
                     self.credit.set()  # a chunk waiting for credit is dropped now
         except RiffusionError as exc:
             raise MessageError("prompt", str(exc)) from None
-        self.toward.append((prompt, received))
-        del self.toward[:-64]  # prompts no clip moved toward yet: the newest
+        # now and jump replace the prompts queued for the wrap
+        self.heard.prompt(prompt, received, replaces=message.when != "wrap")
 
     def _apply(self, message: UpdateMessage) -> None:
         stream = self.stream
         assert stream is not None
         changes: dict[str, Any] = {}
         if message.start is not None:
-            changes["start"] = _prompt(self.engine, "start", message.start)
+            changes["start"] = message_prompt(self.engine, "start", message.start)
         if message.end is not None:
-            changes["end"] = _prompt(self.engine, "end", message.end)
+            changes["end"] = message_prompt(self.engine, "end", message.end)
         width = stream.settings.width  # a shorter stream's images: their first columns
         if message.seed_image_id is not None:
-            image = _image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
+            image = message_image(self.hub.seeds, "seed_image_id", message.seed_image_id, "RGB")
             changes["seed_image"] = crop_width(image, width)
         if message.mask_image_id is not None:
             changes["mask"] = crop_width(
-                _image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L"), width
+                message_image(self.hub.seeds, "mask_image_id", message.mask_image_id, "L"), width
             )
         try:
             stream.update(**changes)
