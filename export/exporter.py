@@ -53,6 +53,18 @@ TIMING_CACHE = "timing.cache"
 _COMPONENT = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
+def max_opset() -> int:
+    """The newest opset the installed torch's TorchScript ONNX exporter (the one
+    ``onnx_export`` runs) writes: torch.onnx._constants names it (torch 2.x); where
+    that module does not say, opset 20 (torch 2.13's)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    except ImportError:
+        return 20
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What to export, and how."""
@@ -84,8 +96,12 @@ class ExportConfig:
             raise RiffusionError("the tensorrt target runs on --device cuda")
         if self.precision not in PRECISIONS:
             raise RiffusionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.opset < MIN_OPSET:
-            raise RiffusionError(f"opset must be {MIN_OPSET} or newer, got {self.opset}")
+        newest = max_opset()
+        if not MIN_OPSET <= self.opset <= newest:
+            raise RiffusionError(
+                f"opset must be in {MIN_OPSET}..{newest} (the newest this torch's ONNX exporter "
+                f"writes), got {self.opset}"
+            )
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise RiffusionError(f"stages must be distinct names from {', '.join(STAGES)}, got {self.stages}")

@@ -90,8 +90,15 @@ class Manifest:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, check_files: bool = True) -> Manifest:
         """The manifest of ``directory``, after checking every file against its recorded
-        hash (ArtifactError for a missing, unreadable or damaged export)."""
-        return cls.of(directory, artifacts.load_manifest(directory, check_files=check_files))
+        hash (ArtifactError for a missing, unreadable, incomplete or damaged export)."""
+        try:
+            return cls.of(directory, artifacts.load_manifest(directory, check_files=check_files))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            # A manifest of the right format with a field missing or of the wrong kind.
+            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            raise artifacts.ArtifactError(
+                f"export {str(directory)!r} has an incomplete manifest ({what}); export again"
+            ) from None
 
     @classmethod
     def of(cls, directory: str | os.PathLike[str], raw: dict[str, Any]) -> Manifest:

@@ -274,10 +274,34 @@ def _snapshot(
         return Path(snapshot_download(repo_id, allow_patterns=cached, local_files_only=True))
     except Exception:
         log.info("%s is not in the local hub cache; downloading it", what)
+    unreachable = _hub_unreachable()
+    if unreachable is not None:  # at once, not after the hub client's retries
+        raise RiffusionError(error(ConnectionError(unreachable)))
     try:
         return Path(snapshot_download(repo_id, allow_patterns=wanted()))
     except Exception as exc:
         raise RiffusionError(error(exc)) from exc
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (offline mode, or no TCP connection to its endpoint
+    within ``timeout``), or None; None too behind a proxy, which only a request tells."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} unreachable: {exc}"
+    return None
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -293,7 +317,8 @@ def _hub_snapshot(repo_id: str) -> Path:
         lambda: select_files(HfApi().list_repo_files(repo_id)),
         lambda exc: (
             f"model {repo_id!r} is not in the local cache and could not be downloaded "
-            f"({type(exc).__name__}); fetch it where there is network with "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+            "fetch it where there is network with "
             f"`hf download {repo_id}` or pass a local diffusers-format directory"
         ),
     )

@@ -3,8 +3,10 @@ Riffusion's loudness normalisation, and writing WAV/FLAC/OGG/MP3."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -97,6 +99,31 @@ def normalize_like_riffusion(waveform: Any, *, xp: ModuleType = np) -> Any:
 
 def check_audio_output(path: str | os.PathLike[str]) -> Path:
     return check_output_path(path, AUDIO_FORMATS)
+
+
+@contextlib.contextmanager
+def audio_writer(
+    path: str | os.PathLike[str], sample_rate: int, channels: int
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """A function that appends int16 ``(channels, samples)`` to the file at ``path`` (its
+    format by extension), so a long recording never sits in memory whole. The file takes
+    ``path``'s place when the block ends, and also when it ends with KeyboardInterrupt
+    (what was written is kept; the interrupt goes on); on any other error it is dropped."""
+    import soundfile
+
+    path = check_audio_output(path)
+    fmt, subtype = AUDIO_FORMATS[path.suffix.lower()]
+    interrupted: KeyboardInterrupt | None = None
+    with (
+        atomic_path(path) as tmp,
+        soundfile.SoundFile(tmp, "w", sample_rate, channels, format=fmt, subtype=subtype) as out,
+    ):
+        try:
+            yield lambda samples: out.write(np.ascontiguousarray(np.atleast_2d(samples).T))
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:

@@ -51,6 +51,8 @@ class GriffinLimOptions:
             raise RiffusionError(f"bin_stride must be >= 1, got {self.bin_stride}")
         if not 0 <= self.momentum < 1:
             raise RiffusionError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.seed < 2**63:
+            raise RiffusionError(f"seed must be an integer in 0..2**63-1, got {self.seed}")
 
     @classmethod
     def plain(cls, **changes: Any) -> GriffinLimOptions:
@@ -83,6 +85,13 @@ def iteration_grid(params: SpectrogramParams, options: GriffinLimOptions) -> Ite
             f"bin_stride {stride} must divide n_fft ({n_fft}) and leave at least win_length ({win_length})"
         )
     return IterationGrid(rate, StftPlan(n_fft, hop_length, win_length, n_fft // stride), stride)
+
+
+def min_frames(params: SpectrogramParams, options: GriffinLimOptions | None = None) -> int:
+    """The fewest frames (image columns) :func:`waveform_from_mel` reconstructs: its
+    transform needs more samples than the plan's padding."""
+    plan = iteration_grid(params, options or GriffinLimOptions()).plan
+    return plan.pad // plan.hop_length + 2  # hop * (frames - 1) > pad
 
 
 def _exact_lengths(rate: int, params: SpectrogramParams) -> tuple[int, int, int] | None:
@@ -132,7 +141,8 @@ def griffin_lim(
         length = plan.hop_length * (frames - 1)
     if length <= plan.pad:
         raise RiffusionError(
-            f"{frames} frames are too few to reconstruct (need more than {plan.pad} samples)"
+            f"{frames} frames are too few to reconstruct: the narrowest image is "
+            f"{plan.pad // plan.hop_length + 2} columns (more than {plan.pad} samples)"
         )
     magnitude = magnitude.astype(xp.float32, copy=False)
     if init == "pghi":

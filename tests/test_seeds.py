@@ -48,14 +48,23 @@ def test_every_mask_is_a_grayscale_strength_map() -> None:
 def test_a_directory_adds_and_overrides_ids(tmp_path: Path) -> None:
     Image.new("RGB", (512, 512), (10, 20, 30)).save(tmp_path / "og_beat.png")
     Image.new("L", (512, 512), 200).save(tmp_path / "my_mask.png")
-    (tmp_path / "bad name.png").write_bytes(b"not a png")
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "bad name.png").write_bytes(b"not a png")  # not an id: not read
     library = SeedLibrary(tmp_path)
     assert "my_mask" in library and "og_beat" in library and "bad name" not in library
     assert np.asarray(library.get("og_beat"))[0, 0].tolist() == [10, 20, 30]
     assert np.asarray(library.get("my_mask"))[0, 0] == 200
-    with pytest.raises(RiffusionError, match="not a readable PNG"):
-        library.get("broken")
+    # A file no clip can start from is refused at start-up, naming it.
+    for name, make, message in (
+        ("broken", lambda p: p.write_bytes(b"not a png"), "not a readable PNG"),
+        ("short", lambda p: Image.new("RGB", (512, 256)).save(p), "256 pixels tall, not 512"),
+        ("odd", lambda p: Image.new("RGB", (801, 512)).save(p), "audio-to-image --width 800"),
+    ):
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        make(bad / f"{name}.png")
+        with pytest.raises(RiffusionError, match=message):
+            SeedLibrary(bad)
+        (bad / f"{name}.png").unlink()
     with pytest.raises(RiffusionError, match="unknown id"):
         library.get("../og_beat")
     with pytest.raises(RiffusionError, match="does not exist"):

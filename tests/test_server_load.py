@@ -209,12 +209,22 @@ def test_serve_cli_rejects_bad_options() -> None:
 
     code, _, err = run_cli("serve", "--model", "random:tiny", "--backend", "torch", "--max-queue", "0")
     assert code == 2
-    assert err.strip().count("\n") == 0 and "max_queue" in err
+    assert err.strip().count("\n") == 0 and "--max-queue (max_queue) must be at least 1, got 0" in err
+    code, _, err = run_cli("serve", "--model", "random:tiny", "--degrade-steps", "200")
+    assert code == 2 and "--degrade-steps (degrade_steps) must be in 1..--max-steps (100), got 200" in err
     # The cluster's options: one line each, before Ray starts or anything is exported.
     for argv, message in (
         (("--replicas", "2"), "--replicas is an option of --ray"),
         (("--ray", "--replicas", "2", "--max-replicas", "3"), "--replicas is a fixed count"),
-        (("--ray", "--max-ongoing-requests", "0"), "max_ongoing_requests out of range"),
+        (
+            ("--ray", "--max-ongoing-requests", "0"),
+            "--max-ongoing-requests (max_ongoing_requests) must be at least 1",
+        ),
+        (("--ray", "--replicas", "0"), "--replicas (replicas) must be at least 1, got 0"),
+        (
+            ("--ray", "--min-replicas", "3", "--max-replicas", "2"),
+            "--max-replicas (max_replicas) must be at least --min-replicas (3)",
+        ),
         (("--ray", "--backend", "torch"), "the torch backend runs from a model source"),
     ):
         code, _, err = run_cli("serve", "--model", "random:tiny", *argv)

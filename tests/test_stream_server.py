@@ -203,7 +203,7 @@ def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_ex
             (json.dumps({"type": "prompt", "prompt": techno, "when": "now"}), "type", "start message"),
             (start(width=260), "width", "multiple of 8"),
             (start(width=128), "width", "256..1024 pixels (export with --width 128 for shorter clips)"),
-            (start(width=1040), "width", "256..1024 pixels (export with --max-width for longer clips)"),
+            (start(width=1040), "width", "256..1024 pixels (export with --max-width 1040 for longer clips)"),
             (start(width=8.5), "width", "integer"),
         ):
             ws.send(bad)

@@ -60,12 +60,22 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("riffusion-engine")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riffusion-engine",
         description="Optimized inference engine for Riffusion.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
+    parser.add_argument("--version", action="version", version=f"riffusion-engine {_version()}")
     # -v after the command too (not overriding one given before it).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

@@ -15,7 +15,12 @@ def add_parser(sub: Any) -> None:
         "alternated after warm-up; prints median and p90 per stage, speedups, real-time factors and "
         "output agreement. The JSON schema is documented in riffusion_engine/engine/tools/bench.py.",
     )
-    p.add_argument("--model", default="random:full", help="model source (default: random:full)")
+    p.add_argument(
+        "--model",
+        default="random:tiny",
+        help="model source (default: random:tiny, minutes on a CPU; random:full is the full-size "
+        "architecture, tens of minutes: docs/performance.md)",
+    )
     p.add_argument(
         "--backends", default="torch,onnxruntime", help="comma-separated (default: torch,onnxruntime)"
     )

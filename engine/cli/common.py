@@ -42,6 +42,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where exports made on first use go (default: ~/.cache/riffusion-engine/exports)",
     )
+    p.add_argument(
+        "--max-width",
+        type=int,
+        default=None,
+        help="widest clip in pixels a --model runs (torch), or its export made on first use takes "
+        "(default: 2048 = 20.48 s); an --artifacts export's range was set when it was made",
+    )
     add_variant_args(p)
 
 
@@ -152,6 +159,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         loras=args.lora or (),
         vae=args.vae,
         profile=args.profile,
+        max_width=args.max_width,
     )
 
 
@@ -170,11 +178,42 @@ def open_image(path: str | None, what: str) -> Any:
         raise RiffusionError(f"{what}: {exc}") from exc
 
 
+def check_width_arg(args: argparse.Namespace) -> None:
+    """``--width`` against the widest clip the engine flags allow, before anything is
+    loaded or made (the engine checks the rest once loaded)."""
+    from ..runtime.defaults import MAX_WIDTH
+
+    width = args.width
+    if width < 8 or width % 8:
+        raise RiffusionError(f"--width must be a positive multiple of 8 pixels, got {width}")
+    if args.artifacts is None:
+        widest = args.max_width or MAX_WIDTH
+        if width > widest:
+            raise RiffusionError(
+                f"width {width} is over this engine's widest clip, {widest} pixels "
+                f"({widest / 100:g} s); --max-width {width} raises it"
+            )
+        return
+    from ...export.artifacts import ArtifactError, read_manifest
+
+    try:
+        widest = int(read_manifest(Path(args.artifacts))["profile"]["max_width"])
+    except (ArtifactError, KeyError, TypeError, ValueError):
+        return  # loading the export says what is wrong with it
+    if width > widest:
+        raise RiffusionError(
+            f"width {width} is over this export's widest clip, {widest} pixels "
+            f"(export with --max-width {width} for longer clips)"
+        )
+
+
 def seed_image_or_default(args: argparse.Namespace) -> Any:
-    """``--seed-image``, else the web app's default seed image, ``--width`` columns wide."""
+    """``--seed-image``, else the web app's default seed image, ``--width`` columns wide
+    (``--width`` checked first: the default is made that wide)."""
     from ..runtime.defaults import SEED_IMAGE
     from ..runtime.seeds import seed_image
 
+    check_width_arg(args)
     return open_image(args.seed_image, "seed image") or seed_image(SEED_IMAGE, width=args.width)
 
 

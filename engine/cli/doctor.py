@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> None:
     from ..tools.doctor import HEADER, check_cuda_ready, format_row, run_doctor
 
     json_out = check_output_path(args.json, (".json",)) if args.json else None
+    if not 1 <= args.steps <= 1000:
+        raise RiffusionError(f"--steps must be an integer in 1..1000, got {args.steps}")
     device = args.device
     if device is None:
         import torch

@@ -48,7 +48,13 @@ def add_parser(sub: Any) -> None:
         "attention in fp16) and verifies on its CUDA provider (default: cuda for --target tensorrt, "
         "else cpu)",
     )
-    p.add_argument("--height", type=int, default=HEIGHT, help=f"image height in pixels (default: {HEIGHT})")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=HEIGHT,
+        help=f"image height in pixels: {HEIGHT}, the spectrogram's mel bins (any other would make an "
+        "export no engine runs)",
+    )
     p.add_argument(
         "--width", type=int, default=WIDTH, help=f"image width optimized for (default: {WIDTH} = 5.12 s)"
     )
@@ -59,7 +65,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="TensorRT profiles with one shape (--max-batch clips of --width): enables CUDA graphs",
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default: 17)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        help="ONNX opset, from 17 to the newest the installed torch exports (20 on torch 2.13; default: 17)",
+    )
     p.add_argument(
         "--no-fuse", action="store_true", help="skip ONNX Runtime's transformer fusions (ONNX target)"
     )
@@ -73,9 +84,15 @@ def run(args: argparse.Namespace) -> None:
     from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
     from ...export.manifest import Manifest
-    from ...export.specs import ShapeProfile
+    from ...export.specs import HEIGHT, ShapeProfile
+    from ...kernels.errors import RiffusionError
     from ..runtime.profiles import resolve
 
+    if args.height != HEIGHT:
+        raise RiffusionError(
+            f"--height {args.height}: Riffusion's images are {HEIGHT} pixels tall (the spectrogram's mel "
+            "bins), and an export of another height could not be run; leave --height out"
+        )
     device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
     args.profile = args.profile or "default"
     choices = resolve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .common import (
@@ -10,10 +11,13 @@ from .common import (
     add_engine_args,
     add_run_args,
     apply_profile,
+    check_width_arg,
     load_engine,
     open_image,
     timing_line,
 )
+
+DENOISING = 0.75  # PromptInput's default: share of a seed image regenerated
 
 
 def add_parser(sub: Any) -> None:
@@ -32,7 +36,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
     add_run_args(p)
     p.add_argument(
-        "--denoising", type=float, default=0.75, help="with --seed-image: share regenerated (0..1)"
+        "--denoising", type=float, default=DENOISING, help="with --seed-image: share regenerated (0..1)"
     )
     p.add_argument("-o", "--output", required=True, help="output audio file")
     p.add_argument("--image", default=None, help="also write the spectrogram PNG here")
@@ -47,6 +51,9 @@ def run(args: argparse.Namespace) -> None:
 
     out = check_audio_output(args.output)
     image_out = check_output_path(args.image, (".png",)) if args.image else None
+    check_width_arg(args)
+    if args.seed_image is None and args.denoising != DENOISING:
+        print("warning: --denoising applies to a --seed-image; without one it is ignored", file=sys.stderr)
     request = Request(
         PromptInput(args.prompt, args.seed, args.negative_prompt, args.guidance, args.denoising),
         steps=args.steps,

@@ -67,12 +67,19 @@ def run(args: argparse.Namespace) -> None:
     out_dir = output_dir(args.output)
     audio = []
     rate = 0
-    for i, request in enumerate(requests):
-        (clip,) = engine.run([request], progress=True)
-        clip.save(out_dir / f"clip_{i:03d}.wav")
-        clip.save(out_dir / f"clip_{i:03d}.png")
-        audio.append(clip.audio)
-        rate = clip.sample_rate
-        print(f"clip {i} (alpha {request.alpha:.2f}): {timing_line(clip)}")
+    try:
+        for i, request in enumerate(requests):
+            (clip,) = engine.run([request], progress=True)
+            clip.save(out_dir / f"clip_{i:03d}.wav")
+            clip.save(out_dir / f"clip_{i:03d}.png")
+            audio.append(clip.audio)
+            rate = clip.sample_rate
+            print(f"clip {i} (alpha {request.alpha:.2f}): {timing_line(clip)}")
+    except KeyboardInterrupt:
+        if audio:  # the clips made so far, joined
+            save_audio(out_dir / "joined.wav", np.concatenate(audio, axis=-1), rate)
+        kept = f"the {len(audio)} clip(s) made and joined.wav" if audio else "nothing"
+        print(f"\ninterrupted: wrote {kept} to {out_dir}")
+        raise
     save_audio(out_dir / "joined.wav", np.concatenate(audio, axis=-1), rate)
     print(f"wrote {len(requests)} clips and joined.wav to {out_dir}")

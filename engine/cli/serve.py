@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--max-steps", type=int, default=100, help="largest num_inference_steps (default: 100)")
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (default: 64)")
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="answer /health at once instead of first running every stage and batch size once "
+        "(then the first requests pay for it)",
+    )
     p.add_argument(
         "--seed-images", default=None, metavar="DIR", help="extra seed images and masks: DIR/ID.png"
     )
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> None:
         stream_lifetime_s=args.stream_lifetime,
         stream_start_timeout_s=args.stream_start_timeout,
         max_unstarted_streams=args.max_unstarted_streams,
+        warm_up=args.warm_up,
     )
     if args.ray:
         return _serve_cluster(args, config)
@@ -168,11 +177,24 @@ def run(args: argparse.Namespace) -> None:
     try:
         from ...export.models import DEFAULT_MODEL
 
+        began = time.monotonic()
         engine = load_engine(args)
         model = args.artifacts or args.model or DEFAULT_MODEL
         host, port = sock.getsockname()[:2]
-        print(f"serving {model} ({engine.backend.name}, {engine.backend.device}) on http://{host}:{port}")
-        serve(engine, config, sock=sock, model=model, log_level="info" if args.verbose else "warning")
+
+        def event(name: str, server: Any) -> None:
+            if name == "starting" and config.warm_up:
+                print("warming up: every stage once, before taking requests", flush=True)
+            elif name == "ready":
+                warm = "" if server.warm_up_s is None else f", {server.warm_up_s:.1f} s of it warming up"
+                print(
+                    f"serving {model} ({engine.backend.name}, {engine.backend.device}) on "
+                    f"http://{host}:{port} (ready in {time.monotonic() - began:.1f} s{warm})",
+                    flush=True,
+                )
+
+        level = "info" if args.verbose else "warning"
+        serve(engine, config, sock=sock, model=model, log_level=level, on_event=event)
     finally:
         sock.close()
 

@@ -64,6 +64,16 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+# StreamSettings' fields -> this command's flags, for its errors
+FLAGS = {
+    "alpha_step": "--alpha-step",
+    "crossfade_s": "--crossfade",
+    "continuation_columns": "--continuation-columns",
+    "lookahead": "--lookahead",
+    "steps": "--steps",
+}
+
+
 def _prompts(path: str | None) -> list[str]:
     if path is None:
         return []
@@ -71,6 +81,10 @@ def _prompts(path: str | None) -> list[str]:
         text = open(path, encoding="utf-8").read()
     except OSError as exc:
         raise RiffusionError(f"--prompts: cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RiffusionError(
+            f"--prompts: {path!r} is not UTF-8 text (one prompt per line, or a JSON list of strings)"
+        ) from None
     if text.lstrip().startswith("["):
         try:
             prompts = json.loads(text)
@@ -87,27 +101,32 @@ def _prompts(path: str | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     apply_profile(args)
-    import numpy as np
     from tqdm.auto import tqdm
 
-    from ...kernels.audio import check_audio_output, save_audio
+    from ...kernels.audio import audio_writer, check_audio_output
     from ..runtime.requests import PromptInput
     from ..stream import Stream, StreamSettings, clips_for
 
     out = check_audio_output(args.output)
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
         raise RiffusionError(f"--duration must be in (0, 86400] seconds, got {args.duration}")
-    settings = StreamSettings(
-        steps=args.steps,
-        width=args.width,
-        scheduler=args.scheduler,
-        alpha_step=args.alpha_step,
-        crossfade_s=args.crossfade,
-        continuation=args.continuation,
-        continuation_columns=args.continuation_columns,
-        lookahead=args.lookahead,
-        pipeline={"auto": None, "on": True, "off": False}[args.pipeline],
-    )
+    try:
+        settings = StreamSettings(
+            steps=args.steps,
+            width=args.width,
+            scheduler=args.scheduler,
+            alpha_step=args.alpha_step,
+            crossfade_s=args.crossfade,
+            continuation=args.continuation,
+            continuation_columns=args.continuation_columns,
+            lookahead=args.lookahead,
+            pipeline={"auto": None, "on": True, "off": False}[args.pipeline],
+        )
+    except RiffusionError as exc:  # the settings' fields, as this command's flags
+        text = str(exc)
+        for name, flag in FLAGS.items():
+            text = text.replace(f"{name} must", f"{flag} must").replace(f"needs {name}", f"needs {flag}")
+        raise RiffusionError(text) from None
     prompts = _prompts(args.prompts)
 
     def ending(text: str, seed: int) -> PromptInput:
@@ -119,27 +138,30 @@ def run(args: argparse.Namespace) -> None:
     mask = open_image(args.mask, "mask")
     engine = load_engine(args)
     clips = clips_for(settings, engine.params, args.duration)
-    total = round(args.duration * engine.params.sample_rate)
-    parts: list[np.ndarray] = []
+    rate = engine.params.sample_rate
+    total = round(args.duration * rate)
+    made = 0  # samples written
     began = time.perf_counter()
-    with (
-        Stream(
-            engine, start, end, settings=settings, seed_image=seed_image, mask=mask, max_clips=clips
-        ) as stream,
-        tqdm(total=round(args.duration, 2), unit="audio s", desc="stream") as bar,
-    ):
-        for seed, text in enumerate(prompts, start=args.seed + 2):
-            stream.queue(ending(text, seed))
-        made = 0
-        for chunk in stream:
-            parts.append(chunk.audio)
-            step = min(chunk.audio.shape[-1], total - made)
-            made += chunk.audio.shape[-1]
-            bar.update(round(max(step, 0) / chunk.sample_rate, 2))
+    try:
+        with (
+            audio_writer(out, rate, 2 if engine.params.stereo else 1) as write,
+            Stream(
+                engine, start, end, settings=settings, seed_image=seed_image, mask=mask, max_clips=clips
+            ) as stream,
+            tqdm(total=total, unit="audio s", unit_scale=1 / rate, desc="stream") as bar,
+        ):
+            for seed, text in enumerate(prompts, start=args.seed + 2):
+                stream.queue(ending(text, seed))
+            for chunk in stream:
+                audio = chunk.audio[:, : total - made]
+                write(audio)
+                made += audio.shape[-1]
+                bar.update(audio.shape[-1])
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: wrote the {made / rate:.2f} s made so far to {out}")
+        raise
     wall = time.perf_counter() - began
-    audio = np.concatenate(parts, axis=1)[:, :total]
-    save_audio(out, audio, engine.params.sample_rate)
-    seconds = audio.shape[-1] / engine.params.sample_rate
+    seconds = made / rate
     print(
         f"{clips} clips, {seconds:.2f} s of audio in {wall:.2f} s: real-time margin {seconds / wall:.2f}x "
         f"({'keeps up with' if seconds >= wall else 'slower than'} playback)"

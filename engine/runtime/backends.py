@@ -215,6 +215,13 @@ class OnnxRuntimeBackend(ExportBackend):
         self.options.log_severity_level = 3
         if threads:
             self.options.intra_op_num_threads = threads
+        # The CPU arena keeps the largest block each shape has asked for: a server running
+        # many batch sizes and widths would hold the sum of their peaks for good. Shrinking
+        # it after every run hands the free regions back, so what a process holds between
+        # runs is its weights and its peak is one run's (the run option's key and its
+        # "cpu:0" value: onnxruntime_run_options_config_keys.h).
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._ort = ort
         self._sessions: dict[str, Any] = {}
 
@@ -272,7 +279,7 @@ class OnnxRuntimeBackend(ExportBackend):
             # writes to the inputs finish first. The run itself synchronizes its stream
             # before returning (run option disable_synchronize_execution_providers = 0).
             torch.cuda.current_stream().synchronize()
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self.run_options)
         return out
 
 

@@ -17,12 +17,11 @@ from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
 from .backends import check_device, create_backend, resolve_backend
+from .defaults import MAX_BATCH, MAX_WIDTH
 from .pipeline import Engine
 from .profiles import Choices, resolve
 
 log = logging.getLogger(__name__)
-
-FIRST_USE_MAX_WIDTH = 2048  # widest clip (pixels) of an ONNX export made on first use: 20.48 s
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +43,7 @@ def load(
     loras: Sequence[str | Lora] = (),
     vae: str | None = None,
     profile: str | None = None,
+    max_width: int | None = None,
     **options: Any,
 ) -> Engine:
     """An engine from a model source (the torch backend, or exported on first use into
@@ -54,9 +54,19 @@ def load(
     ``tensorrt``; ``loras`` are fused into the model's weights (``PATH_OR_HUB_ID[:SCALE]``
     or :class:`Lora`); ``vae="tiny"`` decodes with TAESD; ``profile`` (``default`` or
     ``realtime``) fills in the backend, precision, VAE and LoRAs left unset, and the
-    engine's request defaults (scheduler, steps, guidance); ``options`` go to the backend
-    (``provider``, ``threads``, ...)."""
+    engine's request defaults (scheduler, steps, guidance); ``max_width`` is the widest
+    clip in pixels a model source runs (default 2048, 20.48 s; an export directory's is
+    its profile's); ``options`` go to the backend (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
+    if max_width is not None:
+        if artifacts is not None:
+            raise RiffusionError(
+                "--max-width is fixed when an export is made: export with --max-width, then run it"
+            )
+        if not isinstance(max_width, int) or max_width < 64 or max_width % 8:
+            raise RiffusionError(
+                f"--max-width must be a multiple of 8 pixels, at least 64; got {max_width!r}"
+            )
     if artifacts is not None and profile is None:
         profile = export_run_profile(Path(artifacts))
     choices = resolve(
@@ -91,9 +101,14 @@ def load(
             latent_channels=components.unet.config.in_channels,
             vae_factor=vae_factor(components.vae),
             pixel_multiple=8,  # diffusers' UNet takes any latent size
+            max_batch=MAX_BATCH,
+            widths=(8, max_width or MAX_WIDTH),  # the engine raises the low end to what Griffin-Lim needs
             sampled_vae=not is_tiny_vae(components.vae),
         )
-        return Engine(runner, components.tokenizer, dict(components.scheduler.config), shape, choices=choices)
+        scheduler_config = dict(components.scheduler.config)
+        engine = Engine(runner, components.tokenizer, scheduler_config, shape, choices=choices)
+        engine.widen = "--max-width {width}"
+        return engine
     if backend == "openvino":
         # OpenVINO compiles an unfused fp32 export; bf16 is its arithmetic, set at compile time.
         if precision not in ("fp32", "bf16"):
@@ -111,7 +126,12 @@ def load(
             seed=seed,
             progress=progress,
             choices=choices,
+            max_width=max_width,
         )
+        runner = create_backend(backend, directory=artifacts, device=device, **options)
+        engine = engine_from_export(runner, Path(artifacts), choices=choices)
+        engine.widen = "--max-width {width}"  # a wider export on first use
+        return engine
     runner = create_backend(backend, directory=artifacts, device=device, **options)
     return engine_from_export(runner, Path(artifacts), choices=choices)
 
@@ -148,6 +168,7 @@ def export_on_first_use(
     seed: int,
     progress: bool,
     choices: Choices | None = None,
+    max_width: int | None = None,
 ) -> Path:
     """The export directory for ``model`` in the cache, exported now unless an export
     with a matching key is already there; ``choices`` (a profile's) give its LoRAs, VAE
@@ -163,6 +184,7 @@ def export_on_first_use(
         precision=precision,
         seed=seed,
         choices=choices,
+        max_width=max_width,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
     result = export(config, directory, progress=progress)
@@ -179,6 +201,7 @@ def first_use_export(
     precision: str,
     seed: int,
     choices: Choices | None = None,
+    max_width: int | None = None,
 ) -> tuple[str, Any]:
     """The cache directory's name and the ExportConfig of the export ``backend`` (and
     ONNX Runtime's ``provider``) runs when made on first use, with the LoRAs, VAE and
@@ -199,6 +222,7 @@ def first_use_export(
     described = [[lora.source, lora.scale] for lora in variant.loras], variant.vae
     described += () if guidance else ("no guidance",)
     described += () if run_profile == "default" else (run_profile,)
+    described += () if max_width is None else (f"max width {max_width}",)
     digest = hashlib.sha256(
         json.dumps([model, seed, flavour, precision, device, *described]).encode()
     ).hexdigest()[:12]
@@ -213,6 +237,8 @@ def first_use_export(
         run_profile=run_profile,
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
-        profile=ShapeProfile(max_width=FIRST_USE_MAX_WIDTH if target == "onnx" else None, guidance=guidance),
+        profile=ShapeProfile(
+            max_width=max_width or (MAX_WIDTH if target == "onnx" else None), guidance=guidance
+        ),
     )
     return f"{name}-{flavour}-{device}-{precision}-{digest}", config

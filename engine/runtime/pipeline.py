@@ -34,7 +34,7 @@ import numpy as np
 
 from ...export.manifest import ModelShape
 from ...kernels.errors import RiffusionError
-from ...kernels.griffin_lim import GriffinLimOptions
+from ...kernels.griffin_lim import GriffinLimOptions, min_frames
 from ...kernels.image import IMAGE_MODES
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
@@ -58,6 +58,10 @@ from .tensors import image_batch, mask_tensor, slerp, to_pixels
 log = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+# Rows a CPU runs a stage at, at most (see Engine._in_parts): one clip with guidance.
+CPU_ROWS = {"text_encoder": 1, "unet": 2, "vae_encoder": 1, "vae_decoder": 1}
 
 
 class Engine:
@@ -85,6 +89,8 @@ class Engine:
         self.cache_size = cache_size
         self._embeddings: OrderedDict[tuple[str, bool], Any] = OrderedDict()
         self._tokenizer_lock = threading.Lock()
+        # How to take a wider clip than the shape allows: an export's widths are its own.
+        self.widen = "export with --max-width {width}"
         if self.params.num_frequencies != shape.height:
             raise RiffusionError(
                 f"the spectrogram has {self.params.num_frequencies} mel bins; images are {shape.height} tall"
@@ -200,7 +206,7 @@ class Engine:
                 list(requests), progress=progress, timings=timings, should_stop=should_stop
             )
             with _timer(timings, "vae_decoder", self.backend):
-                image = self.backend.run("vae_decoder", {"latent": latents})
+                image = self._in_parts("vae_decoder", {"latent": latents})
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def check(self, request: Request) -> None:
@@ -224,25 +230,7 @@ class Engine:
 
     def check_images(self, request: Request) -> None:
         """The part of :meth:`check` that is not the prompts: width, seed image and mask."""
-        multiple = self.shape.pixel_multiple
-        if request.width % multiple:
-            raise RiffusionError(
-                f"width {request.width} is not a multiple of {multiple} pixels, which this "
-                f"{self.backend.name} backend's model takes"
-            )
-        if self.shape.widths is not None:
-            low, high = self.shape.widths
-            if not low <= request.width <= high:
-                allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
-                hint = (
-                    "--max-width for longer"
-                    if request.width > high
-                    else f"--width {request.width} for shorter"
-                )
-                raise RiffusionError(
-                    f"width {request.width} is outside this {self.backend.name} export's profile: it "
-                    f"takes {allowed} (export with {hint} clips)"
-                )
+        self.check_width(request.width)
         for name in ("seed_image", "mask"):
             image = getattr(request, name)
             if image is None:
@@ -257,6 +245,51 @@ class Engine:
                     f"{name} is {image.size[0]}x{image.size[1]}; this clip is "
                     f"{request.width}x{self.shape.height}"
                 )
+
+    @property
+    def widths(self) -> tuple[int, int | None]:
+        """The narrowest and widest clip (pixels) this engine takes (None: no upper bound):
+        the backend's range, and at least the fewest columns Griffin-Lim reconstructs."""
+        low, high = self.shape.widths or (0, None)
+        return max(low, self._fewest_columns()), high
+
+    def _fewest_columns(self) -> int:
+        multiple = self.shape.pixel_multiple
+        return -(-min_frames(self.params, self.griffin_lim) // multiple) * multiple
+
+    def check_width(self, width: int) -> None:
+        """Raise RiffusionError, naming the range and how to change it, for a width this
+        engine cannot run; before anything is allocated."""
+        multiple = self.shape.pixel_multiple
+        if width % multiple:
+            raise RiffusionError(
+                f"width {width} is not a multiple of {multiple} pixels, which this "
+                f"{self.backend.name} backend's model takes"
+            )
+        low, high = self.widths
+        profile = self.shape.widths is not None and self.widen.startswith("export")
+        if profile and not low <= width <= (high or width):
+            allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
+            hint = f"--max-width {width} for longer" if width > low else f"--width {width} for shorter"
+            raise RiffusionError(
+                f"width {width} is outside this {self.backend.name} export's profile: it takes "
+                f"{allowed} (export with {hint} clips)"
+            )
+        if width < low:
+            raise RiffusionError(
+                f"width {width} is below the narrowest clip this engine takes: {low} pixels "
+                f"({low / 100:g} s; "
+                + (
+                    "the fewest columns Griffin-Lim reconstructs)"
+                    if low == self._fewest_columns()
+                    else "its export's profile)"
+                )
+            )
+        if high is not None and width > high:
+            raise RiffusionError(
+                f"width {width} is over this engine's widest clip, {high} pixels "
+                f"({high / 100:g} s); {self.widen.format(width=width)} raises it"
+            )
 
     def check_text(self, text: str, *, negative: bool = False, what: str | None = None) -> None:
         """Raise RiffusionError (saying ``what`` it is) for a prompt this engine cannot encode."""
@@ -279,7 +312,7 @@ class Engine:
             what = "negative prompt" if negative else "prompt"
             tokens = [self._tokens(t, allow_empty=negative, what=what) for t in missing]
             ids = torch.from_numpy(np.stack([t.ids for t in tokens])).to(self.backend.torch_device())
-            embeddings = self.backend.run("text_encoder", {"input_ids": ids})
+            embeddings = self._in_parts("text_encoder", {"input_ids": ids})
             for text, token, embedding in zip(missing, tokens, embeddings, strict=True):
                 if token.weighted:
                     weights = torch.from_numpy(token.weights).to(embedding.device)
@@ -418,7 +451,7 @@ class Engine:
             image = image_batch([r.seed_image for r in requests]).to(device)
             inputs = {"image": image, "noise": eps} if self.shape.sampled_vae else {"image": image}
             with _timer(timings, "vae_encoder", self.backend):
-                init = self.backend.run("vae_encoder", inputs)
+                init = self._in_parts("vae_encoder", inputs)
             if len(timesteps):
                 latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(requests)))
             else:
@@ -441,7 +474,7 @@ class Engine:
                 rows = torch.cat([latents] * 2) if cfg else latents
                 rows = scheduler.scale_model_input(rows, t)
                 timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
-                predicted = self.backend.run(
+                predicted = self._in_parts(
                     "unet", {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
                 )
                 if cfg:
@@ -458,6 +491,25 @@ class Engine:
                     latents = kept * (1 - mask) + latents * mask
         timings["unet_steps"] = len(timesteps)
         return latents
+
+    def _in_parts(self, stage: str, inputs: dict[str, Any]) -> Any:
+        """A stage over a batch. On the CPU it runs ``CPU_ROWS[stage]`` rows at a time:
+        activations grow with the batch (the VAE's at full resolution are GBs per clip at
+        full size; the UNet's attention is the next largest), while a larger batch buys
+        little speed on CPU cores (1.04x for 8 UNet rows, docs/performance.md), so the
+        peak memory does not grow with ``--max-batch``. Rows are independent in every
+        stage, so the parts make the batch's result. A GPU takes the batch whole."""
+        import torch
+
+        batch = next(iter(inputs.values())).shape[0]
+        rows = CPU_ROWS.get(stage, batch) if self.backend.device == "cpu" else batch
+        if batch <= rows:
+            return self.backend.run(stage, inputs)
+        parts = [
+            self.backend.run(stage, {k: v[i : i + rows] for k, v in inputs.items()})
+            for i in range(0, batch, rows)
+        ]
+        return torch.cat(parts)
 
     def to_clip(self, image: Any, timings: dict[str, float]) -> Clip:
         """One row of :meth:`images` ``(height, width, 3)`` -> spectrogram -> audio, on the

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,24 @@ class Tokens:
 MAX_PROMPT_CHARS = 4096  # longer text is refused before tokenizing
 
 
+_WARNED: OrderedDict[str, None] = OrderedDict()  # prompts already warned about, the latest 256
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_truncated(prompt: str, what: str, tokens: int, dropped: str) -> None:
+    """Warn once per prompt (a prompt is tokenized by each check and by its encoding),
+    naming the start of what was dropped."""
+    with _WARNED_LOCK:
+        if prompt in _WARNED:
+            _WARNED.move_to_end(prompt)
+            return
+        _WARNED[prompt] = None
+        if len(_WARNED) > 256:
+            _WARNED.popitem(last=False)
+    shown = dropped if len(dropped) <= 60 else f"{dropped[:60]}... ({len(dropped) - 60} more characters)"
+    log.warning("%s is longer than %d tokens; dropped: %r", what, tokens, shown)
+
+
 def tokenize(tokenizer: Any, prompt: str, *, allow_empty: bool = False, what: str = "prompt") -> Tokens:
     """Token ids and weights of ``prompt``; over-long prompts are truncated with a warning."""
     if not isinstance(prompt, str):
@@ -102,8 +122,7 @@ def tokenize(tokenizer: Any, prompt: str, *, allow_empty: bool = False, what: st
         ids = tokenizer(text, add_special_tokens=False).input_ids
         weights = [1.0] * len(ids)
     if len(ids) > length - 2:
-        dropped = tokenizer.decode(ids[length - 2 :])
-        log.warning("%s is longer than %d tokens; dropped: %r", what, length - 2, dropped)
+        _warn_truncated(prompt, what, length - 2, tokenizer.decode(ids[length - 2 :]))
         ids, weights = ids[: length - 2], weights[: length - 2]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]

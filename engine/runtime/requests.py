@@ -46,6 +46,10 @@ class PromptInput:
     denoising: float = 0.75  # with a seed image: share of the steps run, 0..1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise RiffusionError(f"prompt must be text, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise RiffusionError("prompt is empty")  # before any model is loaded or exported
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise RiffusionError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
         if not math.isfinite(self.guidance) or self.guidance < 0:

@@ -109,8 +109,24 @@ class SeedLibrary:
                 for p in sorted(directory.glob("*.png"))
                 if ID_PATTERN.fullmatch(p.stem) and p.is_file()
             }
+            for image_id in self.files:  # at start-up, not on the first request that names one
+                self._check_file(image_id)
         self._built: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def _check_file(self, image_id: str) -> None:
+        """RiffusionError naming the file unless it is a PNG a clip can start from: as tall
+        as the spectrogram's mel bins, and (unless it is a mask) a multiple of 8 wide."""
+        path = self.files[image_id]
+        image = self.get(image_id, field=f"seed image file {str(path)!r}")
+        height = self.params.num_frequencies
+        if image.height != height:
+            raise RiffusionError(f"seed image file {str(path)!r} is {image.height} pixels tall, not {height}")
+        if image.width % 8:
+            raise RiffusionError(
+                f"seed image file {str(path)!r} is {image.width} pixels wide, not a multiple of 8; "
+                f"cut it (riffusion-engine audio-to-image --width {image.width // 8 * 8})"
+            )
 
     def ids(self) -> list[str]:
         return sorted({*SEED_AUDIO, *MASKS, *self.files})

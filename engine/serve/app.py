@@ -30,7 +30,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +125,25 @@ async def _read_body(request: HttpRequest, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None, *, model: str = "") -> FastAPI:
-    """The FastAPI application serving ``engine``."""
+def create_app(
+    engine: Engine,
+    config: ServerConfig | None = None,
+    *,
+    model: str = "",
+    on_event: Callable[[str, EngineServer], None] | None = None,
+) -> FastAPI:
+    """The FastAPI application serving ``engine`` (its options checked here).
+    ``on_event("starting" | "ready", server)`` is called as it starts (warms up) and
+    once it has, before the first request is taken."""
     server = EngineServer(engine, config or ServerConfig(), model=model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_event is not None:
+            on_event("starting", server)
         await asyncio.to_thread(server.start)
+        if on_event is not None:
+            on_event("ready", server)
         yield
         await asyncio.to_thread(server.close)
 
@@ -284,11 +296,12 @@ def serve(
     sock: socket.socket,
     model: str = "",
     log_level: str = "info",
+    on_event: Callable[[str, EngineServer], None] | None = None,
 ) -> None:
     """Serve ``engine`` on ``sock`` (from :func:`bind`) until interrupted; on SIGINT/SIGTERM
-    the requests in flight finish first."""
+    the requests in flight finish first. ``on_event``: as :func:`create_app`'s."""
     import uvicorn
 
-    app = create_app(engine, config, model=model)
+    app = create_app(engine, config, model=model, on_event=on_event)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None))
     server.run(sockets=[sock])

@@ -9,6 +9,7 @@ are bounded by their own count and buffers."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -129,6 +130,7 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             self._run(batch)
+            release_free_memory()
 
     # -- deadlines (--degrade-steps) ----------------------------------------------
 
@@ -205,3 +207,27 @@ class Batcher:
                     job.future.set_result(results[i])
                 else:
                     job.future.set_exception(error)  # type: ignore[arg-type]
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (another C library, another system)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system after a batch. NumPy's and torch's
+    large temporaries (spectrograms, Griffin-Lim's transforms) are freed into glibc's
+    heaps once its mmap threshold has risen past their size, and the heaps of the
+    server's many threads keep them: a long-running server's RSS crept up without it
+    (``benchmarks/soak.py``). ``malloc_trim(0)`` trims every heap."""
+    if _TRIM is not None:
+        _TRIM(0)

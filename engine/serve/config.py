@@ -31,28 +31,55 @@ class ServerConfig:
     stream_lifetime_s: float = 3600.0  # a stream ends after this long (close 1000, reason given)
     stream_start_timeout_s: float = 10.0  # a socket without a valid start after this is closed (1008)
     max_unstarted_streams: int = 16  # most sockets waiting to start at once (they hold no stream slot)
+    warm_up: bool = True  # run every stage and batch size once before /health answers
 
     def __post_init__(self) -> None:
+        finite = math.isfinite
+        # (field, its serve flag, the rule in words, whether it holds)
         checks = (
-            ("max_batch", self.max_batch >= 1),
-            ("batch_window_ms", math.isfinite(self.batch_window_ms) and self.batch_window_ms >= 0),
-            ("max_queue", self.max_queue >= 1),
-            ("timeout_s", math.isfinite(self.timeout_s) and self.timeout_s > 0),
-            ("max_steps", 1 <= self.max_steps <= 1000),
-            ("max_body_bytes", self.max_body_bytes >= 1024),
-            ("degrade_steps", self.degrade_steps is None or 1 <= self.degrade_steps <= self.max_steps),
-            ("max_streams", self.max_streams >= 0),
-            ("stream_buffer", 1 <= self.stream_buffer <= 16),
-            ("stream_lifetime_s", math.isfinite(self.stream_lifetime_s) and self.stream_lifetime_s > 0),
+            ("max_batch", "--max-batch", "at least 1", self.max_batch >= 1),
+            (
+                "batch_window_ms",
+                "--batch-window-ms",
+                ">= 0",
+                finite(self.batch_window_ms) and self.batch_window_ms >= 0,
+            ),
+            ("max_queue", "--max-queue", "at least 1", self.max_queue >= 1),
+            ("timeout_s", "--timeout", "> 0 seconds", finite(self.timeout_s) and self.timeout_s > 0),
+            ("max_steps", "--max-steps", "in 1..1000", 1 <= self.max_steps <= 1000),
+            ("max_body_bytes", "--max-body-kb", "at least 1 KiB", self.max_body_bytes >= 1024),
+            (
+                "degrade_steps",
+                "--degrade-steps",
+                f"in 1..--max-steps ({self.max_steps})",
+                self.degrade_steps is None or 1 <= self.degrade_steps <= self.max_steps,
+            ),
+            ("max_streams", "--max-streams", ">= 0", self.max_streams >= 0),
+            ("stream_buffer", "--stream-buffer", "in 1..16 clips", 1 <= self.stream_buffer <= 16),
+            (
+                "stream_lifetime_s",
+                "--stream-lifetime",
+                "> 0 seconds",
+                finite(self.stream_lifetime_s) and self.stream_lifetime_s > 0,
+            ),
             (
                 "stream_start_timeout_s",
-                math.isfinite(self.stream_start_timeout_s) and self.stream_start_timeout_s > 0,
+                "--stream-start-timeout",
+                "> 0 seconds",
+                finite(self.stream_start_timeout_s) and self.stream_start_timeout_s > 0,
             ),
-            ("max_unstarted_streams", self.max_unstarted_streams >= 1),
+            (
+                "max_unstarted_streams",
+                "--max-unstarted-streams",
+                "at least 1",
+                self.max_unstarted_streams >= 1,
+            ),
         )
-        for name, ok in checks:
+        for name, flag, rule, ok in checks:
             if not ok:
-                raise RiffusionError(f"server option {name} out of range: {getattr(self, name)!r}")
+                value = getattr(self, name)
+                shown = f"{value // 1024} KiB" if name == "max_body_bytes" else repr(value)
+                raise RiffusionError(f"{flag} ({name}) must be {rule}, got {shown}")
         if self.seed_images is not None and not Path(self.seed_images).is_dir():
             raise RiffusionError(f"seed image directory {str(self.seed_images)!r} does not exist")
         for origin in self.cors_origins:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...kernels.errors import RiffusionError
+from ..runtime.defaults import SEED_IMAGE, WIDTH
 from ..runtime.pipeline import Engine
 from ..runtime.requests import PromptInput, Request
-from ..runtime.seeds import SeedLibrary
+from ..runtime.seeds import SeedLibrary, crop_width
 from .api import ApiError, encode_output, engine_request, parse_input
 from .batcher import Batcher
 from .config import ServerConfig
@@ -38,12 +39,15 @@ class Answer:
         return cls(status, {"detail": message}, dict(headers or {}))
 
 
-def check_max_batch(config: ServerConfig, limit: int | None) -> None:
-    """``config.max_batch`` within ``limit``, the most clips the export takes (None: any)."""
+def check_max_batch(config: ServerConfig, limit: int | None, *, exported: bool = True) -> None:
+    """``config.max_batch`` within ``limit``, the most clips the engine takes in one call
+    (None: any); ``exported``: the limit is an export's, set when it was made."""
     if limit is not None and config.max_batch > limit:
+        fix = "serve with a smaller one"
+        fix = f"export with a larger --max-batch or {fix}" if exported else fix
         raise RiffusionError(
-            f"max_batch {config.max_batch} is more than this model's export takes "
-            f"({limit}); export with a larger --max-batch or serve with a smaller one"
+            f"--max-batch {config.max_batch} is more than this model's "
+            f"{'export' if exported else 'engine'} takes in one call ({limit}); {fix}"
         )
 
 
@@ -52,17 +56,22 @@ class EngineServer:
     per request body, ``hub`` for streams, ``close``."""
 
     def __init__(self, engine: Engine, config: ServerConfig, *, model: str = "") -> None:
-        check_max_batch(config, engine.shape.max_batch)
+        check_max_batch(config, engine.shape.max_batch, exported=engine.backend.name != "torch")
         self.engine, self.config, self.model = engine, config, model
         self.seeds = SeedLibrary(config.seed_images, engine.params)
         self.metrics = Metrics(config.max_batch)
         self.batcher = Batcher(engine, config, self.metrics)
         self.hub = StreamHub(engine, self.batcher, self.seeds, config, self.metrics)
+        self.warm_up_s: float | None = None  # what start's warm-up took
 
     def start(self) -> None:
-        """Make the built-in seed images, measure the per-step cost where the deadline
-        estimate needs it, start the batcher (blocking: call it off the event loop)."""
+        """Make the built-in seed images, warm up (unless the config says not to), measure
+        the per-step cost where the deadline estimate needs it, start the batcher
+        (blocking: call it off the event loop)."""
         self.seeds.build()
+        if self.config.warm_up:
+            self.warm_up_s = self.warm_up()
+            log.info("warmed up in %.1f s", self.warm_up_s)
         if self.config.degrade_steps is not None:
             # The deadline estimate needs the per-step cost before the first request.
             self.batcher.measure(Request(PromptInput("warm-up"), steps=self.config.degrade_steps))
@@ -73,6 +82,35 @@ class EngineServer:
             self.engine.backend.name,
             self.engine.backend.device,
         )
+
+    def warm_up(self) -> float:
+        """Run once every shape the server will run, before it says it is ready, so its
+        first request costs what its tenth does: the whole chain at the seed images' width
+        and at the player page's 256 where the engine takes it, and on a GPU at every batch
+        size up to ``max_batch`` too (on the CPU every stage runs a clip at a time whatever
+        the batch, see ``Engine._in_parts``). Returns the seconds it took."""
+        began = time.monotonic()
+        engine = self.engine
+        widths = []
+        for width in (WIDTH, 256):
+            try:
+                engine.check_width(width)
+            except RiffusionError:
+                continue
+            widths.append(width)
+        # One UNet call per batch: DDIM, one step, all of it denoised from the seed image.
+        start = PromptInput("warm-up", guidance=engine.guidance, denoising=1.0)
+        image = self.seeds.get(SEED_IMAGE)
+        for width in widths:
+            cropped = crop_width(image, width)
+            seeded = Request(start, steps=1, width=width, scheduler="ddim", seed_image=cropped)
+            batches = range(1, self.config.max_batch + 1) if engine.backend.device != "cpu" else (1,)
+            for batch in batches if width == widths[0] else (1,):
+                try:
+                    engine.run([seeded] * batch)
+                except RiffusionError as exc:  # a shape requests will meet the same way
+                    log.warning("warm-up at %d px, batch %d: %s", width, batch, exc)
+        return time.monotonic() - began
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued requests, then stop the batcher (blocking, ``timeout`` at most)."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import SEED_IMAGE
 from ..runtime.pipeline import Engine
-from ..runtime.requests import PromptInput, Request
+from ..runtime.requests import PromptInput
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
 from .api import ApiPromptInput, JsonInt, prompt_input
 from .config import FieldError
@@ -102,7 +102,7 @@ def message_width(engine: Engine, width: int, widest: int, seed_image_id: str) -
     if width % 8:
         raise MessageError("width", f"must be a multiple of 8 pixels (100 per second), got {width}")
     try:
-        engine.check_images(Request(PromptInput("width"), width=width))
+        engine.check_width(width)
     except RiffusionError as exc:
         raise MessageError("width", str(exc)) from None
     if width > widest:

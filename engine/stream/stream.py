@@ -123,8 +123,11 @@ class Stream:
             raise RiffusionError(
                 f"unknown stream setting {unknown[0]!r}; choose from {', '.join(sorted(fields))}"
             )
-        if isinstance(seed_image, str):  # made as wide as the clips
-            seed_image = builtin_seed_image(seed_image, engine.params, width=settings.get("width", WIDTH))
+        if isinstance(seed_image, str):  # made as wide as the clips: a width the engine takes
+            width = settings.get("width", WIDTH)
+            if isinstance(width, int):
+                engine.check_width(width)
+            seed_image = builtin_seed_image(seed_image, engine.params, width=width)
         return cls(
             engine,
             prompt_input(start),

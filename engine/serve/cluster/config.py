@@ -32,19 +32,41 @@ class ClusterConfig:
     health_check_period_s: float = 10.0
 
     def __post_init__(self) -> None:
+        finite = math.isfinite
+        # (field, its serve --ray flag, the rule in words, whether it holds)
         checks = (
-            ("replicas", self.replicas is None or self.replicas >= 1),
-            ("min_replicas", self.min_replicas >= 0),
-            ("max_replicas", self.max_replicas >= max(self.min_replicas, 1)),
-            ("target_ongoing_requests", (self.target_ongoing_requests or 1) > 0),
-            ("max_ongoing_requests", self.max_ongoing_requests >= 1),
-            ("gpus_per_replica", math.isfinite(self.gpus_per_replica) and self.gpus_per_replica >= 0),
-            ("cpus_per_replica", math.isfinite(self.cpus_per_replica) and self.cpus_per_replica >= 0),
-            ("health_check_period_s", self.health_check_period_s > 0),
+            ("replicas", "--replicas", "at least 1", self.replicas is None or self.replicas >= 1),
+            ("min_replicas", "--min-replicas", ">= 0", self.min_replicas >= 0),
+            (
+                "max_replicas",
+                "--max-replicas",
+                f"at least --min-replicas ({self.min_replicas}) and 1",
+                self.max_replicas >= max(self.min_replicas, 1),
+            ),
+            (
+                "target_ongoing_requests",
+                "--target-ongoing-requests",
+                "> 0",
+                (self.target_ongoing_requests or 1) > 0,
+            ),
+            ("max_ongoing_requests", "--max-ongoing-requests", "at least 1", self.max_ongoing_requests >= 1),
+            (
+                "gpus_per_replica",
+                "--gpus-per-replica",
+                ">= 0",
+                finite(self.gpus_per_replica) and self.gpus_per_replica >= 0,
+            ),
+            (
+                "cpus_per_replica",
+                "--cpus-per-replica",
+                ">= 0",
+                finite(self.cpus_per_replica) and self.cpus_per_replica >= 0,
+            ),
+            ("health_check_period_s", "health_check_period_s", "> 0 seconds", self.health_check_period_s > 0),
         )
-        for name, ok in checks:
+        for name, flag, rule, ok in checks:
             if not ok:
-                raise RiffusionError(f"cluster option {name} out of range: {getattr(self, name)!r}")
+                raise RiffusionError(f"{flag} ({name}) must be {rule}, got {getattr(self, name)!r}")
 
     @classmethod
     def of_options(
@@ -67,7 +89,7 @@ class ClusterConfig:
         if gpus_per_replica is None:
             gpus_per_replica = 1.0 if device == "cuda" else 0.0
         return cls(
-            replicas=None if autoscale else (replicas or 1),
+            replicas=None if autoscale else (1 if replicas is None else replicas),
             min_replicas=fewest,
             max_replicas=max(fewest, 1) if max_replicas is None else max_replicas,
             gpus_per_replica=(1.0 if device == "cuda" else 0.0)

@@ -1,0 +1,153 @@
+"""What a new user meets on the command line (a subprocess, as they run it): bad input is
+one line naming the flag and its range, before any heavy work, with no traceback and no
+partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+CLI = [sys.executable, "-m", "riffusion_engine.engine.cli"]
+TINY = ("--model", "random:tiny", "--backend", "torch")
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
+    png = tmp_path / "in.png"
+    from riffusion_engine.engine.runtime.seeds import seed_image
+
+    seed_image("og_beat", width=64).save(png)
+    binary = tmp_path / "song.wav"
+    soundfile.write(binary, np.zeros((4410, 1), np.int16), 44100)
+    out = tmp_path / "out"
+    out.mkdir()  # an existing, empty folder: nothing may be written into it
+    cases = [
+        (("image-to-audio", str(png), "-o", str(out / "x.wav"), "--seed", "-1"), ("seed", "0..2**63-1")),
+        (("roundtrip", "-o", str(out), "--seed", "-1"), ("--seed", "0..2**63-1")),
+        (("doctor", "--steps", "0"), ("--steps", "1..1000")),
+        (("export", "--model", "random:tiny", "-o", str(out), "--height", "256"), ("--height 256", "512")),
+        (("export", "--model", "random:tiny", "-o", str(out), "--opset", "25"), ("opset", "17..")),
+        (("generate", "", "-o", str(out / "a.wav"), "--cache-dir", str(out / "cache")), ("prompt is empty",)),
+        (("demo", "--prompt", "", "-o", str(out)), ("prompt is empty",)),
+        (("generate", "a", "-o", str(out / "a.wav"), *TINY, "--width", "8"), ("24 pixels",)),
+        (
+            ("generate", "a", "-o", str(out / "a.wav"), *TINY, "--width", "4096"),
+            ("2048 pixels", "--max-width"),
+        ),
+        (
+            ("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--prompts", str(binary)),
+            ("--prompts", "not UTF-8 text"),
+        ),
+        (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--alpha-step", "0"), ("--alpha-step",)),
+        (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--crossfade", "9"), ("--crossfade",)),
+    ]
+    for argv, needles in cases:
+        one_line(run(*argv), *needles)
+        assert not any(out.rglob("*")), (argv, list(out.rglob("*")))
+        assert not (Path.cwd() / "riffusion-demo").exists()
+
+
+def test_an_incomplete_export_manifest_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1}))
+    one_line(
+        run("generate", "a", "-o", str(tmp_path / "a.wav"), "--artifacts", str(tmp_path)),
+        "incomplete manifest (no 'stages')",
+    )
+
+
+def test_offline_the_hub_is_one_line_within_seconds(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    result = run("generate", "funky jazz saxophone", "-o", str(tmp_path / "clip.wav"), env=env, timeout=120)
+    one_line(result, "riffusion/riffusion-model-v1", "unreachable", "hf download")
+    env["HF_HUB_OFFLINE"] = "1"
+    one_line(run("generate", "jazz", "-o", str(tmp_path / "clip.wav"), env=env), "HF_HUB_OFFLINE is set")
+
+
+def test_denoising_without_a_seed_image_is_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "a.wav"
+    result = run(
+        "generate", "a", "-o", str(out), *TINY, "--steps", "1", "--width", "64", "--denoising", "0.3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--denoising applies to a --seed-image" in result.stderr and out.exists()
+
+
+def test_audio_to_image_makes_seed_ready_images(tmp_path: Path) -> None:
+    song = tmp_path / "song.wav"
+    rate = 44100
+    t = np.arange(int(8.005 * rate)) / rate
+    soundfile.write(song, (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16), rate)
+    whole = run("audio-to-image", str(song), "-o", str(tmp_path / "whole.png"))
+    assert whole.returncode == 0, whole.stderr
+    assert "801x512" in whole.stdout and "--width 800 makes a seed image" in whole.stdout
+    cut = run("audio-to-image", str(song), "-o", str(tmp_path / "seed.png"), "--width", "512")
+    assert cut.returncode == 0, cut.stderr
+    from PIL import Image
+    from riffusion_engine.engine.runtime.seeds import SeedLibrary
+
+    assert Image.open(tmp_path / "seed.png").size == (512, 512)
+    one_line(
+        run("audio-to-image", str(song), "-o", str(tmp_path / "x.png"), "--width", "904"),
+        "--width 904 is wider",
+    )
+    (tmp_path / "whole.png").unlink()
+    (tmp_path / "song.wav").unlink()
+    assert SeedLibrary(tmp_path).get("seed").size == (512, 512)  # accepted as a seed image
+
+
+def test_version_and_bench_default() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("riffusion-engine ")
+    assert "default: random:tiny" in run("bench", "--help").stdout
+
+
+def test_ctrl_c_in_interpolate_keeps_the_clips_made_and_their_join(tmp_path: Path) -> None:
+    out = tmp_path / "seq"
+    argv = [*CLI, "interpolate", "--start", "a", "--end", "b", "--clips", "50", *TINY, "--steps", "1"]
+    process = subprocess.Popen(
+        [*argv, "--width", "64", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if line.startswith("clip 1 "):
+                break
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted: wrote the" in stdout and "Traceback" not in stderr
+    clips = sorted(out.glob("clip_*.wav"))
+    joined, _ = soundfile.read(out / "joined.wav", dtype="int16", always_2d=True)
+    parts = [soundfile.read(c, dtype="int16", always_2d=True)[0] for c in clips]
+    assert len(clips) >= 2 and np.array_equal(joined, np.concatenate(parts))
