@@ -226,6 +226,7 @@ def test_serve_cli_rejects_bad_options() -> None:
             "--max-replicas (max_replicas) must be at least --min-replicas (3)",
         ),
         (("--ray", "--backend", "torch"), "the torch backend runs from a model source"),
+        (("--ray", "--max-width", "4096"), "--max-width serves from one process"),
     ):
         code, _, err = run_cli("serve", "--model", "random:tiny", *argv)
         assert code == 2 and message in err and err.strip().count("\n") == 0, err

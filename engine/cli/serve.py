@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> None:
             "serve --ray runs the default profile without LoRAs or the tiny VAE; "
             "--profile, --lora and --vae serve from one process (without --ray)"
         )
+    if args.ray and args.max_width is not None:
+        raise RiffusionError(
+            "serve --ray runs its exports' widths; --max-width serves from one process (without --ray)"
+        )
     apply_profile(args)
     try:
         from ..serve.app import bind, serve
