@@ -215,15 +215,18 @@ class OnnxRuntimeBackend(ExportBackend):
         self.options.log_severity_level = 3
         if threads:
             self.options.intra_op_num_threads = threads
-        # The CPU arena keeps the largest block each shape has asked for: a server running
-        # many batch sizes and widths would hold the sum of their peaks for good. Shrinking
-        # it after every run hands the free regions back, so what a process holds between
-        # runs is its weights and its peak is one run's (the run option's key and its
-        # "cpu:0" value: onnxruntime_run_options_config_keys.h).
         self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._ort = ort
         self._sessions: dict[str, Any] = {}
+
+    def shrink_after_runs(self) -> None:
+        """Hand the CPU arena's free regions back after every run. The arena keeps the
+        largest block each shape has asked for, so a server running many batch sizes and
+        widths would hold their peaks for good; shrunk, what it holds between runs is its
+        weights and its peak is one run's. Each run then allocates afresh, which costs
+        time (most on small models, whose runs are short), so only a server asks for it
+        (the run option's key and its "cpu:0" value: onnxruntime_run_options_config_keys.h)."""
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def session_providers(self, stage: str) -> list[Any]:
         """The providers list for a stage's session: the TensorRT provider gets the stage's
