@@ -182,6 +182,7 @@ def check_width_arg(args: argparse.Namespace) -> None:
     """``--width`` against the widest clip the engine flags allow, before anything is
     loaded or made (the engine checks the rest once loaded)."""
     from ..runtime.defaults import MAX_WIDTH
+    from ..runtime.pipeline import over_widest
 
     width = args.width
     if width < 8 or width % 8:
@@ -189,10 +190,7 @@ def check_width_arg(args: argparse.Namespace) -> None:
     if args.artifacts is None:
         widest = args.max_width or MAX_WIDTH
         if width > widest:
-            raise RiffusionError(
-                f"width {width} is over this engine's widest clip, {widest} pixels "
-                f"({widest / 100:g} s); --max-width {width} raises it"
-            )
+            raise over_widest(width, widest)
         return
     from ...export.artifacts import ArtifactError, read_manifest
 

@@ -115,6 +115,7 @@ def load(
             raise RiffusionError(f"the openvino backend runs fp32 or bf16, not {precision}")
         options.setdefault("inference_precision", precision)
         precision = "fp32"
+    from_model = artifacts is None
     if artifacts is None:
         artifacts = export_on_first_use(
             model or DEFAULT_MODEL,
@@ -128,12 +129,11 @@ def load(
             choices=choices,
             max_width=max_width,
         )
-        runner = create_backend(backend, directory=artifacts, device=device, **options)
-        engine = engine_from_export(runner, Path(artifacts), choices=choices)
-        engine.widen = "--max-width {width}"  # a wider export on first use
-        return engine
     runner = create_backend(backend, directory=artifacts, device=device, **options)
-    return engine_from_export(runner, Path(artifacts), choices=choices)
+    engine = engine_from_export(runner, Path(artifacts), choices=choices)
+    if from_model:
+        engine.widen = "--max-width {width}"  # a wider export on first use
+    return engine
 
 
 def export_run_profile(directory: Path) -> str | None:

@@ -286,10 +286,7 @@ class Engine:
                 )
             )
         if high is not None and width > high:
-            raise RiffusionError(
-                f"width {width} is over this engine's widest clip, {high} pixels "
-                f"({high / 100:g} s); {self.widen.format(width=width)} raises it"
-            )
+            raise over_widest(width, high, self.widen)
 
     def check_text(self, text: str, *, negative: bool = False, what: str | None = None) -> None:
         """Raise RiffusionError (saying ``what`` it is) for a prompt this engine cannot encode."""
@@ -539,6 +536,14 @@ class Engine:
         from ...kernels.image import image_from_pixels
 
         return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
+
+
+def over_widest(width: int, widest: int, widen: str = "--max-width {width}") -> RiffusionError:
+    """The error for a width over a model source's widest clip, saying how to raise it."""
+    return RiffusionError(
+        f"width {width} is over this engine's widest clip, {widest} pixels "
+        f"({widest / 100:g} s); {widen.format(width=width)} raises it"
+    )
 
 
 @contextlib.contextmanager
