@@ -259,7 +259,6 @@ def run_ray(args: Any) -> dict[str, Any]:
     threads = {} if gpu else {"threads": args.cpus}
     engine = load(artifacts=spec.artifacts, backend=spec.backend, device=args.device, **threads)
     cluster.connect(None, dashboard=False, log_to_driver=False)
-    import ray
     from ray import serve
 
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
@@ -291,8 +290,7 @@ def run_ray(args: Any) -> dict[str, Any]:
                         f"p50 {result['latency_s']['p50']:.2f} s, {result['errors']} errors"
                     )
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        cluster.shutdown()
     summary = summarize(rounds)
     print(f"\n{args.model}, {spec.backend} backend, {args.clients} clients, {args.steps} steps")
     print_summary(summary, "server")

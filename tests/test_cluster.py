@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -87,8 +88,7 @@ def ray_local() -> Iterator[None]:
     try:
         yield
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -148,15 +148,30 @@ def running_replicas(base: str) -> int:
     return httpx.get(f"{base}/health", timeout=30).json().get("replicas", {}).get("RUNNING", 0)
 
 
+def listening(processes: list) -> list[tuple[str, str, int]]:
+    """The (process name, address, port) of every TCP socket these processes listen on."""
+    import psutil
+
+    pids = {p.pid: p for p in processes}
+    found = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            with contextlib.suppress(psutil.Error):
+                found.append((pids[c.pid].name(), c.laddr.ip, c.laddr.port))
+    return found
+
+
 def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path):
     """``riffusion-engine serve --ray --replicas 2 --model random:tiny`` as a user runs it:
     the export is made first, Ray starts locally, the original's request is answered, and
-    SIGTERM takes the application and Ray down. (First in this module: before the module's
-    own Ray instance starts.)"""
+    SIGTERM takes the application and Ray down. Ray listens on loopback only (the one thing
+    Ray Serve binds to every interface itself: each replica's inter-deployment gRPC
+    server), and the command returns only once every process of Ray has ended. (First in
+    this module: before the module's own Ray instance starts.)"""
     import signal
     import subprocess
-    import sys
-    import threading
+
+    import psutil
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}  # the CLI sets it
@@ -173,7 +188,8 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
             if line.startswith("serving random:tiny"):
                 ready.set()
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         assert ready.wait(600), "".join(lines[-40:])
         assert f"2 replica(s)) on http://127.0.0.1:{port}" in "".join(lines)
@@ -182,6 +198,16 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
         assert answer.status_code == 200, answer.text
         assert answer.headers["X-Replica"]
         assert httpx.get(f"{base}/health", timeout=30).json()["replicas"] == {"RUNNING": 2}
+
+        ray_processes = psutil.Process(process.pid).children(recursive=True)
+        sockets = listening([psutil.Process(process.pid), *ray_processes])
+        names = {name for name, _, _ in sockets}
+        ray_own = {"gcs_server", "raylet", "ray::ServeController", "ray::ProxyActor"}
+        assert ray_own | {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
+        assert (next(t for t, _, p in sockets if p == port)).startswith("ray::ProxyActor")
+        exposed = [s for s in sockets if s[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+        replicas = [s for s in exposed if s[0].startswith("ray::ServeReplica:")]
+        assert exposed == replicas and len(replicas) <= 3, exposed  # 2 engine replicas, the ingress
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -189,15 +215,19 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
         finally:
             if process.poll() is None:
                 process.kill()
+    reader.join(30)
+    assert process.returncode == 130, "".join(lines[-40:])
+    assert lines[-1].strip() == "riffusion-engine serve: interrupted", "".join(lines[-40:])
 
-    def closed() -> bool:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-        except httpx.TransportError:
-            return True
+    def alive(p: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
         return False
 
-    wait_for(closed, 60, "the local Ray and its HTTP proxy gone after the command ended")
+    left = [p for p in ray_processes if alive(p)]
+    assert not left, [" ".join(p.cmdline())[:60] for p in left]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/health", timeout=5)
 
 
 def test_the_original_request_gets_the_single_process_servers_audio(url, reference):

@@ -99,7 +99,8 @@ def add_parser(sub: Any) -> None:
     ray.add_argument(
         "--address",
         default=None,
-        help="the Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one",
+        help="the Ray cluster to join (e.g. auto, or HEAD:6379); default: start a local one on "
+        "127.0.0.1 (its HTTP proxy and dashboard on --host), stopped with the command",
     )
     count = ray.add_mutually_exclusive_group()
     count.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default: 1)")

@@ -29,15 +29,18 @@ Metrics: each replica pushes its Prometheus registry to a small named actor ever
 the replica that gave them).
 
 Nothing leaves the machine unasked: :func:`connect` turns Ray's usage-stats reporting off
-(``RAY_USAGE_STATS_ENABLED=0``) unless the environment sets it, and a local Ray started
-here binds its dashboard to the serving host (127.0.0.1 by default).
+(``RAY_USAGE_STATS_ENABLED=0``) unless the environment sets it. A local Ray started here
+is one node on 127.0.0.1 (GCS, raylet, workers, agents); only its dashboard and Serve's
+HTTP proxy listen on the serving host. :func:`shutdown` returns once every process of it
+has ended.
 """
 
 from __future__ import annotations
 
 from .config import NAMESPACE, ClusterConfig, EngineSpec
-from .deploy import APP_NAME, app_builder, build, connect, deploy, prepare, require_ray, run
+from .deploy import APP_NAME, app_builder, build, deploy, prepare, run
 from .ingress import Ingress
+from .local import connect, require_ray, shutdown
 from .metrics import METRICS_MAX_AGE_S, METRICS_PERIOD_S, MetricsBoard, merge_metrics
 from .replica import EngineReplica, RelayedSocket
 
@@ -60,4 +63,5 @@ __all__ = [
     "prepare",
     "require_ray",
     "run",
+    "shutdown",
 ]

@@ -1,20 +1,20 @@
 """The cluster's application: the engine every replica loads, made here first
-(:func:`prepare`); Ray joined or started (:func:`connect`); the ingress bound to the
+(:func:`prepare`); Ray joined or started (:func:`~.local.connect`); the ingress bound to the
 engine deployment (:func:`build`, :func:`app_builder` for Ray Serve config files);
 deployed (:func:`deploy`) and served until interrupted (:func:`run`)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ....kernels.errors import RiffusionError
 from ..config import ServerConfig
-from .config import NAMESPACE, ClusterConfig, EngineSpec
+from .config import ClusterConfig, EngineSpec
 from .ingress import Ingress
+from .local import connect, shutdown
 from .replica import EngineReplica
 
 APP_NAME = "riffusion"
@@ -58,40 +58,6 @@ def prepare(
     spec = EngineSpec(str(Path(directory).resolve()), backend, device, source)
     spec.check()
     return spec
-
-
-# -- Ray ------------------------------------------------------------------------------
-
-
-def require_ray() -> Any:
-    """The ray module, or one clear error saying to install the cluster extra."""
-    try:
-        import ray
-        from ray import serve  # noqa: F401
-    except ImportError as exc:
-        raise RiffusionError(
-            f"--ray needs the cluster extra ({exc.name} is missing): pip install 'riffusion-engine[cluster]'"
-        ) from None
-    return ray
-
-
-def connect(address: str | None, *, host: str = "127.0.0.1", dashboard: bool = True, **init: Any) -> bool:
-    """Join the Ray cluster at ``address``, or start a local one (dashboard on ``host``);
-    True when a local one was started here (the caller shuts it down)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's usage reporting: off unless asked
-    ray = require_ray()
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, **init)
-        return False
-    ray.init(
-        namespace=NAMESPACE,
-        include_dashboard=dashboard,
-        dashboard_host=host,
-        **init,
-    )
-    return True
 
 
 def build(
@@ -209,7 +175,7 @@ def run(
     port: int,
 ) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM): then the application is deleted, and a
-    local Ray started here is shut down."""
+    local Ray started here is stopped, every process of it ended before this returns."""
     from ray import serve
 
     started = connect(address, host=host)
@@ -227,8 +193,4 @@ def run(
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
         if started:
-            import ray
-
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
+            shutdown()
