@@ -18,6 +18,7 @@ from riffusion_engine.engine.tools.bench import STAGES, BenchConfig
 from riffusion_engine.kernels import RiffusionError
 
 
+@pytest.mark.long
 def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
     code, stdout, err = run_cli(
         "bench", "--model", "random:tiny", "--steps", "1", "--runs", "2", "--warmup", "0",
@@ -53,6 +54,7 @@ def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
         assert chart.format == "PNG" and chart.width > 0
 
 
+@pytest.mark.long
 def test_bench_with_the_realtime_profile(tmp_path: Path) -> None:
     code, stdout, err = run_cli(
         "bench", "--model", "random:tiny", "--profile", "realtime", "--backends", "torch",

@@ -55,6 +55,7 @@ def test_a_typed_width_is_bounded_on_the_torch_backend(torch_engine, monkeypatch
         torch_engine.run([Request(PromptInput("a"), steps=1, width=24)] * 17)
 
 
+@pytest.mark.long
 def test_max_width_raises_the_bound_and_is_refused_with_an_export(tiny_export) -> None:
     wide = load("random:tiny", backend="torch", max_width=4096)
     wide.check_width(4096)
@@ -87,6 +88,7 @@ def test_serve_refuses_a_batch_over_the_torch_bound() -> None:
     assert "--max-batch 17 is more than this model's engine takes in one call (16)" in err
 
 
+@pytest.mark.long
 def test_the_server_runs_every_shape_before_it_is_ready(torch_engine, monkeypatch) -> None:
     """After the warm-up, a batch of three requests (the web app's, at 512) and a 256 px
     stream's clip run no shape that the warm-up did not already run."""
@@ -159,6 +161,7 @@ def test_audio_writer_keeps_what_was_written_on_ctrl_c(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.wav"]  # no file, no temporary left
 
 
+@pytest.mark.long
 def test_onnxruntime_hands_its_arena_back_between_runs(tiny_export) -> None:
     """After runs of several batch sizes, a server's engine holds about what it held
     before them, not the runs' peak (ONNX Runtime's arena would keep that for good)."""

@@ -18,6 +18,7 @@ from riffusion_engine.kernels import RiffusionError
 GPU_WORDS = ("cuda", "cupy", "tensorrt", "DLPack")
 
 
+@pytest.mark.long
 def test_doctor_on_the_cpu(tmp_path: Path) -> None:
     import torch
 

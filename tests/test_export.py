@@ -196,6 +196,7 @@ def _spawn(out: Path, width: int) -> subprocess.Popen:
     )
 
 
+@pytest.mark.long
 def test_killed_export_leaves_the_previous_export_intact(tmp_path: Path) -> None:
     out = tmp_path / "e"
     previous = _export(out, stages=STAGES, profile=ShapeProfile(width=512))
@@ -252,6 +253,7 @@ def test_killed_first_export_leaves_no_complete_looking_directory(tmp_path: Path
         artifacts.load_manifest(out)
 
 
+@pytest.mark.long
 def test_concurrent_exports_into_one_directory(tmp_path: Path) -> None:
     out = tmp_path / "e"
     procs = [_spawn(out, 256) for _ in range(2)]
@@ -292,6 +294,7 @@ def test_the_export_lock_excludes_and_leaves_no_file(tmp_path: Path) -> None:
     assert not lock.exists()
 
 
+@pytest.mark.long
 def test_fp16_export_of_the_tiny_model(tmp_path: Path) -> None:
     fp32 = _export(tmp_path / "fp32", stages=("text_encoder", "unet"))
     fp16 = _export(tmp_path / "fp16", stages=("text_encoder", "unet"), precision="fp16")

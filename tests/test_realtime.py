@@ -168,7 +168,14 @@ def lora(tmp_path_factory) -> Path:
     return make_lora(tmp_path_factory.mktemp("lora") / "peft")
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("onnxruntime", marks=pytest.mark.long),
+        pytest.param("openvino", marks=pytest.mark.long),
+    ],
+)
 def test_a_fused_lora_and_the_tiny_vae_equal_diffusers(lora, seed_image, backend, tmp_path) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")
@@ -293,6 +300,7 @@ def test_generate_with_the_realtime_profile_says_what_it_used(tmp_path) -> None:
     assert "(4 UNet calls" in out
 
 
+@pytest.mark.long
 def test_the_server_runs_its_profile_whatever_the_client_asks() -> None:
     """serve --profile realtime: the web app's request (50 steps, guidance 7) runs at the
     profile's 4 LCM steps with guidance off; /stream says its profile and refuses another."""
@@ -342,6 +350,7 @@ def test_the_server_runs_its_profile_whatever_the_client_asks() -> None:
             )
 
 
+@pytest.mark.long
 def test_an_export_for_guidance_off_takes_one_unet_row_per_clip(tmp_path) -> None:
     """The realtime profile's export: its UNet's profile is one row per clip (TensorRT tunes
     for one), and a guided request is refused before any compute."""

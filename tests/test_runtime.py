@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 from conftest import reference_pipeline, run_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 from riffusion_engine import load  # noqa: E402
+from riffusion_engine.engine.runtime.defaults import SCHEDULER  # noqa: E402
 from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
 from riffusion_engine.engine.runtime.prompts import apply_weights, parse_weights, tokenize  # noqa: E402
 from riffusion_engine.engine.runtime.requests import SCHEDULERS, STEP_OPTIONS, PromptInput, Request  # noqa: E402
@@ -43,7 +44,10 @@ def seed_image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize(
+    "scheduler",  # the default scheduler in every run; the others with the long tests
+    [s if s == SCHEDULER else pytest.param(s, marks=pytest.mark.long) for s in SCHEDULERS],
+)
 def test_torch_backend_equals_diffusers_text_to_clip(tiny, torch_engine, scheduler: str) -> None:
     steps = 8
     expected = reference_pipeline(tiny, scheduler=scheduler)(
@@ -104,6 +108,7 @@ def test_onnxruntime_backend_agrees_with_diffusers(tiny, ort_engine, seed_image)
     assert np.abs(actual - expected).max() <= ONNX_IMAGE_TOLERANCE
 
 
+@pytest.mark.long
 def test_interpolation_endpoints_are_the_plain_runs(torch_engine) -> None:
     start = PromptInput("funky bass", 1, "noise", 6.0)
     end = PromptInput("church organ", 9, "drums", 8.0)
@@ -159,6 +164,7 @@ def test_negative_prompt_changes_the_output(torch_engine) -> None:
     assert np.abs(plain - negative).max() > 1e-3
 
 
+@pytest.mark.long
 def test_a_batch_equals_its_requests_run_alone(torch_engine) -> None:
     one = Request(PromptInput("funky bass", 1, None, 7.0), steps=4)
     two = Request(PromptInput("church organ", 2, "drums", 3.0), steps=4)
@@ -373,6 +379,7 @@ def test_an_exported_backend_refuses_widths_outside_the_profile(ort_engine, tiny
             ort_engine.check(Request(PromptInput("a funky beat"), width=outside))
 
 
+@pytest.mark.long
 def test_export_on_first_use_is_cached(tmp_path: Path) -> None:
     engine = load("random:tiny", backend="onnxruntime", cache_dir=tmp_path)
     (directory,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -427,6 +434,7 @@ def test_cli_generate_bad_input_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.wav").exists()
 
 
+@pytest.mark.long
 def test_cli_interpolate(tmp_path: Path) -> None:
     code, stdout, err = run_cli(
         "interpolate", "--start", "funky bass", "--end", "church organ", "--clips", "3",
@@ -443,6 +451,7 @@ def test_cli_interpolate(tmp_path: Path) -> None:
     assert joined.frames == 3 * single.frames
 
 
+@pytest.mark.long
 def test_cli_demo(tmp_path: Path) -> None:
     code, stdout, err = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
     assert code == 0, err

@@ -243,6 +243,7 @@ _bodies = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=_bodies)
+@pytest.mark.long
 def test_fuzzed_bodies_never_get_a_500(server, body: bytes) -> None:
     answer = post(server, body)
     assert answer.status_code in (200, 400, 413, 422), answer.text

@@ -53,6 +53,7 @@ def _requests(n: int) -> list[dict]:
     ]
 
 
+@pytest.mark.long
 def test_a_batch_gives_each_request_what_it_gets_alone(torch_engine) -> None:
     config = ServerConfig(max_batch=3, batch_window_ms=2000)
     batcher = Batcher(torch_engine, config)
@@ -70,6 +71,7 @@ def test_a_batch_gives_each_request_what_it_gets_alone(torch_engine) -> None:
         assert np.abs(np.asarray(clip.image, float) - np.asarray(alone.image, float)).max() <= 1
 
 
+@pytest.mark.long
 def test_many_clients_get_200_or_503_none_lost_or_mixed_up(torch_engine) -> None:
     bodies = _requests(12)
     answers: list[httpx.Response | None] = [None] * len(bodies)
@@ -171,6 +173,7 @@ def test_server_options_are_checked(torch_engine, tiny_export) -> None:
         create_app(exported, ServerConfig(max_batch=exported.shape.max_batch + 1))
 
 
+@pytest.mark.long
 def test_shutdown_finishes_the_request_in_flight(tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -235,6 +238,7 @@ def test_serve_cli_rejects_bad_options() -> None:
 # -- overload: degrade instead of refusing -------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_saturated_server_degrades_steps_instead_of_timing_out(torch_engine, tmp_path: Path) -> None:
     """Ten requests at once, more than the timeout allows at their steps: with
     --degrade-steps none times out — each is answered in time, some with fewer steps, and

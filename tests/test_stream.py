@@ -104,6 +104,7 @@ def own_jumps(chunks: list) -> tuple[float, list[float]]:
     return float(own), [abs(joined[0, i] - joined[0, i - 1]) for i in ends]
 
 
+@pytest.mark.long
 def test_now_walks_from_where_the_music_is_to_the_new_prompt(torch_engine) -> None:
     """A prompt queued now: the clips made but not yet read are dropped and made again;
     the first new clip starts at the last read clip's point (a blend at its alpha) and is
@@ -223,6 +224,7 @@ def test_blends_nested_deeper_than_the_bound_keep_their_nearest_end() -> None:
     assert walk.peek().blend.depth == MAX_BLEND_DEPTH
 
 
+@pytest.mark.long
 def test_without_pipelining_and_with_lookahead(torch_engine) -> None:
     settings = dict(seed_image=None, max_clips=3, steps=3, width=256)
     with Stream.open(torch_engine, "jazz", pipeline=False, **settings) as stream:
@@ -289,6 +291,7 @@ def test_continuation_keeps_the_previous_tail(torch_engine) -> None:
     assert joined.shape[-1] == stream.length_samples(3)
 
 
+@pytest.mark.long
 def test_prompt_changes_pause_resume_and_stop_from_another_thread(torch_engine) -> None:
     stream = Stream.open(torch_engine, "jazz", "techno", seed_image=None, alpha_step=0.5, buffer=1, **FAST)
     try:

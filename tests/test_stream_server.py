@@ -79,6 +79,7 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"no {name} in /metrics")
 
 
+@pytest.mark.long
 def test_the_stream_sends_the_one_shot_clips_joined(server, torch_engine) -> None:
     url, _ = server
     with connect(ws_url(url)) as ws:
@@ -105,6 +106,7 @@ def test_the_stream_sends_the_one_shot_clips_joined(server, torch_engine) -> Non
     assert [e["start_s"] for e, _ in clips] == pytest.approx([0, 4.91, 9.82])
 
 
+@pytest.mark.long
 def test_bad_control_messages_are_error_events_and_the_stream_goes_on(server) -> None:
     url, _ = server
     with connect(ws_url(url)) as ws:
