@@ -236,6 +236,7 @@ def test_benchmark_scripts_say_what_to_do_first(tmp_path: Path) -> None:
         assert doc in text, script  # the whole description, to its last line
 
 
+@pytest.mark.long
 def test_third_party_warnings_stay_quiet_unless_verbose(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     argv = ["generate", "a beat", "--model", "random:tiny", "--backend", "torch", "--steps", "1"]

@@ -215,7 +215,7 @@ def test_killed_export_leaves_the_previous_export_intact(tmp_path: Path) -> None
     assert not list(tmp_path.glob(".e.tmp-*")), "the next export removes it"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.long)])
 def test_a_stopped_export_command_removes_its_work_directory(tmp_path: Path, sig: int) -> None:
     """SIGTERM (a service manager, a timeout) and Ctrl-C unwind the command: the hidden
     work directory (gigabytes at full size) goes with it, and the exit says why."""

@@ -27,6 +27,7 @@ def _no_gpu() -> None:
 # -- checks that cannot pass on nothing ------------------------------------------------
 
 
+@pytest.mark.long
 def test_pytest_m_gpu_without_a_gpu_fails_in_one_line() -> None:
     _no_gpu()
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]

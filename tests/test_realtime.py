@@ -112,7 +112,9 @@ def fused_reference(lora: Path, scale: float, *, vae=None):
 # -- schedulers ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", FEW_STEP)
+@pytest.mark.parametrize(
+    "scheduler", [pytest.param(s, marks=pytest.mark.long) if s == "lcm" else s for s in FEW_STEP]
+)
 def test_few_step_schedulers_equal_diffusers_in_every_mode(tiny, torch_engine, seed_image, scheduler) -> None:
     # Text to clip.
     expected = diffusers_images(tiny, scheduler, seed=3, prompt="a funky beat")

@@ -254,7 +254,9 @@ def test_fuzzed_bodies_never_get_a_500(server, body: bytes) -> None:
 # -- first contact: browsers calling directly, over-limit bodies ------------------------
 
 
-@pytest.mark.parametrize("origins", [(), ("http://localhost:3000",), ("*",)])
+@pytest.mark.parametrize(
+    "origins", [(), ("http://localhost:3000",), pytest.param(("*",), marks=pytest.mark.long)]
+)
 def test_cors_is_closed_by_default_and_open_to_the_named_origins(torch_engine, origins) -> None:
     page = "http://localhost:3000"
     preflight_headers = {
