@@ -64,6 +64,11 @@ class Backend(ABC):
 
         return torch.device(self.device)
 
+    def shrink_after_runs(self) -> None:  # noqa: B027 (a no-op unless the backend pools memory)
+        """For a long-running process (a server): hand memory a run no longer uses back
+        after every run, at some cost per run. Nothing to do where the backend keeps no
+        per-shape pools; ONNX Runtime's CPU arena does."""
+
     def synchronize(self) -> None:
         """Wait until the work this backend queued on its device has finished (a stage's
         timer calls it at both ends). On CUDA, torch returns once its kernels are queued on

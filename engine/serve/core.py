@@ -58,9 +58,7 @@ class EngineServer:
     def __init__(self, engine: Engine, config: ServerConfig, *, model: str = "") -> None:
         check_max_batch(config, engine.shape.max_batch, exported=engine.backend.name != "torch")
         self.engine, self.config, self.model = engine, config, model
-        shrink = getattr(engine.backend, "shrink_after_runs", None)
-        if shrink is not None:  # ONNX Runtime: a server's memory must not keep every shape's peak
-            shrink()
+        engine.backend.shrink_after_runs()  # a server's memory must not keep every shape's peak
         self.seeds = SeedLibrary(config.seed_images, engine.params)
         self.metrics = Metrics(config.max_batch)
         self.batcher = Batcher(engine, config, self.metrics)

@@ -113,7 +113,7 @@ def shutdown(grace_s: float = STOP_GRACE_S) -> None:
     import ray
     from ray import serve
 
-    processes = _ray_processes(psutil)
+    processes = _ray_processes()
     with contextlib.suppress(Exception):
         serve.shutdown()
     ray.shutdown()
@@ -128,10 +128,11 @@ def shutdown(grace_s: float = STOP_GRACE_S) -> None:
     log.warning("Ray processes still running after SIGKILL: %s", [p.pid for p in alive])
 
 
-def _ray_processes(psutil: Any) -> list[Any]:
+def _ray_processes() -> list[Any]:
     """This process's descendants that are Ray's: its binaries and Python processes (by
     their command line: the ray package's directory), workers and agents (``ray::``
     titles) and the dashboard's modules (``ray-dashboard-...``)."""
+    import psutil
     import ray
 
     package = os.path.dirname(ray.__file__)
