@@ -9,6 +9,7 @@ import contextlib
 import json
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,35 @@ def test_now_reaches_the_ear_without_a_gap(server) -> None:
     own = np.percentile(np.abs(np.diff(pcm)), 99.9)
     ends = np.cumsum([len(a) // 2 for _, a in listener.clips[:-1]])
     assert max(abs(pcm[i] - pcm[i - 1]) for i in ends) <= own
+
+
+def test_the_listener_reads_what_came_before_the_server_closed() -> None:
+    """The server sends its tail and ``stopped``, then closes, while the listener still owes
+    a ``played``: the listener reads the tail and the stop instead of failing on the send.
+    The server here is a plain ``websockets`` one that closes as the stream server does."""
+    from websockets.sync.server import serve
+
+    clip = np.zeros(441, "<i2").tobytes()
+
+    def handler(ws: Any) -> None:
+        ws.send(json.dumps({"type": "ready", "sample_rate": 44100, "channels": 1}))
+        for kind in ("clip", "tail"):
+            ws.send(json.dumps({"type": kind, "index": 0 if kind == "clip" else 1}))
+            ws.send(clip)
+        ws.send(json.dumps({"type": "stopped", "reason": "stopped by the client"}))
+        ws.close(1000, "stopped by the client")
+
+    with serve(handler, "127.0.0.1", 0) as ws_server:
+        threading.Thread(target=ws_server.serve_forever, daemon=True).start()
+        port = ws_server.socket.getsockname()[1]
+        with connect(f"ws://127.0.0.1:{port}") as ws:
+            listener = Listener(ws)
+            assert listener.next_event()["type"] == "ready"
+            assert listener.next_clip()["type"] == "clip"  # it begins now: a played is owed
+            time.sleep(0.5)  # the close frame has arrived
+            assert listener.next_clip()["type"] == "tail"
+            assert listener.next_event()["type"] == "stopped"
+        ws_server.shutdown()
 
 
 def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_export) -> None:

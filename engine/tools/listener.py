@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.exceptions import ConnectionClosed
+
 
 @dataclass
 class Reaction:
@@ -49,10 +51,16 @@ class Listener:
         self.audio_s = 0.0
 
     def tell(self) -> None:
-        """Say ``played`` for the clips that have begun."""
+        """Say ``played`` for the clips that have begun. Once the server has closed the
+        socket (after a stop, its tail and ``stopped``), nobody is left to tell: the events
+        it sent before closing are still read, so the listener goes on without telling."""
         now = time.monotonic()
         for index, begins in [u for u in self.untold if u[1] <= now]:
-            self.ws.send(json.dumps({"type": "played", "clip": index}))
+            try:
+                self.ws.send(json.dumps({"type": "played", "clip": index}))
+            except ConnectionClosed:
+                self.untold.clear()
+                return
             self.untold.remove((index, begins))
 
     def send(self, message: dict[str, Any]) -> None:
