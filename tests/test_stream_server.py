@@ -219,7 +219,6 @@ def test_the_listener_reads_what_came_before_the_server_closed() -> None:
             time.sleep(0.5)  # the close frame has arrived
             assert listener.next_clip()["type"] == "tail"
             assert listener.next_event()["type"] == "stopped"
-        ws_server.shutdown()
 
 
 def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_export) -> None:
