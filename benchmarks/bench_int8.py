@@ -1,94 +1,90 @@
-"""int8 UNet (OpenVINO, post-training quantization with NNCF) against its fp32 source,
-errors against eager torch: one guided UNet call (batch 2, latent 64x64), alternated.
+"""One UNet call of an int8 export in each precision OpenVINO runs it here: fp32, bf16
+(where the CPU computes bf16) and the int8 UNet (its float operations in the best float
+the CPU has), alternated, one clip's row (batch 1) at the export's optimized width.
 
-    python benchmarks/bench_int8.py --model random:full --openvino exports/full-unfused --runs 5
+    riffusion-engine export --model random:full --target openvino --precision int8 --profile realtime -o DIR
+    python benchmarks/bench_int8.py --artifacts DIR --runs 5 --json int8.json
+    python benchmarks/bench_int8.py --artifacts DIR --isa avx2    # OpenVINO limited to AVX2
+    python benchmarks/bench_int8.py --artifacts DIR --isa avx512_core_vnni   # AVX-512 VNNI, no bf16
 
-``--openvino`` is an unfused export of the same model (``riffusion-engine export
---no-fuse``). The UNet is quantized in this process (weights and activations int8,
-NNCF's transformer preset) from ``--calibration`` random guided calls spread over the
-timesteps; nothing is written. Prints medians, speedups and each output's largest
-difference from torch's fp32 output relative to its largest magnitude. A measurement of
-what int8 would give, not an engine path: the engine runs fp32, fp16 and bf16. Needs
-``pip install nncf`` besides the openvino extra.
+Prints medians, the ratios against fp32 and bf16, and the held-out errors the export
+recorded (int8's and bf16's relative RMS against the fp32 stage). ``--isa`` limits the
+instructions OpenVINO's kernels use (oneDNN's ONEDNN_MAX_CPU_ISA: ``avx2`` stands in for
+an AVX2-only CPU on a newer one, ``avx512_core_vnni`` for one with AVX-512 VNNI and no bf16;
+its MLAS matrix products keep the CPU's own); bf16 is left out there. Each run in its own
+process: the limit is read when OpenVINO loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
-import numpy as np
-from report import alternate, summary, timed, write_json
+from report import alternate, environment, summary, write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="random:full", help="model source for the torch reference")
-    parser.add_argument("--openvino", required=True, help="unfused export directory of the same model")
-    parser.add_argument("--calibration", type=int, default=16, help="calibration calls (default: 16)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (default: 5)")
+    parser.add_argument("--artifacts", required=True, help="an int8 openvino export directory")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per precision (default: 5)")
+    parser.add_argument(
+        "--isa", choices=("avx2", "avx512_core_vnni"), default=None, help="limit OpenVINO's kernels"
+    )
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
-    try:
-        import nncf
-    except ImportError:
-        parser.exit(2, "bench_int8.py: error: needs NNCF: pip install nncf (besides the openvino extra)\n")
-    import openvino as ov
+    if args.isa:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa.upper()  # before OpenVINO loads oneDNN
+    manifest_path = Path(args.artifacts) / "manifest.json"
+    if not manifest_path.is_file():
+        parser.exit(2, f"bench_int8.py: error: {args.artifacts!r} is no export: riffusion-engine export "
+                       "--target openvino --precision int8 ... -o DIR\n")  # fmt: skip
     import torch
-    from riffusion_engine.engine.runtime.backends import TorchBackend
-    from riffusion_engine.export.models import load_components
+    from riffusion_engine.engine.runtime.backends import OpenVinoBackend
+    from riffusion_engine.engine.runtime.cpu import has_bf16
+    from riffusion_engine.kernels import RiffusionError
 
-    components = load_components(args.model)
-    hidden = components.text_encoder.config.hidden_size
-    generator = torch.Generator().manual_seed(0)
-
-    def call(t: float) -> dict[str, np.ndarray]:
-        return {
-            "sample": torch.randn(2, 4, 64, 64, generator=generator).numpy(),
-            "timestep": np.full(2, t, dtype=np.float32),
-            "encoder_hidden_states": torch.randn(2, 77, hidden, generator=generator).numpy(),
-        }
-
-    inputs = call(500.0)
-    reference = TorchBackend(components).run("unet", {k: torch.from_numpy(v) for k, v in inputs.items()})
-    reference = reference.numpy()
-    del components
-
-    core = ov.Core()
-    fp32_model = core.read_model(f"{args.openvino}/unet.onnx")
-    calibration = [call(t) for t in np.linspace(980, 20, args.calibration)]
-    quantize_s, int8_model = timed(
-        nncf.quantize,
-        fp32_model,
-        nncf.Dataset(calibration),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),
-    )
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    variants = {
-        "openvino-fp32": core.compile_model(fp32_model, "CPU", config).create_infer_request(),
-        "openvino-int8": core.compile_model(int8_model, "CPU", config).create_infer_request(),
+    precisions = ["fp32"] + (["bf16"] if has_bf16() and not args.isa else []) + ["int8"]
+    try:
+        backends = {p: OpenVinoBackend(args.artifacts, inference_precision=p) for p in precisions}
+    except RiffusionError as exc:
+        parser.exit(2, f"bench_int8.py: error: {exc}\n")
+    if args.isa:
+        # OpenVINO still reports the CPU's bf16 with its kernels limited, and has none for
+        # some operations in bf16 then: the int8 UNet's float operations in f32, as on such a CPU.
+        backends["int8"].config["INFERENCE_PRECISION_HINT"] = "f32"
+    spec = backends["int8"].spec("unet")
+    sample = spec.sample_inputs(which="opt", seed=0)
+    inputs = {name: torch.from_numpy(value[:1]) for name, value in sample.items()}  # one clip's row
+    calls = {p: lambda _, b=backend: b.run("unet", inputs) for p, backend in backends.items()}
+    times = alternate(calls, runs=args.runs, warmup=1).seconds  # alternated: drift hits all alike
+    unet = backends["int8"].manifest.stage("unet")
+    report = {
+        "artifacts": str(args.artifacts),
+        "isa": args.isa,
+        "environment": environment(),
+        "input": {name: list(t.shape) for name, t in inputs.items()},
+        "scheme": unet.int8["scheme"]["name"],
+        "held_out": unet.int8["verification"],
+        **{p: summary(times[p]) for p in precisions},
     }
-    calls = {name: lambda _, request=request: request.infer(inputs) for name, request in variants.items()}
-    times = alternate(calls, runs=args.runs, warmup=1).seconds  # alternated: drift hits both
-    outputs = {name: request.get_output_tensor(0).data.copy() for name, request in variants.items()}
-    scale = float(np.abs(reference).max())
-    report: dict[str, object] = {"quantize_s": quantize_s, "calibration_calls": len(calibration)}
-    for name in variants:
-        report[name] = {
-            **summary(times[name]),
-            "max_rel_difference_vs_torch_fp32": float(np.abs(outputs[name] - reference).max()) / scale,
-        }
-        r = report[name]
-        print(f"{name:<14} median {r['median_s']:.3f} s  p90 {r['p90_s']:.3f} s  "
-              f"max rel. difference {r['max_rel_difference_vs_torch_fp32']:.1e}")  # fmt: skip
-    fp32, int8 = report["openvino-fp32"], report["openvino-int8"]
-    speedup = fp32["median_s"] / int8["median_s"]
-    print(f"int8 / fp32 speedup {speedup:.2f}x; quantization took {quantize_s:.0f} s")
+    for p in precisions:
+        print(f"{p:<5} median {report[p]['median_s']:.3f} s  p90 {report[p]['p90_s']:.3f} s")
+    int8 = report["int8"]["median_s"]
+    ratios = [f"int8 / {p} {int8 / report[p]['median_s']:.2f}x" for p in precisions if p != "int8"]
+    check = report["held_out"]
+    errors = f"held-out relative RMS: int8 {check['int8']['rel_rms']:.2e}"
+    if check["bf16"] is not None:
+        errors += f", bf16 {check['bf16']['rel_rms']:.2e}"
+    print(f"{', '.join(ratios)}; {errors} ({report['scheme']})")
+    print(f"cpu: {report['environment']['cpu']} ({', '.join(report['environment']['cpu_features'])})"
+          + (f", OpenVINO limited to {args.isa}" if args.isa else ""))  # fmt: skip
     if args.json:
         write_json(args.json, report)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -250,7 +250,7 @@ def main() -> None:
         raise SystemExit("bench_stream: --steer takes a number of clips >= 1")
 
     from riffusion_engine import load
-    from riffusion_engine.engine.runtime.profiles import cpu_features
+    from riffusion_engine.engine.runtime.cpu import cpu_features
     from riffusion_engine.kernels.errors import RiffusionError
 
     try:
@@ -317,7 +317,7 @@ def main() -> None:
 
 
 def steer(engine: Any, args: argparse.Namespace) -> None:
-    from riffusion_engine.engine.runtime.profiles import cpu_features
+    from riffusion_engine.engine.runtime.cpu import cpu_features
 
     try:
         widths = [int(w) for w in args.widths.split(",")]

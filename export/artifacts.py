@@ -1,19 +1,24 @@
 """Export directories as the runtime reads them: the manifest and its integrity check.
 
 An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx``, ...;
-``*.onnx.data`` for external weights; ``*.plan`` for TensorRT engines) and a
-``manifest.json`` written last. The manifest's schema (``format`` 1)::
+``*.onnx.data`` for external weights; ``*.plan`` for TensorRT engines; ``*.xml``/``*.bin``
+for OpenVINO IR) and a ``manifest.json`` written last; the openvino backend keeps its
+compiled models in ``openvino-cache/`` beside them (not part of the export). The
+manifest's schema (``format`` 1)::
 
     format          1
     cache_key       sha256 over every field that decides the artifacts' content (below)
     key_fields      those fields: model content hash, target, device, precision, opset,
-                    fusion, shape profile, stages, tool versions, GPU (cuda exports)
+                    fusion, shape profile, stages, tool versions, GPU (cuda exports),
+                    OpenVINO's version (openvino target), and for int8 NNCF's version,
+                    the scheme and the calibration plan (its prompts' text hashed)
     model           {"id": what the user named, "content_hash": sha256 of the source,
                      "pixel_multiple": image sizes the exported UNet takes are multiples of it}
-    target          "onnx" | "tensorrt"
+    target          "onnx" | "tensorrt" | "openvino" (unfused ONNX plus OpenVINO IR, <stage>.xml/.bin)
     device          "cpu" | "cuda": where the export runs (cuda: CUDA-only fusions; absent in
                     exports made before it was recorded, which count as cpu)
-    precision       "fp32" | "fp16" (requested; each stage records what it got)
+    precision       "fp32" | "fp16" | "int8" (requested; each stage records what it got: an int8
+                    export's stages are fp32, its UNet also int8, unet.int8.xml)
     opset           ONNX opset
     profile         {"height", "width", "max_width", "max_batch", "static"}
     tools           {"torch", "onnx", "onnxruntime", "diffusers", "transformers", "tensorrt"}
@@ -22,8 +27,13 @@ An export directory holds one file per stage (``text_encoder.onnx``, ``unet.onnx
                             "fusions" ({op: count}), "fusions_refused" ({CUDA fusion flag:
                             the kernel limit its operator broke}), "spec" (inputs/outputs, dims with
                             min/opt/max), "files" ({file: {"sha256", "bytes"}}),
-                            "verification" ({output: {"max_abs", "max_rel", "tolerance",
-                            "runtime"}}), "seconds"}}
+                            "verification" ({runtime: {output: {"max_abs", "max_rel",
+                            "tolerance", "runtime"}}}), "seconds",
+                            "int8" (the UNet of an int8 export: "scheme", "nncf", "ops_in_float",
+                            "seconds", "calibration" (the plan, its prompts hashed, and the
+                            inputs' sha256 and counts), "verification" ({"int8", "bf16":
+                            {"rel_rms", "max_rel"} on held-out calls against the fp32 stage,
+                            "bound", "held_out_samples", "runtime"}))}}
     support_files   {path: {"sha256", "bytes"}}: tokenizer/ and scheduler/ for the runtime
     created         ISO 8601 time of writing
 

@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -32,17 +33,22 @@ from ..kernels.errors import RiffusionError
 from ..kernels.files import exclusive_lock, umask_mode
 from . import artifacts
 from .adapters import Variant
+from .calibration import CalibrationPlan, CalibrationSet, ClipStore
 from .models import DEFAULT_MODEL, is_random_preset, load_components, source_hash
-from .specs import STAGES, ModelDims, ShapeProfile, StageSpec, stage_specs
+from .openvino_export import DEFAULT_SCHEME, require_nncf, require_openvino, scheme
+from .specs import STAGES, Dim, ModelDims, ShapeProfile, StageSpec, stage_specs
 from .verify import TOLERANCE, Reference, all_finite, onnxruntime_runner, torch_references, verify_stage
 
 log = logging.getLogger(__name__)
 
-Target = Literal["onnx", "tensorrt"]
-Precision = Literal["fp32", "fp16"]
+Target = Literal["onnx", "tensorrt", "openvino"]
+Precision = Literal["fp32", "fp16", "int8"]
 Device = Literal["cpu", "cuda"]
-TARGETS: tuple[Target, ...] = ("onnx", "tensorrt")
-PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+TARGETS: tuple[Target, ...] = ("onnx", "tensorrt", "openvino")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+# Collects an int8 export's calibration: (the export's fp32 stages as a directory the engine
+# loads, the plan, where to keep each clip's inputs as they are made, progress) -> the set.
+Calibrate = Callable[[Path, CalibrationPlan, ClipStore, bool], CalibrationSet]
 DEVICES: tuple[Device, ...] = ("cpu", "cuda")
 MIN_OPSET = 17
 # Stages that stay fp32 when fp16 overflows on their sample inputs (the VAE's activations
@@ -70,8 +76,11 @@ class ExportConfig:
     """What to export, and how."""
 
     model: str = DEFAULT_MODEL  # random preset, diffusers-format directory or hub id
-    target: Target = "onnx"  # ONNX files, or ONNX files plus TensorRT engines
-    precision: Precision = "fp32"  # fp16: ONNX Runtime fp16 graphs, or TensorRT fp16 kernels
+    # ONNX files; ONNX files plus TensorRT engines; unfused ONNX files plus OpenVINO IR
+    target: Target = "onnx"
+    # fp16: ONNX Runtime fp16 graphs, or TensorRT fp16 kernels; int8 (openvino): the UNet
+    # also quantized by NNCF, calibrated on the engine's own sampling (``calibration``)
+    precision: Precision = "fp32"
     profile: ShapeProfile = field(default_factory=ShapeProfile)  # sizes and batch
     opset: int = MIN_OPSET  # ONNX opset
     fuse: bool = True  # ONNX Runtime transformer fusions (ONNX target; TensorRT fuses itself)
@@ -84,6 +93,8 @@ class ExportConfig:
     # The run profile the export is made for (default, realtime): recorded in the manifest,
     # and the one an engine loading the directory runs unless told otherwise.
     run_profile: str = "default"
+    calibration: CalibrationPlan | None = None  # int8: the clips calibrated and verified on
+    int8_scheme: str = DEFAULT_SCHEME  # int8: NNCF's recipe (openvino_export.SCHEMES)
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -96,15 +107,34 @@ class ExportConfig:
             raise RiffusionError("the tensorrt target runs on --device cuda")
         if self.precision not in PRECISIONS:
             raise RiffusionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.target == "openvino":
+            if self.device != "cpu":
+                raise RiffusionError("the openvino target runs on --device cpu (OpenVINO's CPU plugin)")
+            if self.precision == "fp16":
+                raise RiffusionError("the openvino target is fp32 or int8 (bf16 is chosen when it runs)")
+        elif self.precision == "int8":
+            raise RiffusionError("int8 is the openvino target's: export with --target openvino")
+        if self.precision == "int8":
+            scheme(self.int8_scheme)
+            if self.calibration is None:
+                raise RiffusionError("an int8 export needs a calibration plan (the engine's sampling)")
+            if self.calibration.guidance > 1 and not self.profile.guidance:
+                raise RiffusionError("a guided calibration on an export made for guidance off")
         newest = max_opset()
         if not MIN_OPSET <= self.opset <= newest:
             raise RiffusionError(
                 f"opset must be in {MIN_OPSET}..{newest} (the newest this torch's ONNX exporter "
                 f"writes), got {self.opset}"
             )
+        if self.precision == "int8" and "unet" not in self.stages:
+            raise RiffusionError("an int8 export quantizes the UNet: keep the unet stage")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise RiffusionError(f"stages must be distinct names from {', '.join(STAGES)}, got {self.stages}")
+
+    @property
+    def int8(self) -> bool:
+        return self.precision == "int8"
 
     @property
     def fused(self) -> bool:
@@ -130,9 +160,23 @@ class ExportResult:
     cache_hit: bool  # True when nothing had to be built
 
 
-def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bool = True) -> ExportResult:
-    """Export ``config.model`` into ``output`` (or reuse it when its key matches)."""
+def export(
+    config: ExportConfig,
+    output: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    calibrate: Calibrate | None = None,
+) -> ExportResult:
+    """Export ``config.model`` into ``output`` (or reuse it when its key matches).
+    ``calibrate``: an int8 export's collector of its calibration (the engine's sampling,
+    which this layer cannot import: ``engine/runtime/calibration.py``)."""
     output = Path(output)
+    if config.int8 and calibrate is None:
+        raise RiffusionError("an int8 export calibrates on the engine's sampling: give it a collector")
+    if config.target == "openvino":
+        require_openvino()
+        if config.int8:
+            require_nncf()
     if config.target == "tensorrt":
         from .tensorrt_build import require_tensorrt
 
@@ -153,16 +197,25 @@ def export(config: ExportConfig, output: str | os.PathLike[str], *, progress: bo
         for stale in output.parent.glob(f".{output.name}.tmp-*"):
             log.info("removing %s, left by an interrupted export", stale)
             shutil.rmtree(stale, ignore_errors=True)
+        # An int8 export's calibration clips, kept as they are made: an interrupted export
+        # of the same key resumes from them; another key's are stale.
+        store = ClipStore(output.parent / f".{output.name}.calibration-{key[:16]}")
+        for stale in output.parent.glob(f".{output.name}.calibration-*"):
+            if stale != store.directory:
+                shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
         os.chmod(work, umask_mode(0o777))  # mkdtemp's 0700 would keep the export private
         try:
             timing = output / TIMING_CACHE
             if timing.is_file():
                 shutil.copy2(timing, work / TIMING_CACHE)
-            manifest = _build(config, work, key, key_fields, progress=progress)
+            manifest = _build(
+                config, work, key, key_fields, progress=progress, calibrate=calibrate, store=store
+            )
             _replace(work, output)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(store.directory, ignore_errors=True)  # reached only once the export is in place
     return ExportResult(output, manifest, cache_hit=False)
 
 
@@ -183,6 +236,23 @@ def cache_key_fields(config: ExportConfig) -> dict[str, Any]:
         "gpu": artifacts.gpu_info() if config.device == "cuda" else None,
         # only where not the default: exports made before the field keep their cache keys
         **({"run_profile": config.run_profile} if config.run_profile != "default" else {}),
+        **(
+            {"openvino": artifacts.tool_versions(("openvino",))["openvino"]}
+            if config.target == "openvino"
+            else {}
+        ),
+        **({"int8": int8_key_fields(config)} if config.int8 else {}),
+    }
+
+
+def int8_key_fields(config: ExportConfig) -> dict[str, Any]:
+    """What an int8 UNet depends on besides the model: NNCF's version, the scheme and the
+    calibration plan (its prompts' text hashed)."""
+    assert config.calibration is not None
+    return {
+        "nncf": artifacts.tool_versions(("nncf",))["nncf"],
+        "scheme": asdict(scheme(config.int8_scheme)),
+        "calibration": config.calibration.key_fields(),
     }
 
 
@@ -239,7 +309,14 @@ def _require_cuda_onnxruntime() -> None:
 
 
 def _build(
-    config: ExportConfig, work: Path, key: str, key_fields: dict[str, Any], *, progress: bool
+    config: ExportConfig,
+    work: Path,
+    key: str,
+    key_fields: dict[str, Any],
+    *,
+    progress: bool,
+    calibrate: Calibrate | None = None,
+    store: ClipStore | None = None,
 ) -> dict[str, Any]:
     log.info("loading %s", config.model)
     components = load_components(config.model, seed=config.seed, variant=config.variant)
@@ -258,6 +335,8 @@ def _build(
             steps.insert(1, "optimize")
         if config.target == "tensorrt":
             steps += ["engine", "verify engine"]
+        if config.target == "openvino":
+            steps += ["openvino IR"]
         with tqdm(total=len(steps), desc=f"{name:<12}", unit="step", disable=not progress, leave=True) as bar:
             stages[name] = _export_stage(config, components, specs[name], work, scratch, bar, release=release)
     shutil.rmtree(scratch)
@@ -293,9 +372,28 @@ def _build(
         "support_files": {str(p.relative_to(work)): artifacts.file_record(p) for p in support},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if config.int8:
+        assert calibrate is not None and store is not None and config.calibration is not None
+        from .openvino_export import make_int8
+
+        # The fp32 export, complete, for the engine's sampling to run on (``work`` only becomes
+        # the export when renamed into place, after the int8 UNet is made and checked).
+        (work / artifacts.MANIFEST).write_text(json.dumps({**manifest, "precision": "fp32"}, indent=2) + "\n")
+        plan = replace(config.calibration, widths=config.calibration.widths or _widths(specs["unet"], dims))
+        stages["unet"] = make_int8(
+            work, stages["unet"], plan, scheme(config.int8_scheme), calibrate, store, progress=progress
+        )
     # Written last: a directory with a manifest is a complete export.
     (work / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _widths(unet: StageSpec, dims: ModelDims) -> tuple[int, ...]:
+    """The clip widths an int8 UNet is calibrated at: the export's narrowest and optimized."""
+    (sample,) = [t for t in unet.inputs if t.name == "sample"]
+    width = sample.shape[3]
+    assert isinstance(width, Dim)
+    return tuple(dict.fromkeys(w * dims.vae_factor for w in (width.min, width.opt)))
 
 
 def _export_stage(
@@ -358,6 +456,14 @@ def _export_stage(
             config, spec, references, work, final, step
         )
         bar.update(2)
+    if config.target == "openvino":
+        from .openvino_export import ir_path, verify_ir, write_ir
+
+        step("openvino IR")
+        xml = ir_path(work, spec.name)
+        write_ir(final, xml)
+        verification["openvino"] = verify_ir(xml, spec, references)
+        bar.update()
     files = sorted(p.name for p in work.iterdir() if p.name.split(".")[0] == spec.name and p.is_file())
     seconds = round(time.perf_counter() - start, 2)
     worst = max(e["max_rel"] for report in verification.values() for e in report.values())

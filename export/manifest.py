@@ -16,6 +16,12 @@ from . import artifacts
 from .specs import HEIGHT, Dim, ShapeProfile, StageSpec, TensorSpec
 
 NEEDED_STAGES = ("text_encoder", "unet", "vae_decoder")  # what text to clip needs
+INT8_SUFFIX = ".int8"  # unet.int8.xml: an int8 export's quantized UNet beside its fp32 IR
+
+
+def openvino_file(stage: str, *, int8: bool = False) -> str:
+    """The name of a stage's OpenVINO IR in an openvino export (``.bin`` beside it)."""
+    return f"{stage}{INT8_SUFFIX if int8 else ''}.xml"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class StageEntry:
     verification: dict[str, dict[str, Any]]  # runtime -> output -> {"max_rel", "tolerance", ...}
     fallback: str | None = None  # why an fp16 stage was kept in fp32, if it was
     seconds: float = 0.0  # time its export and verification took
+    # The UNet of an int8 export: its scheme, NNCF's version, calibration and held-out check
+    int8: dict[str, Any] | None = None
 
     @property
     def bytes(self) -> int:
@@ -126,6 +134,7 @@ class Manifest:
                     verification=stage.get("verification", {}),
                     fallback=stage.get("fallback"),
                     seconds=stage.get("seconds", 0.0),
+                    int8=stage.get("int8"),
                 )
                 for name, stage in raw["stages"].items()
             },
@@ -135,6 +144,11 @@ class Manifest:
     @property
     def cache_key(self) -> str:
         return self.raw["cache_key"]
+
+    @property
+    def int8(self) -> bool:
+        """Whether the export holds an int8 UNet (``unet.int8.xml``) beside its fp32 stages."""
+        return "unet" in self.stages and self.stages["unet"].int8 is not None
 
     def stage(self, name: str) -> StageEntry:
         if name not in self.stages:

@@ -416,6 +416,8 @@ def test_bad_profiles_and_configs_are_clear_errors() -> None:
     with pytest.raises(RiffusionError, match="max_width 256 is smaller"):
         ShapeProfile(width=512, max_width=256)
     with pytest.raises(RiffusionError, match="precision must be one of"):
+        ExportConfig(model="random:tiny", precision="int4")
+    with pytest.raises(RiffusionError, match="int8 is the openvino target's"):
         ExportConfig(model="random:tiny", precision="int8")
     with pytest.raises(RiffusionError, match=r"opset must be in 17\.\.\d+"):
         ExportConfig(model="random:tiny", opset=13)
@@ -431,8 +433,13 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     code, _, err = run_cli("export", "--model", "random:tiny", "-o", str(tmp_path / "busy"))
     assert code == 2 and "non-empty directory" in err
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as usage:
-        main(["export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--precision", "int8"])
-    assert exc.value.code == 2 and "invalid choice: 'int8'" in usage.getvalue()
+        main(["export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--precision", "int4"])
+    assert exc.value.code == 2 and "invalid choice: 'int4'" in usage.getvalue()
+    code, _, err = run_cli(
+        "export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--target", "onnx", "--precision", "int8"
+    )
+    assert code == 2 and "int8 is the openvino target's" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_tensorrt_missing_is_one_line(tmp_path: Path) -> None:

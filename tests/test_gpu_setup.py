@@ -121,7 +121,7 @@ def test_first_use_export_for_the_tensorrt_provider_is_unfused() -> None:
 
 
 def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:
-    from riffusion_engine.engine.runtime.backends import check_export_for_provider
+    from riffusion_engine.engine.runtime.tensorrt_runtime import check_export_for_provider
     from riffusion_engine.export.manifest import Manifest
 
     manifest = Manifest.load(tiny_export[0])
@@ -133,7 +133,7 @@ def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:
 def test_tensorrt_provider_without_tensorrt_names_the_extra() -> None:
     import importlib.util
 
-    from riffusion_engine.engine.runtime.backends import load_tensorrt_libraries
+    from riffusion_engine.engine.runtime.tensorrt_runtime import load_tensorrt_libraries
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")

@@ -1,6 +1,6 @@
-"""The openvino backend on random:tiny: an unfused export made on first use, images
-against the torch backend (itself equal to diffusers), bf16 as an approximation of fp32,
-and the exports it refuses."""
+"""The openvino backend on random:tiny: an openvino export (unfused ONNX and OpenVINO IR)
+made on first use, images against the torch backend (itself equal to diffusers), bf16 as an
+approximation of fp32, an older unfused ONNX export, and the exports it refuses."""
 
 from __future__ import annotations
 
@@ -39,12 +39,31 @@ def images(engine: Engine, request: Request) -> np.ndarray:
 REQUEST = Request(PromptInput("a funky beat", 3, "noise", 7.0), steps=6)
 
 
-def test_first_use_makes_an_unfused_fp32_export(openvino_engine, cache) -> None:
+def test_first_use_makes_an_openvino_export(openvino_engine, cache) -> None:
     (directory,) = [p for p in cache.iterdir() if p.is_dir()]
-    assert "unfused" in directory.name
+    assert "openvino" in directory.name
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["target"] == "onnx"
-    assert all(not s["fusions"] and s["precision"] == "fp32" for s in manifest["stages"].values())
+    assert (manifest["target"], manifest["precision"]) == ("openvino", "fp32")
+    for name, stage in manifest["stages"].items():
+        assert not stage["fusions"] and stage["precision"] == "fp32"
+        assert {f"{name}.onnx", f"{name}.xml", f"{name}.bin"} <= set(stage["files"])
+        # The IR is verified against torch on OpenVINO itself, as the ONNX file on ONNX Runtime.
+        assert set(stage["verification"]) == {"onnx", "openvino"}
+        assert all(e["max_rel"] <= 1e-3 for e in stage["verification"]["openvino"].values())
+    # The backend compiles the IR, and keeps what it compiled in the export's model cache.
+    assert openvino_engine.backend.model_path("unet").name == "unet.xml"
+    assert openvino_engine.backend.model_cache == directory / "openvino-cache"
+
+
+def test_an_unfused_onnx_export_still_runs(openvino_engine, torch_engine, tmp_path) -> None:
+    """Exports made before the openvino target (unfused fp32 ONNX): compiled from ONNX."""
+    from riffusion_engine.export.exporter import ExportConfig, export
+
+    old = export(ExportConfig(model="random:tiny", fuse=False), tmp_path / "unfused", progress=False)
+    engine = load(artifacts=old.directory, backend="openvino")
+    assert engine.backend.model_path("unet").name == "unet.onnx"
+    expected = images(torch_engine, REQUEST)
+    assert np.abs(images(engine, REQUEST) - expected).max() <= FP32_TOLERANCE
 
 
 def test_openvino_equals_the_torch_backend(openvino_engine, torch_engine) -> None:
@@ -89,14 +108,14 @@ def test_bf16_approximates_fp32(cache, openvino_engine) -> None:
 
 
 def test_openvino_refuses_a_fused_export(tiny_export) -> None:
-    with pytest.raises(RiffusionError, match="--no-fuse"):
+    with pytest.raises(RiffusionError, match=r"export --target openvino\) or an unfused fp32 ONNX export"):
         load(artifacts=tiny_export[0], backend="openvino")
 
 
 def test_precisions_are_checked(tiny_export) -> None:
     with pytest.raises(RiffusionError, match="bf16 is the openvino backend's precision"):
         load(artifacts=tiny_export[0], backend="onnxruntime", precision="bf16")
-    with pytest.raises(RiffusionError, match="fp32 or bf16"):
+    with pytest.raises(RiffusionError, match="fp32, bf16 or int8, not fp16"):
         load("random:tiny", backend="openvino", precision="fp16")
     with pytest.raises(RiffusionError, match="runs on --device cpu"):
         from riffusion_engine.engine.runtime.backends import OpenVinoBackend

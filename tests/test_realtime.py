@@ -356,7 +356,7 @@ def test_the_server_runs_its_profile_whatever_the_client_asks() -> None:
 def test_an_export_for_guidance_off_takes_one_unet_row_per_clip(tmp_path) -> None:
     """The realtime profile's export: its UNet's profile is one row per clip (TensorRT tunes
     for one), and a guided request is refused before any compute."""
-    from riffusion_engine.engine.runtime.backends import tensorrt_provider_options
+    from riffusion_engine.engine.runtime.tensorrt_runtime import tensorrt_provider_options
     from riffusion_engine.kernels import RiffusionError
 
     engine = load("random:tiny", backend="onnxruntime", profile="realtime", cache_dir=tmp_path)

@@ -349,7 +349,7 @@ def test_a_cuda_export_is_refused_by_the_cpu_provider(tiny_export, tmp_path: Pat
 
 
 def test_tensorrt_provider_options_cover_every_input_of_the_profile(tiny_export, tmp_path: Path) -> None:
-    from riffusion_engine.engine.runtime.backends import tensorrt_provider_options
+    from riffusion_engine.engine.runtime.tensorrt_runtime import tensorrt_provider_options
     from riffusion_engine.export.manifest import Manifest
 
     typed = Manifest.load(tiny_export[0])
@@ -492,7 +492,7 @@ def test_full_architecture_on_both_backends_agrees_with_diffusers(tmp_path: Path
 def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
     """What torch's CPU allocator raises for a clip too wide for the machine (a 4096-pixel
     clip asked for a 34 GB attention buffer) becomes one line naming the width."""
-    from riffusion_engine.engine.runtime.pipeline import _memory_bound
+    from riffusion_engine.engine.runtime.checks import memory_bound
 
     message = (
         "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory: you tried to allocate"
@@ -500,9 +500,9 @@ def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
     with pytest.raises(
         RiffusionError, match=r"1 clip\(s\) of 4096 pixels need more memory .* smaller --width"
     ):
-        with _memory_bound(4096, 1):
+        with memory_bound(4096, 1):
             raise RuntimeError(f"{message} 34359738368 bytes.")
-    with pytest.raises(RiffusionError, match="2 clip"), _memory_bound(1024, 2):
+    with pytest.raises(RiffusionError, match="2 clip"), memory_bound(1024, 2):
         raise MemoryError()
-    with pytest.raises(RuntimeError, match="shape mismatch"), _memory_bound(512, 1):
+    with pytest.raises(RuntimeError, match="shape mismatch"), memory_bound(512, 1):
         raise RuntimeError("shape mismatch")  # other failures pass through unchanged

@@ -26,10 +26,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "bf16"),
+        choices=("fp32", "fp16", "bf16", "int8"),
         default=None,
-        help="engine precision (bf16: openvino; default: the profile's: fp32; realtime: bf16 on "
-        "openvino where the CPU has bf16 instructions)",
+        help="engine precision (bf16, int8: openvino; default: the profile's: fp32; realtime on "
+        "openvino: one row per precision the CPU runs, fp32, bf16 where it has bf16 instructions, int8)",
     )
     p.add_argument(
         "--lora",

@@ -31,11 +31,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "bf16"),
+        choices=("fp32", "fp16", "bf16", "int8"),
         default=None,
         help="of an export made on first use, or of the torch backend (fp16 on cuda); bf16: "
-        "OpenVINO's arithmetic on an fp32 export (default: the profile's: fp32; realtime: bf16 "
-        "on openvino, fp16 on cuda)",
+        "OpenVINO's arithmetic on an fp32 export; int8: OpenVINO with an int8 UNet (calibrated and "
+        "checked when the export is made, minutes at full size) and the other stages in bf16 where "
+        "the CPU has it (default: the profile's: fp32; realtime: on cpu int8, bf16 or fp32 by the "
+        "CPU's class, the first line says which and why; fp16 on cuda)",
     )
     p.add_argument(
         "--cache-dir",
@@ -181,8 +183,8 @@ def open_image(path: str | None, what: str) -> Any:
 def check_width_arg(args: argparse.Namespace) -> None:
     """``--width`` against the widest clip the engine flags allow, before anything is
     loaded or made (the engine checks the rest once loaded)."""
+    from ..runtime.checks import over_widest
     from ..runtime.defaults import MAX_WIDTH
-    from ..runtime.pipeline import over_widest
 
     width = args.width
     if width < 8 or width % 8:

@@ -17,8 +17,8 @@ def add_parser(sub: Any) -> None:
         description="Exports random:tiny to ONNX (cached in DIR/export), generates a clip through the "
         "onnxruntime backend with Riffusion's recipe (--steps PNDM steps, guidance 7), then exports it "
         "again with the realtime profile's random few-step LoRA and tiny VAE (DIR/export-realtime) and "
-        "generates the same prompt in 4 LCM steps, guidance off, on OpenVINO where installed (bf16 "
-        "where the CPU has bf16 instructions). "
+        "generates the same prompt in 4 LCM steps, guidance off, on OpenVINO where installed (in int8, "
+        "bf16 or fp32 by the CPU's class, the int8 UNet calibrated on the export's own sampling). "
         "Writes clip.wav, clip-realtime.wav, spectrogram.png, spectrogram-realtime.png and both "
         "per-stage timings side by side. "
         "Random weights do not make music: this shows the machinery, offline, in seconds.",
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
     from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
     from ...export.specs import ShapeProfile
-    from ..runtime.loading import load
+    from ..runtime.calibration import collect
+    from ..runtime.loading import export_fields, load
     from ..runtime.profiles import resolve
     from ..runtime.requests import PromptInput, Request
 
@@ -55,16 +56,17 @@ def run(args: argparse.Namespace) -> None:
     choices = resolve("realtime", model="random:tiny")
     print(choices.describe())
     begin = time.perf_counter()
+    config = ExportConfig(
+        model="random:tiny",
+        **export_fields(
+            choices
+        ),  # OpenVINO's IR where installed (an int8 UNet where the CPU's class runs it)
+        variant=Variant(choices.loras, choices.vae),
+        profile=ShapeProfile(guidance=False),  # guidance off: one UNet row per clip
+        run_profile="realtime",
+    )
     realtime = export(
-        ExportConfig(
-            model="random:tiny",
-            fuse=choices.backend != "openvino",  # OpenVINO runs unfused graphs
-            variant=Variant(choices.loras, choices.vae),
-            profile=ShapeProfile(guidance=False),  # guidance off: one UNet row per clip
-            run_profile="realtime",
-        ),
-        out_dir / "export-realtime",
-        progress=True,
+        config, out_dir / "export-realtime", progress=True, calibrate=collect if config.int8 else None
     )
     export_s.append(time.perf_counter() - begin)
     engine = load(

@@ -10,15 +10,18 @@ from .common import add_variant_args
 
 
 def add_parser(sub: Any) -> None:
+    from ...export.openvino_export import DEFAULT_SCHEME, SCHEMES
     from ...export.specs import HEIGHT, WIDTH
 
     p = sub.add_parser(
         "export",
         help="export the text encoder, UNet and VAE to verified ONNX / TensorRT",
         description="Export each stage (text_encoder, unet, vae_decoder, vae_encoder) to ONNX and, "
-        "with --target tensorrt, to TensorRT engines; verify every artifact against torch and record "
-        "hashes, versions and errors in DIR/manifest.json. Re-running with the same settings reuses "
-        "the directory (a cache hit).",
+        "with --target tensorrt, to TensorRT engines, with --target openvino to OpenVINO IR (and with "
+        "--precision int8 an int8 UNet, calibrated on the engine's own sampling); verify every artifact "
+        "against torch (the int8 UNet against the fp32 one on held-out clips) and record hashes, "
+        "versions and errors in DIR/manifest.json. Re-running with the same settings reuses the "
+        "directory (a cache hit).",
     )
     p.add_argument(
         "--model",
@@ -29,16 +32,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory")
     p.add_argument(
         "--target",
-        choices=("onnx", "tensorrt"),
-        default="onnx",
-        help="onnx, or tensorrt (ONNX then one engine per stage; needs the tensorrt extra and a GPU)",
+        choices=("onnx", "tensorrt", "openvino"),
+        default=None,
+        help="onnx; tensorrt (ONNX then one engine per stage; needs the tensorrt extra and a GPU); "
+        "openvino (unfused ONNX then OpenVINO IR per stage, what --backend openvino runs; needs the "
+        "openvino extra) (default: onnx; with --profile realtime on cpu, openvino where installed)",
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16"),
+        choices=("fp32", "fp16", "int8"),
         default=None,
-        help="fp16: ONNX Runtime fp16 graphs (the VAE stays fp32 if it overflows) or TensorRT fp16 kernels "
-        "(default: fp32; with --profile realtime, fp16 on cuda)",
+        help="fp16: ONNX Runtime fp16 graphs (the VAE stays fp32 if it overflows) or TensorRT fp16 kernels; "
+        "int8 (openvino): the UNet also quantized by NNCF, calibrated on the engine's own sampling of "
+        "shipped prompts and checked on held-out ones, minutes at full size (default: fp32; with "
+        "--profile realtime, fp16 on cuda, and on cpu int8 where the CPU's class runs it fastest)",
+    )
+    p.add_argument(
+        "--int8-scheme",
+        choices=tuple(SCHEMES),
+        default=DEFAULT_SCHEME,
+        help=f"NNCF's recipe for --precision int8 (default: {DEFAULT_SCHEME}, the lowest error measured: "
+        "docs/performance.md); " + "; ".join(f"{s.name}: {s.about}" for s in SCHEMES.values()),
     )
     p.add_argument(
         "--device",
@@ -86,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
     from ...export.manifest import Manifest
     from ...export.specs import HEIGHT, ShapeProfile
     from ...kernels.errors import RiffusionError
+    from ..runtime.loading import export_fields
     from ..runtime.profiles import resolve
 
     if args.height != HEIGHT:
@@ -96,17 +111,24 @@ def run(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
     args.profile = args.profile or "default"
     choices = resolve(
-        args.profile, model=args.model, device=device, precision=args.precision, vae=args.vae, loras=args.lora
+        args.profile,
+        model=args.model,
+        device=device,
+        backend={"onnx": "onnxruntime", "tensorrt": "tensorrt", "openvino": "openvino"}.get(args.target),
+        precision=args.precision,
+        vae=args.vae,
+        loras=args.lora,
     )
     if args.profile != "default" or choices.loras or choices.vae is not None:
         print(choices.describe())
+    # An export for a profile is what the profile runs: its backend's files (int8 is OpenVINO's).
+    backend = "openvino" if choices.precision == "int8" and args.target is None else None
     config = ExportConfig(
         model=args.model,
-        target=args.target,
-        # bf16 is OpenVINO's arithmetic on an fp32 export, chosen when it runs
-        precision="fp32" if choices.precision == "bf16" else choices.precision,
+        **export_fields(choices, backend=backend, target=args.target),
         variant=Variant(choices.loras, choices.vae),
         run_profile=choices.profile.name,
+        int8_scheme=args.int8_scheme,
         profile=ShapeProfile(
             height=args.height,
             width=args.width,
@@ -120,8 +142,10 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
     )
+    from ..runtime.calibration import collect
+
     start = time.perf_counter()
-    result = export(config, args.output, progress=not args.quiet)
+    result = export(config, args.output, progress=not args.quiet, calibrate=collect if config.int8 else None)
     manifest = Manifest.of(result.directory, result.manifest)
     if result.cache_hit:
         print(f"cache hit: {result.directory} already holds this export (key {manifest.cache_key[:12]})")
@@ -131,6 +155,15 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"{name:<14}{stage.precision:<11}{_size(stage.bytes):>10}{stage.max_rel_error:>16.2e}"
             f"{stage.seconds:>10.1f}{note}"
+        )
+    int8 = manifest.stages["unet"].int8 if "unet" in manifest.stages else None
+    if int8 is not None:
+        check = int8["verification"]
+        bf16 = "" if check["bf16"] is None else f"; bf16: {check['bf16']['rel_rms']:.2e}"
+        print(
+            f"unet int8 ({int8['scheme']['name']}, NNCF {int8['nncf']}): relative RMS "
+            f"{check['int8']['rel_rms']:.2e} against fp32 on {check['held_out_samples']} held-out calls"
+            f"{bf16}; bound {check['bound']:.2e}"
         )
     verb = "reused" if result.cache_hit else "wrote"
     print(f"{verb} {result.directory} in {time.perf_counter() - start:.1f} s")

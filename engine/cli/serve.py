@@ -147,6 +147,11 @@ def run(args: argparse.Namespace) -> None:
         raise RiffusionError(
             "serve --ray runs its exports' widths; --max-width serves from one process (without --ray)"
         )
+    if args.ray and args.precision in ("bf16", "int8"):
+        raise RiffusionError(
+            f"serve --ray's replicas run fp32 (or fp16 on cuda); --precision {args.precision} serves from "
+            "one process (without --ray)"
+        )
     apply_profile(args)
     try:
         from ..serve.app import bind, serve

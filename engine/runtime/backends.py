@@ -10,8 +10,8 @@ stage's one output there, so on a GPU nothing leaves the device between stages:
   memory, no copies);
 - ``tensorrt``: native engines from an export directory, device buffers as torch CUDA
   tensors, CUDA graphs when the export's profile is static;
-- ``openvino``: the ONNX files of an unfused export directory compiled by OpenVINO for
-  the CPU, in fp32 or (``inference_precision="bf16"``) bf16 arithmetic.
+- ``openvino``: an openvino export's IR (or an unfused export's ONNX files) compiled by
+  OpenVINO for the CPU and cached, in fp32, bf16 arithmetic, or with an int8 UNet.
 
 Heavy imports happen inside the backend that needs them; a backend that cannot run here
 raises one RiffusionError saying what is missing.
@@ -20,13 +20,15 @@ raises one RiffusionError saying what is missing.
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
 from ...export.manifest import Manifest
-from ...export.specs import Dim, StageSpec, Which
+from ...export.specs import Dim, StageSpec
 from ...kernels.errors import RiffusionError
+from .tensorrt_runtime import check_export_for_provider, load_tensorrt_libraries, tensorrt_provider_options
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ Device = Literal["cpu", "cuda"]
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
 
-def _runtime_module(module: str, title: str, extra: str, *, device: str, needs: Device) -> Any:
+def runtime_module(module: str, title: str, extra: str, *, device: str, needs: Device) -> Any:
     """The runtime ``module`` for the backend of that name, which runs on ``needs`` only."""
     import importlib
 
@@ -291,65 +293,6 @@ class OnnxRuntimeBackend(ExportBackend):
         return out
 
 
-def check_export_for_provider(manifest: Manifest, provider: str) -> None:
-    """One clear error for an export the provider cannot run: TensorRT parses standard ONNX
-    operators only, so ONNX Runtime would split a fused export around its com.microsoft
-    operators, and the split pieces' dynamic inputs have no profile (EP_FAIL "User needs
-    to provide all the dynamic shape inputs with associated profiles",
-    tensorrt_execution_provider.cc)."""
-    fused = sorted({op for stage in manifest.stages.values() for op in stage.fusions})
-    if provider == "tensorrt" and fused:
-        raise RiffusionError(
-            f"export {str(manifest.directory)!r} holds ONNX Runtime's fused operators ({', '.join(fused)}), "
-            "which TensorRT cannot parse; the tensorrt provider runs an unfused export "
-            "(riffusion-engine export --no-fuse)"
-        )
-
-
-def load_tensorrt_libraries() -> None:
-    """Make TensorRT's libraries loadable for ONNX Runtime's TensorRT provider.
-
-    ``libonnxruntime_providers_tensorrt.so`` links ``libnvinfer.so.10`` and
-    ``libnvonnxparser.so.10`` and has no RUNPATH, while pip's TensorRT keeps them in
-    ``site-packages/tensorrt_libs``: ``import tensorrt`` imports ``tensorrt_libs``, whose
-    ``__init__`` loads every library there with ``ctypes.CDLL``, and the dynamic loader then
-    resolves the provider's needs by soname from the libraries already loaded. Without it
-    the provider fails to load ("libnvinfer.so.10: cannot open shared object file") and
-    ONNX Runtime falls back to the CUDA provider, which ``session`` refuses."""
-    from ...export.tensorrt_build import check_tensorrt_version
-
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise RiffusionError(
-            "ONNX Runtime's TensorRT provider needs TensorRT's libraries (libnvinfer.so.10), which "
-            "pip's TensorRT brings: pip install 'riffusion-engine[tensorrt]'"
-        ) from exc
-    check_tensorrt_version(tensorrt)
-
-
-def tensorrt_provider_options(spec: StageSpec, *, cache: Path, fp16: bool) -> dict[str, Any]:
-    """ONNX Runtime TensorRT execution provider options for a stage:
-    min/opt/max shapes of every input ("name:2x4x64x64,..."), fp16, and the engine and
-    timing caches in ``cache`` so sessions do not rebuild engines at each start."""
-
-    def shapes(which: Which) -> str:
-        return ",".join(
-            f"{name}:{'x'.join(map(str, shape))}" for name, shape in spec.input_shapes(which).items()
-        )
-
-    return {
-        "trt_profile_min_shapes": shapes("min"),
-        "trt_profile_opt_shapes": shapes("opt"),
-        "trt_profile_max_shapes": shapes("max"),
-        "trt_fp16_enable": fp16,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
-    }
-
-
 class TensorRTBackend(ExportBackend):
     """TensorRT engines (``<stage>.plan``) on device buffers; static exports pad batches
     to their one shape and replay CUDA graphs (see ``engine/runtime/tensorrt_runtime.py``)."""
@@ -360,7 +303,7 @@ class TensorRTBackend(ExportBackend):
         from ...export.tensorrt_build import check_tensorrt_version
         from .tensorrt_runtime import CudaStreams
 
-        trt = _runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
+        trt = runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
         check_tensorrt_version(trt)
         super().__init__(directory, device=device)
         if self.manifest.target != "tensorrt":
@@ -395,50 +338,93 @@ class TensorRTBackend(ExportBackend):
 
 
 class OpenVinoBackend(ExportBackend):
-    """OpenVINO's CPU plugin on an export directory's ONNX files.
+    """OpenVINO's CPU plugin on an export directory.
 
-    The export must be unfused (``riffusion-engine export --no-fuse``): OpenVINO reads
-    the fused files' ONNX Runtime operators but computes them differently (2.7e-2
+    It compiles each stage's OpenVINO IR (an openvino export, ``export --target
+    openvino``: weights memory-mapped from the ``.bin`` files) or, in an unfused fp32 ONNX
+    export, the stage's ONNX file. Compiled models are kept in OpenVINO's model cache
+    (``CACHE_DIR``): ``model_cache``, by default ``<export>/openvino-cache``, so that a second
+    start imports them instead of compiling (False, or a directory that is not writable:
+    nothing is cached).
+    The fused ONNX Runtime operators of other exports OpenVINO computes differently (2.7e-2
     relative error on random:tiny's UNet), so the backend refuses them.
-    ``inference_precision`` is OpenVINO's precision hint: ``fp32``, or ``bf16``
-    arithmetic with fp32 inputs and outputs (fast only on CPUs with bf16 instructions)."""
+
+    ``inference_precision``: ``fp32``; ``bf16``, OpenVINO's bf16 arithmetic with fp32
+    inputs and outputs (fast only on CPUs with bf16 instructions); ``int8``, an int8
+    export's quantized UNet, with the other stages (and the UNet's float operations) in
+    the best float the CPU has (bf16 where it computes bf16, else fp32)."""
 
     name = "openvino"
+    CACHE = "openvino-cache"
 
     def __init__(
         self,
         directory: str | Path,
         *,
         device: str = "cpu",
-        inference_precision: Literal["fp32", "bf16"] = "fp32",
+        inference_precision: Literal["fp32", "bf16", "int8"] = "fp32",
         threads: int = 0,
+        model_cache: str | Path | Literal[False] | None = None,
     ) -> None:
-        ov = _runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
+        ov = runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
         super().__init__(directory, device=device)
-        if self.manifest.target != "onnx" or any(
-            s.precision != "fp32" or s.fusions for s in self.manifest.stages.values()
+        manifest = self.manifest
+        self.ir = manifest.target == "openvino"
+        if not self.ir and (
+            manifest.target != "onnx"
+            or any(s.precision != "fp32" or s.fusions for s in manifest.stages.values())
         ):
             raise RiffusionError(
-                f"the openvino backend runs an unfused fp32 ONNX export; {str(self.directory)!r} is not one "
-                "(riffusion-engine export --no-fuse)"
+                f"the openvino backend runs an openvino export (riffusion-engine export --target openvino) "
+                f"or an unfused fp32 ONNX export; {str(self.directory)!r} is neither"
             )
-        if inference_precision not in ("fp32", "bf16"):
-            raise RiffusionError(f"inference_precision must be fp32 or bf16, got {inference_precision!r}")
+        if inference_precision not in ("fp32", "bf16", "int8"):
+            raise RiffusionError(
+                f"inference_precision must be fp32, bf16 or int8, got {inference_precision!r}"
+            )
+        if inference_precision == "int8" and not manifest.int8:
+            raise RiffusionError(
+                f"export {str(self.directory)!r} has no int8 UNet; make one with "
+                "riffusion-engine export --target openvino --precision int8"
+            )
+        self._core = ov.Core()
         self.inference_precision = inference_precision
+        # What the float operations run in: an int8 UNet's, and every other stage's.
+        self.float_precision = inference_precision
+        if inference_precision == "int8":
+            capabilities = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            self.float_precision = "bf16" if "BF16" in capabilities else "fp32"
         self.config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[inference_precision],
+            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.float_precision],
             "PERFORMANCE_HINT": "LATENCY",
         }
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self._core = ov.Core()
+        cache = Path(model_cache) if model_cache else self.directory / self.CACHE
+        self.model_cache = _writable(cache) if model_cache is not False else None
+        if self.model_cache is not None:
+            self._core.set_property({"CACHE_DIR": str(self.model_cache)})
         self._requests: dict[str, Any] = {}
+        self.loaded_from_cache: dict[str, bool] = {}  # stage -> imported from the cache, not compiled
+
+    def model_path(self, stage: str) -> Path:
+        """The file a stage compiles from: its IR (the int8 UNet's when running int8), or
+        an unfused ONNX export's ONNX file."""
+        from ...export.manifest import openvino_file
+
+        files = self.manifest.stage(stage).files
+        ir = openvino_file(stage, int8=stage == "unet" and self.inference_precision == "int8")
+        return self.directory / (ir if ir in files else f"{stage}.onnx")
 
     def request(self, stage: str) -> Any:
-        """The stage's infer request, compiled on first use."""
+        """The stage's infer request, compiled (or imported from the cache) on first use."""
         if stage not in self._requests:
             self.spec(stage)
-            compiled = self._core.compile_model(str(self.directory / f"{stage}.onnx"), "CPU", self.config)
+            compiled = self._core.compile_model(str(self.model_path(stage)), "CPU", self.config)
+            try:
+                self.loaded_from_cache[stage] = bool(compiled.get_property("LOADED_FROM_CACHE"))
+            except RuntimeError:  # an OpenVINO without the property
+                self.loaded_from_cache[stage] = False
             self._requests[stage] = compiled.create_infer_request()
         return self._requests[stage]
 
@@ -451,6 +437,15 @@ class OpenVinoBackend(ExportBackend):
         request.infer(arrays, share_inputs=True)
         # The request owns its output buffer and reuses it on the next call: copy it out.
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+def _writable(directory: Path) -> Path | None:
+    """``directory``, made where missing, if this process can write there; else None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return directory if os.access(directory, os.W_OK | os.X_OK) else None
 
 
 def create_backend(

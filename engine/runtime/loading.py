@@ -78,6 +78,7 @@ def load(
         precision=precision,
         vae=vae,
         loras=list(loras),
+        int8=export_has_int8(Path(artifacts)) if artifacts is not None else None,
     )
     if artifacts is not None and (choices.loras or choices.vae is not None):
         raise RiffusionError(
@@ -85,8 +86,11 @@ def load(
         )
     backend, precision = choices.backend, choices.precision
     backend = resolve_backend(backend, device)
-    if precision == "bf16" and backend != "openvino":
-        raise RiffusionError("bf16 is the openvino backend's precision; the others run fp32 or fp16")
+    if precision in ("bf16", "int8") and backend != "openvino":
+        raise RiffusionError(
+            f"{precision} is the openvino backend's precision (--backend openvino); the others run fp32 "
+            "or fp16"
+        )
     if model is not None and artifacts is not None:
         raise RiffusionError("give a model source or an export directory, not both")
     if backend == "torch":
@@ -110,11 +114,12 @@ def load(
         engine.widen = "--max-width {width}"
         return engine
     if backend == "openvino":
-        # OpenVINO compiles an unfused fp32 export; bf16 is its arithmetic, set at compile time.
-        if precision not in ("fp32", "bf16"):
-            raise RiffusionError(f"the openvino backend runs fp32 or bf16, not {precision}")
+        # OpenVINO compiles an openvino export's IR; bf16 is its arithmetic, set at compile
+        # time, and int8 an int8 export's UNet (made on first use where asked for).
+        if precision not in ("fp32", "bf16", "int8"):
+            raise RiffusionError(f"the openvino backend runs fp32, bf16 or int8, not {precision}")
         options.setdefault("inference_precision", precision)
-        precision = "fp32"
+        precision = "int8" if precision == "int8" else "fp32"
     from_model = artifacts is None
     if artifacts is None:
         artifacts = export_on_first_use(
@@ -130,7 +135,7 @@ def load(
             max_width=max_width,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
-    engine = engine_from_export(runner, Path(artifacts), choices=choices)
+    engine = Engine.from_export(runner, Path(artifacts), choices=choices)
     if from_model:
         engine.widen = "--max-width {width}"  # a wider export on first use
     return engine
@@ -146,15 +151,15 @@ def export_run_profile(directory: Path) -> str | None:
         return None  # the backend's own loading says what is wrong with it
 
 
-def engine_from_export(runner: Any, directory: Path, *, choices: Choices | None = None) -> Engine:
-    """An engine over a backend that runs ``directory``: its tokenizer, scheduler config
-    and sizes come from the directory and its manifest."""
-    from transformers import CLIPTokenizer
+def export_has_int8(directory: Path) -> bool:
+    """Whether an export directory holds an int8 UNet (its manifest says)."""
+    from ...export.artifacts import ArtifactError, read_manifest
 
-    shape = runner.manifest.model_shape()
-    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-    scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    return Engine(runner, tokenizer, scheduler_config, shape, choices=choices)
+    try:
+        stages = read_manifest(directory).get("stages", {})
+    except ArtifactError:
+        return False
+    return isinstance(stages, dict) and isinstance(stages.get("unet"), dict) and "int8" in stages["unet"]
 
 
 def export_on_first_use(
@@ -175,6 +180,7 @@ def export_on_first_use(
     and guidance."""
     # The one place the runtime reaches for the exporter, and only when asked to.
     from ...export.exporter import export
+    from .calibration import collect
 
     name, config = first_use_export(
         model,
@@ -187,9 +193,30 @@ def export_on_first_use(
         max_width=max_width,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
-    result = export(config, directory, progress=progress)
+    result = export(config, directory, progress=progress, calibrate=collect if config.int8 else None)
     log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
     return directory
+
+
+def export_fields(
+    choices: Choices, *, backend: str | None = None, precision: str | None = None, target: str | None = None
+) -> dict[str, Any]:
+    """The ExportConfig fields of an export that ``backend`` runs in ``precision`` (default:
+    the choices'): its target (openvino: IR; tensorrt: engines; else ONNX), the files'
+    precision (bf16 is OpenVINO's arithmetic, chosen when it runs: fp32 files) and, for
+    int8, the calibration plan of the choices' sampling (scheduler, steps, guidance)."""
+    from ...export.calibration import CalibrationPlan
+
+    backend = backend or choices.backend
+    precision = precision or choices.precision
+    target = target or {"tensorrt": "tensorrt", "openvino": "openvino"}.get(backend, "onnx")
+    precision = "fp32" if precision == "bf16" else precision
+    calibration = (
+        CalibrationPlan.of(choices.scheduler, choices.steps, choices.guidance)
+        if precision == "int8"
+        else None
+    )
+    return {"target": target, "precision": precision, "calibration": calibration}
 
 
 def first_use_export(
@@ -209,11 +236,14 @@ def first_use_export(
     from ...export.exporter import ExportConfig
     from ...export.specs import ShapeProfile
 
-    target = "tensorrt" if backend == "tensorrt" else "onnx"
+    # Calibrated (int8) on the sampling the export will run: the profile's scheduler, steps, guidance.
+    made_for = choices or resolve(None, model=model, device=device, backend=backend, precision=precision)
+    fields = export_fields(made_for, backend=backend, precision=precision)
+    target = fields["target"]
     # ONNX Runtime's fused operators are its own: OpenVINO computes them differently, and
     # TensorRT (ONNX Runtime's tensorrt provider too) cannot parse them.
-    fuse = backend != "openvino" and provider != "tensorrt"
-    flavour = target if fuse else f"{target}-unfused"
+    fuse = target == "onnx" and provider != "tensorrt"
+    flavour = target if fuse or target != "onnx" else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
     variant = Variant(choices.loras, choices.vae) if choices is not None else Variant()
     guidance = choices is None or choices.guidance > 1
@@ -228,8 +258,7 @@ def first_use_export(
     ).hexdigest()[:12]
     config = ExportConfig(
         model=model,
-        target=target,  # type: ignore[arg-type]
-        precision=precision,  # type: ignore[arg-type]
+        **fields,
         seed=seed,
         fuse=fuse,
         device=device,  # type: ignore[arg-type]
@@ -238,7 +267,7 @@ def first_use_export(
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
         profile=ShapeProfile(
-            max_width=max_width or (MAX_WIDTH if target == "onnx" else None), guidance=guidance
+            max_width=max_width or (MAX_WIDTH if target != "tensorrt" else None), guidance=guidance
         ),
     )
     return f"{name}-{flavour}-{device}-{precision}-{digest}", config

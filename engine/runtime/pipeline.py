@@ -21,23 +21,23 @@ equals the same request run alone.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...export.manifest import ModelShape
 from ...kernels.errors import RiffusionError
-from ...kernels.griffin_lim import GriffinLimOptions, min_frames
-from ...kernels.image import IMAGE_MODES
+from ...kernels.griffin_lim import GriffinLimOptions
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
+from .checks import RequestChecks, memory_bound
 from .defaults import WIDTH
 from .profiles import DEFAULT_PROFILE, Choices
 from .prompts import Tokens, apply_weights, tokenize
@@ -57,14 +57,11 @@ from .tensors import image_batch, mask_tensor, slerp, to_pixels
 
 log = logging.getLogger(__name__)
 
-GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
-
-
 # Rows a CPU runs a stage at, at most (see Engine._in_parts): one clip with guidance.
 CPU_ROWS = {"text_encoder": 1, "unet": 2, "vae_encoder": 1, "vae_decoder": 1}
 
 
-class Engine:
+class Engine(RequestChecks):
     """Riffusion on a backend: requests in, clips out."""
 
     def __init__(
@@ -95,6 +92,19 @@ class Engine:
             raise RiffusionError(
                 f"the spectrogram has {self.params.num_frequencies} mel bins; images are {shape.height} tall"
             )
+
+    @classmethod
+    def from_export(cls, backend: Backend, directory: Path, *, choices: Choices | None = None) -> Engine:
+        """An engine over a backend that runs the export ``directory``: its tokenizer,
+        scheduler config and sizes come from the directory and its manifest."""
+        import json
+
+        from transformers import CLIPTokenizer
+
+        shape = backend.manifest.model_shape()  # type: ignore[attr-defined]
+        tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+        scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+        return cls(backend, tokenizer, scheduler_config, shape, choices=choices)
 
     # -- public API ---------------------------------------------------------------
 
@@ -201,97 +211,13 @@ class Engine:
             )
         for request in requests:
             self.check(request)
-        with _memory_bound(requests[0].width, len(requests)):
+        with memory_bound(requests[0].width, len(requests)):
             latents = self.denoise(
                 list(requests), progress=progress, timings=timings, should_stop=should_stop
             )
             with _timer(timings, "vae_decoder", self.backend):
                 image = self._in_parts("vae_decoder", {"latent": latents})
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-
-    def check(self, request: Request) -> None:
-        """Raise RiffusionError for a request this engine cannot run, before any compute."""
-        self.check_images(request)
-        if not self.shape.guidance and request.blend.guidance > 1:
-            raise RiffusionError(
-                f"guidance {request.blend.guidance:g}: this {self.backend.name} export was made for "
-                "guidance off (one UNet row per clip, as few-step LoRAs run); use guidance <= 1"
-            )
-        for end in (request.start, request.end):
-            if end is not None:
-                for prompt in leaves(end):
-                    self.check_prompt(prompt)
-
-    def check_prompt(self, prompt: PromptInput) -> None:
-        """Raise RiffusionError for a prompt input whose texts this engine cannot encode."""
-        self.check_text(prompt.prompt)
-        if prompt.negative_prompt is not None:
-            self.check_text(prompt.negative_prompt, negative=True)
-
-    def check_images(self, request: Request) -> None:
-        """The part of :meth:`check` that is not the prompts: width, seed image and mask."""
-        self.check_width(request.width)
-        for name in ("seed_image", "mask"):
-            image = getattr(request, name)
-            if image is None:
-                continue
-            if not hasattr(image, "size") or not hasattr(image, "mode"):
-                raise RiffusionError(f"{name} must be a PIL image, got {type(image).__name__}")
-            modes = GRAYSCALE_MODES if name == "mask" else IMAGE_MODES  # seed images: image-to-audio's rule
-            if image.mode not in modes:
-                raise RiffusionError(f"{name} has mode {image.mode}; use one of {', '.join(modes)}")
-            if tuple(image.size) != (request.width, self.shape.height):
-                raise RiffusionError(
-                    f"{name} is {image.size[0]}x{image.size[1]}; this clip is "
-                    f"{request.width}x{self.shape.height}"
-                )
-
-    @property
-    def widths(self) -> tuple[int, int | None]:
-        """The narrowest and widest clip (pixels) this engine takes (None: no upper bound):
-        the backend's range, and at least the fewest columns Griffin-Lim reconstructs."""
-        low, high = self.shape.widths or (0, None)
-        return max(low, self._fewest_columns()), high
-
-    def _fewest_columns(self) -> int:
-        multiple = self.shape.pixel_multiple
-        return -(-min_frames(self.params, self.griffin_lim) // multiple) * multiple
-
-    def check_width(self, width: int) -> None:
-        """Raise RiffusionError, naming the range and how to change it, for a width this
-        engine cannot run; before anything is allocated."""
-        multiple = self.shape.pixel_multiple
-        if width % multiple:
-            raise RiffusionError(
-                f"width {width} is not a multiple of {multiple} pixels, which this "
-                f"{self.backend.name} backend's model takes"
-            )
-        low, high = self.widths
-        profile = self.shape.widths is not None and self.widen.startswith("export")
-        if profile and not low <= width <= (high or width):
-            allowed = f"{low} pixels" if low == high else f"{low}..{high} pixels"
-            hint = f"--max-width {width} for longer" if width > low else f"--width {width} for shorter"
-            raise RiffusionError(
-                f"width {width} is outside this {self.backend.name} export's profile: it takes "
-                f"{allowed} (export with {hint} clips)"
-            )
-        if width < low:
-            raise RiffusionError(
-                f"width {width} is below the narrowest clip this engine takes: {low} pixels "
-                f"({low / 100:g} s; "
-                + (
-                    "the fewest columns Griffin-Lim reconstructs)"
-                    if low == self._fewest_columns()
-                    else "its export's profile)"
-                )
-            )
-        if high is not None and width > high:
-            raise over_widest(width, high, self.widen)
-
-    def check_text(self, text: str, *, negative: bool = False, what: str | None = None) -> None:
-        """Raise RiffusionError (saying ``what`` it is) for a prompt this engine cannot encode."""
-        what = what or ("negative prompt" if negative else "prompt")
-        self._tokens(text, allow_empty=negative, what=what)
 
     # -- the chain ----------------------------------------------------------------
 
@@ -536,37 +462,6 @@ class Engine:
         from ...kernels.image import image_from_pixels
 
         return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
-
-
-def over_widest(width: int, widest: int, widen: str = "--max-width {width}") -> RiffusionError:
-    """The error for a width over a model source's widest clip, saying how to raise it."""
-    return RiffusionError(
-        f"width {width} is over this engine's widest clip, {widest} pixels "
-        f"({widest / 100:g} s); {widen.format(width=width)} raises it"
-    )
-
-
-@contextlib.contextmanager
-def _memory_bound(width: int, clips: int) -> Iterator[None]:
-    """An allocation the machine cannot make (attention grows with the square of the width)
-    as one clear error rather than a runtime's traceback."""
-    try:
-        yield
-    except MemoryError as exc:
-        raise RiffusionError(_too_wide(width, clips, exc)) from exc
-    except RuntimeError as exc:  # torch (CPU allocator, CUDA OutOfMemoryError), ONNX Runtime
-        text = str(exc).lower()
-        if "out of memory" not in text and "not enough memory" not in text and "bad_alloc" not in text:
-            raise
-        raise RiffusionError(_too_wide(width, clips, exc)) from exc
-
-
-def _too_wide(width: int, clips: int, exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-    return (
-        f"{clips} clip(s) of {width} pixels need more memory than this machine has ({first}); "
-        "use a smaller --width or fewer clips per batch"
-    )
 
 
 class _timer:

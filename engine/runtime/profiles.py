@@ -8,7 +8,6 @@ them on one line.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -16,25 +15,8 @@ from typing import Any
 from ...export.adapters import LCM_LORA, RANDOM_LORA, Lora
 from ...export.models import is_random_preset
 from ...kernels.errors import RiffusionError
+from .cpu import auto_precision, best_float, has_bf16
 from .defaults import SCHEDULER, STEPS
-
-# The CPU instructions the profiles' precisions depend on, as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # bf16 arithmetic in hardware
-
-
-@functools.cache
-def cpu_features() -> tuple[str, ...]:
-    """Which of :data:`CPU_FEATURES` this CPU has (Linux's /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return tuple(name for name in CPU_FEATURES if name in flags)
-    except OSError:
-        pass
-    return ()
 
 
 @dataclass(frozen=True)
@@ -45,7 +27,7 @@ class Profile:
     guidance: float  # classifier-free guidance scale; <= 1: off, the UNet runs one row per clip
     vae: str | None  # None: the model's own VAE; "tiny": TAESD
     cpu_backend: str  # the backend on the CPU ("auto": the engine's own choice)
-    cpu_precision: str  # its precision there
+    cpu_precision: str  # its precision there ("auto": by the CPU's class, cpu.auto_precision)
     cuda_precision: str  # the precision on CUDA
     needs_lora: bool  # a real checkpoint needs a few-step LoRA for this profile's sampler
 
@@ -55,6 +37,8 @@ class Profile:
         cpu = f"{self.cpu_backend} {self.cpu_precision} on cpu"
         if self.cpu_precision == "bf16":
             cpu += " (fp32 without bf16 instructions)"
+        elif self.cpu_precision == "auto":
+            cpu = f"{self.cpu_backend} on cpu in int8, bf16 or fp32 by the CPU's instructions"
         precision = f"{cpu}, {self.cuda_precision} on cuda"
         return f"{self.scheduler} {self.steps} steps, {guidance}, {vae}, {precision}"
 
@@ -78,7 +62,7 @@ PROFILES: dict[str, Profile] = {
         guidance=1.0,
         vae="tiny",
         cpu_backend="openvino",
-        cpu_precision="bf16",
+        cpu_precision="auto",
         cuda_precision="fp16",
         needs_lora=True,
     ),
@@ -94,6 +78,10 @@ def profile(name: str | Profile | None) -> Profile:
     if name not in PROFILES:
         raise RiffusionError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def nncf_installed() -> bool:
+    return importlib.util.find_spec("nncf") is not None
 
 
 @dataclass(frozen=True)
@@ -142,9 +130,14 @@ def resolve(
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    int8: bool | None = None,
+    features: tuple[str, ...] | None = None,
 ) -> Choices:
     """The choices of profile ``name`` where the arguments are None; ``exported``: the run
-    loads an export directory, whose LoRAs and VAE were fixed when it was made."""
+    loads an export directory, whose LoRAs and VAE were fixed when it was made; ``int8``:
+    whether an int8 UNet is there to run (an export's) or can be made (NNCF installed;
+    None: find out), which an ``auto`` precision needs to choose int8; ``features``: the
+    CPU's (default: this one's, :func:`~.cpu.cpu_features`)."""
     p = profile(name)
     notes = []
     backend = backend or "auto"
@@ -158,7 +151,18 @@ def resolve(
             precision = p.cuda_precision
         else:
             precision = p.cpu_precision if backend == "openvino" else "fp32"
-            if precision == "bf16" and not any(f in cpu_features() for f in BF16_FEATURES):
+            if precision == "auto":
+                precision, why = auto_precision(features)
+                if precision == "int8" and not (int8 if int8 is not None else nncf_installed()):
+                    precision = best_float(features)
+                    why += (
+                        f"; this export has no int8 UNet: {precision}"
+                        if exported
+                        else f"; NNCF, which makes the int8 UNet, is not installed: {precision} "
+                        "(pip install 'riffusion-engine[openvino]')"
+                    )
+                notes.append(why)
+            if precision == "bf16" and not has_bf16(features):
                 # OpenVINO would run f32 anyway: say so rather than claim bf16
                 precision = "fp32"
                 notes.append("this CPU has no bf16 instructions (AVX-512 BF16 or AMX): fp32")

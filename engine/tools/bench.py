@@ -29,7 +29,13 @@ JSON schema (``schema`` 2)::
                       "speedup_vs_default": the engine's default recipe's end-to-end median /
                                     this one's, same mode (profiled rows only),
                       "agreement": {"max_abs_gray_levels", "share_within_one_gray_level",
-                                    "spectral_convergence", "spectral_convergence_vs_reference"}}}
+                                    "spectral_convergence", "spectral_convergence_vs_reference"},
+                      "agreement_vs_fp32": (bf16 and int8 rows) {"share_within_{1,4,16}_gray_levels",
+                                    "rms_gray_levels", "max_abs_gray_levels",
+                                    "spectral_convergence_vs_fp32"}: against the same backend's
+                                    fp32 row, same mode}}
+    precision_gates  {int8 row: {"int8", "bf16": their rms_gray_levels against fp32, "ratio",
+                      "holds": ratio <= 2}}
 
 Stages: ``text_encoder`` (prompt and negative prompt), ``unet_step`` (one guided UNet
 call for the reference; for the engine, its denoising loop over its steps, the guidance
@@ -40,7 +46,10 @@ the audio's against the generated image's mel spectrogram (lower is better);
 
 With ``profile`` realtime, every row runs the profile (the reference: diffusers with the
 same LoRA fused, AutoencoderTiny and scheduler), in two modes: text to clip, and the web
-app's (``og_beat`` at denoising 0.75; rows named ``NAME @ og_beat 0.75``). A row ``BACKEND
+app's (``og_beat`` at denoising 0.75; rows named ``NAME @ og_beat 0.75``). The openvino
+backend then gets a row per precision the CPU runs (``openvino fp32``, ``openvino bf16``
+where it has bf16 instructions, ``openvino int8`` where NNCF is installed), unless
+``precision`` names one, each agreeing with the fp32 row or not. A row ``BACKEND
 default`` (and its seed-image twin) runs the engine's default recipe (PNDM at
 ``default_steps``, guidance 7, no LoRA, the model's VAE) for scale.
 """
@@ -56,7 +65,9 @@ from typing import Any
 
 import numpy as np
 
+from ...kernels.audio import spectrogram_from_waveform
 from ...kernels.errors import RiffusionError
+from ...kernels.metrics import spectral_convergence
 from ..runtime.backends import BACKENDS
 from .measure import Round, alternate, environment, summary
 from .reference import ReferencePipeline
@@ -109,8 +120,6 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from ...kernels.audio import spectrogram_from_waveform
-    from ...kernels.metrics import spectral_convergence
     from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
     from ..runtime.loading import load
 
@@ -121,39 +130,57 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
 
         read, memory_source = device_memory_reader(torch.cuda.current_device())
         memory = PeakMemory(read).start()
+    profiled = config.profile != "default"
     # Exported backends first: an export on first use peaks at several times the model's
     # size, so it runs before the reference and the torch backend hold their copies.
     order = sorted(config.backends, key=lambda name: name == "torch")
-    loaded = {
-        name: load(
+    loaded: dict[str, Any] = {}
+    made: list[Any] = []
+    for name in order:
+        precisions = (
+            openvino_precisions() if name == "openvino" and profiled and config.precision is None else ()
+        )
+        engine = load(
             config.model,
             backend=name,
             device=config.device,
-            precision=config.precision,
+            precision=precisions[-1] if precisions else config.precision,
             cache_dir=config.cache_dir,
             progress=progress,
             profile=config.profile,
             loras=config.loras,
             vae=config.vae,
         )
-        for name in order
-    }
-    engines = {name: loaded[name] for name in config.backends}
-    profiled = config.profile != "default"
+        made.append(engine)  # from the model source: its choices name the LoRAs and VAE fused in
+        if not precisions:
+            loaded[name] = engine
+            continue
+        # A row per precision the CPU runs, all from the one export (an int8 export holds
+        # the fp32 stages too): agreement with the fp32 row, same profile, seed and inputs.
+        for precision in precisions:
+            loaded[f"{name} {precision}"] = (
+                engine
+                if precision == precisions[-1]
+                else load(artifacts=engine.backend.directory, backend=name, precision=precision)
+            )
+    engines = {row: loaded[row] for name in config.backends for row in loaded if row.split(" ")[0] == name}
     if profiled and config.default_steps:
         first = config.backends[0]
         engines[f"{first} default"] = load(
             config.model,
             backend=first,
             device=config.device,
-            precision=config.precision if config.precision != "bf16" or first == "openvino" else None,
+            # the default recipe's own precision where this one is the profile's or int8
+            precision=config.precision
+            if config.precision in ("fp32", "fp16") or (config.precision == "bf16" and first == "openvino")
+            else None,
             cache_dir=config.cache_dir,
             progress=progress,
         )
     # The reference runs what the engines run: under a profile (or with --lora, --vae), the
     # LoRAs fused by diffusers, the VAE and the scheduler.
     adapted = profiled or config.loras or config.vae is not None
-    choices = engines[config.backends[0]].choices if adapted else None
+    choices = made[0].choices if adapted else None
     reference = ReferencePipeline(config.model, config.device, choices=choices)
     settings = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
     # Modes: text to clip; under a profile also the web app's, a seed image at denoising 0.75.
@@ -229,6 +256,24 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             ),
         }
 
+    def versus_fp32(name: str) -> dict[str, float] | None:
+        """Against the fp32 row of the same backend and mode: pixels within 1, 4 and 16 gray
+        levels, and the mel spectral convergence of this row's audio against that one's."""
+        backend, _, rest = name.partition(" ")
+        precision = rest.split(" ")[0]
+        fp32 = f"{backend} fp32{mode_of[name]}"
+        if precision not in ("bf16", "int8") or fp32 not in outputs:
+            return None
+        (pixels, audio), (ref_pixels, ref_audio) = outputs[name], outputs[fp32]
+        gray = np.abs(pixels.astype(int) - ref_pixels.astype(int))
+        ref_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
+        return {
+            **{f"share_within_{n}_gray_levels": float((gray <= n).mean()) for n in (1, 4, 16)},
+            "rms_gray_levels": float(np.sqrt((gray.astype(float) ** 2).mean())),
+            "max_abs_gray_levels": int(gray.max()),
+            "spectral_convergence_vs_fp32": spectral_convergence(audio.astype(np.float32), ref_mel, params),
+        }
+
     results: dict[str, Any] = {}
     for name, measured in runs.items():
         stages = _summary(measured)
@@ -237,6 +282,8 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             "real_time_factor": stages["end_to_end"]["median_s"] / audio_seconds,
             "agreement": agreement(name),
         }
+        if not name.startswith("reference") and (vs := versus_fp32(name)) is not None:
+            entry["agreement_vs_fp32"] = vs
         if not name.startswith("reference"):
             entry["speedup"] = {
                 s: results["reference" + mode_of[name]]["stages"][s]["median_s"] / stages[s]["median_s"]
@@ -251,6 +298,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 results[default]["stages"]["end_to_end"]["median_s"]
                 / entry["stages"]["end_to_end"]["median_s"]
             )
+    gates = precision_gates(results, mode_of)
     peak_gpu = memory.stop() if memory is not None else None
     peak_torch = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
     return {
@@ -263,7 +311,35 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "gpu_memory_source": memory_source,
         "peak_torch_gpu_bytes": peak_torch,
         "results": results,
+        "precision_gates": gates,
     }
+
+
+def openvino_precisions() -> tuple[str, ...]:
+    """The precisions a realtime bench runs on OpenVINO here, int8 (where NNCF can make its
+    UNet) last: the export made for it serves the others."""
+    from ..runtime.cpu import has_bf16
+    from ..runtime.profiles import nncf_installed
+
+    return ("fp32",) + (("bf16",) if has_bf16() else ()) + (("int8",) if nncf_installed() else ())
+
+
+def precision_gates(results: dict[str, Any], mode_of: dict[str, str]) -> dict[str, Any]:
+    """Per backend and mode with int8 and bf16 rows: int8's end-to-end error against the
+    fp32 row at most twice bf16's, both measured in this run. The error is the image's
+    root mean square difference in gray levels: the audio's spectral convergence against
+    the fp32 audio is reported beside it, but on the random presets' noise-like images
+    Griffin-Lim's own inconsistency (the rows' ``spectral_convergence``) is its floor."""
+    gates = {}
+    for name, entry in results.items():
+        backend, _, rest = name.partition(" ")
+        bf16 = results.get(f"{backend} bf16{mode_of[name]}", {}).get("agreement_vs_fp32")
+        if not rest.startswith("int8") or "agreement_vs_fp32" not in entry or bf16 is None:
+            continue
+        int8, reference = entry["agreement_vs_fp32"]["rms_gray_levels"], bf16["rms_gray_levels"]
+        ratio = int8 / reference if reference > 0 else float("inf") if int8 > 0 else 1.0
+        gates[name] = {"int8": int8, "bf16": reference, "ratio": ratio, "holds": ratio <= 2.0}
+    return gates
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -289,6 +365,21 @@ def format_table(report: dict[str, Any]) -> str:
     ):
         lines.append(
             f"{label:<16}" + "".join(f"{report['results'][n]['agreement'][key]:>26.4f}" for n in names)
+        )
+    if any("agreement_vs_fp32" in report["results"][n] for n in names):
+        for key, label in (
+            ("share_within_1_gray_levels", "fp32 within 1"),
+            ("share_within_4_gray_levels", "fp32 within 4"),
+            ("share_within_16_gray_levels", "fp32 within 16"),
+            ("rms_gray_levels", "fp32 RMS gray"),
+            ("spectral_convergence_vs_fp32", "SC vs fp32"),
+        ):
+            cells = [report["results"][n].get("agreement_vs_fp32", {}).get(key) for n in names]
+            lines.append(f"{label:<16}" + "".join(f"{'':>26}" if c is None else f"{c:>26.4f}" for c in cells))
+    for name, gate in report.get("precision_gates", {}).items():
+        lines.append(
+            f"{name}: RMS error against fp32 {gate['int8']:.2f} gray levels, bf16's {gate['bf16']:.2f}: "
+            f"{gate['ratio']:.2f}x ({'within' if gate['holds'] else 'over'} the 2x gate)"
         )
     if any("speedup_vs_default" in report["results"][n] for n in names):
         lines.append(

@@ -1,17 +1,18 @@
 """``riffusion-engine doctor``: every path this machine can run, checked against the reference.
 
 On ``random:tiny`` (offline, seconds per path) it runs each backend x precision x path
-that the device allows — the exports (ONNX fused / unfused / fp16, TensorRT dynamic and
-static), each backend, CUDA graphs, the CuPy kernels and the DLPack hand-off from the
-VAE, export on first use through ``auto``, and one request through the HTTP server —
-and compares each with the reference: the torch backend in fp32 on the CPU (itself
+that the device allows — the exports (ONNX fused / unfused / fp16, OpenVINO with an int8
+UNet, TensorRT dynamic and static), each backend, CUDA graphs, the CuPy kernels and the
+DLPack hand-off from the VAE, export on first use through ``auto``, and one request
+through the HTTP server — and compares each with the reference: the torch backend in fp32 on the CPU (itself
 equal to diffusers' pipeline, ``tests/test_runtime.py``). A path whose requirement is
 missing (no GPU, TensorRT not installed, ...) is skipped with the reason. The command
 fails when any path that could run failed.
 
 Errors: for a backend, the largest difference of its spectrogram images (floats in
 [0, 1]) from the reference's over one request and a batch (one to three requests);
-for an export, the worst relative error its verification recorded; for the CuPy
+for an export, the worst relative error its verification recorded (for the int8 UNet,
+its relative RMS error on held-out calls, against the export's own bound); for the CuPy
 kernels, the relative L2 difference of the waveform from NumPy's; for the server, the
 largest difference of its WAV samples from the same engine's one-shot run (full scale 1).
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 MODEL = "random:tiny"
 # Largest difference of a backend's [0, 1] spectrogram image from the fp32 reference.
-IMAGE_TOLERANCE = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.1}
+IMAGE_TOLERANCE = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.1, "int8": 0.25}
 EXPORT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # as export verification (export/verify.py)
 KERNEL_TOLERANCE = 1e-3  # CuPy's waveform against NumPy's, same (random) initial phase
 # The server's WAV against the same engine's one-shot run (relative L2): equal on the CPU;
@@ -98,6 +99,7 @@ REQUIREMENTS: dict[str, Callable[[], str | None]] = {
     "cupy": _missing_module("cupy", "gpu"),
     "tensorrt": _missing_module("tensorrt", "tensorrt"),
     "openvino": _missing_module("openvino", "openvino"),
+    "nncf": _missing_module("nncf", "openvino"),
     "onnxruntime-cuda": _missing_provider("CUDAExecutionProvider"),
     "onnxruntime-tensorrt": _missing_provider("TensorrtExecutionProvider"),
 }
@@ -222,6 +224,8 @@ class Doctor:
         )
         yield "openvino cpu fp32", lambda: self.openvino("fp32")
         yield "openvino cpu bf16", lambda: self.openvino("bf16")
+        yield "export openvino cpu int8 (calibrated, checked)", self.export_int8
+        yield "openvino cpu int8", lambda: self.openvino("int8")
         yield f"auto {self.device}: export on first use", self.auto
         yield "server: one /run_inference/ request", self.server
         yield "torch cuda fp32", lambda: self.torch_cuda("fp32")
@@ -335,11 +339,39 @@ class Doctor:
         error, detail = self.compare_engine(engine)
         return error, IMAGE_TOLERANCE["fp32"], detail + " (unfused fp32 export)"
 
+    def export_int8(self) -> tuple[float, float, str]:
+        """An openvino export with an int8 UNet, calibrated on the engine's sampling of the
+        doctor's own requests (PNDM, guidance 7, its steps; 16 clips, 4 held out)."""
+        from dataclasses import replace
+
+        from ...export.calibration import CalibrationPlan
+        from ...export.exporter import ExportConfig, export
+        from ...export.specs import ShapeProfile
+        from ..runtime.calibration import collect
+        from ..runtime.defaults import SCHEDULER
+
+        self.require("openvino", "nncf")
+        plan = replace(CalibrationPlan.of(SCHEDULER, self.steps, 7.0), clips=16, held_out_clips=4)
+        config = ExportConfig(
+            model=MODEL,
+            target="openvino",
+            precision="int8",
+            calibration=plan,
+            profile=ShapeProfile(max_batch=4),
+        )
+        result = export(config, self.work / "int8", progress=False, calibrate=collect)
+        self.exports["int8"] = result.directory
+        check = result.manifest["stages"]["unet"]["int8"]["verification"]
+        bf16 = "" if check["bf16"] is None else f", bf16's {check['bf16']['rel_rms']:.1e}"
+        detail = f"the int8 UNet's relative RMS error against fp32 on held-out calls{bf16}"
+        return check["int8"]["rel_rms"], check["bound"], detail
+
     def openvino(self, precision: str) -> tuple[float, float, str]:
         from ..runtime.loading import load
 
         self.require("openvino")
-        engine = load(artifacts=self.export_dir("unfused"), backend="openvino", precision=precision)
+        export = "int8" if precision == "int8" else "unfused"
+        engine = load(artifacts=self.export_dir(export), backend="openvino", precision=precision)
         error, detail = self.compare_engine(engine)
         if precision == "bf16":
             compiled = engine.backend.request("unet").get_compiled_model()

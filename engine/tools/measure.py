@@ -90,7 +90,7 @@ def cpu_model() -> str:
 def environment() -> dict[str, Any]:
     """The machine and the installed versions a report was measured with."""
     from ...export.artifacts import gpu_info, tool_versions
-    from ..runtime.profiles import cpu_features
+    from ..runtime.cpu import cpu_features
 
     names = ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "diffusers", "transformers")
     versions = {k: v for k, v in tool_versions((*names, "numpy", "scipy", "librosa")).items() if v}
