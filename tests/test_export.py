@@ -436,7 +436,15 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         main(["export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--precision", "int4"])
     assert exc.value.code == 2 and "invalid choice: 'int4'" in usage.getvalue()
     code, _, err = run_cli(
-        "export", "--model", "random:tiny", "-o", str(tmp_path / "o"), "--target", "onnx", "--precision", "int8"
+        "export",
+        "--model",
+        "random:tiny",
+        "-o",
+        str(tmp_path / "o"),
+        "--target",
+        "onnx",
+        "--precision",
+        "int8",
     )
     assert code == 2 and "int8 is the openvino target's" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
