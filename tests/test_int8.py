@@ -94,9 +94,11 @@ def test_an_int8_export_records_its_calibration_and_is_reused(int8_export) -> No
     assert len(prompts) >= 64 and not set(prompts) & set(held_out)
     assert calibration["prompts"] == hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     check = int8["verification"]
-    assert check["int8"]["rel_rms"] <= check["bound"] <= INT8_TOLERANCE
-    if computes_bf16():
-        assert check["bound"] <= 2 * check["bf16"]["rel_rms"] + 1e-12
+    assert check["int8"]["rel_rms"] <= check["bound"] == INT8_TOLERANCE
+    # bf16's error on the same held-out calls, recorded beside it where the CPU computes bf16.
+    assert (check["bf16"] is not None) == computes_bf16()
+    if check["bf16"] is not None:
+        assert 0 < check["bf16"]["rel_rms"] < check["int8"]["rel_rms"]
     # The scheme, NNCF's version and the calibration plan are in the cache key.
     assert manifest["key_fields"]["int8"]["calibration"]["clips"] == CLIPS
     assert manifest["key_fields"]["int8"]["nncf"] == version("nncf")

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"unet int8 ({int8['scheme']['name']}, NNCF {int8['nncf']}): relative RMS "
             f"{check['int8']['rel_rms']:.2e} against fp32 on {check['held_out_samples']} held-out calls"
-            f"{bf16}; bound {check['bound']:.2e}"
+            f"{bf16}; bound {check['bound']:g}"
         )
     verb = "reused" if result.cache_hit else "wrote"
     print(f"{verb} {result.directory} in {time.perf_counter() - start:.1f} s")
