@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 MODEL = "random:tiny"
 # Largest difference of a backend's [0, 1] spectrogram image from the fp32 reference.
-IMAGE_TOLERANCE = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.1, "int8": 0.25}
+IMAGE_TOLERANCE = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.1, "int8": 0.2}
 EXPORT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # as export verification (export/verify.py)
 KERNEL_TOLERANCE = 1e-3  # CuPy's waveform against NumPy's, same (random) initial phase
 # The server's WAV against the same engine's one-shot run (relative L2): equal on the CPU;
@@ -506,7 +506,7 @@ def run_doctor(
 def format_row(check: Check) -> str:
     error = "-" if check.error is None else f"{check.error:.2e}"
     tolerance = "" if check.tolerance is None else f" <= {check.tolerance:.0e}"
-    return f"{check.path:<44}{check.status:<9}{error + tolerance:>20}{check.seconds:>9.1f}  {check.detail}"
+    return f"{check.path:<48}{check.status:<9}{error + tolerance:>20}{check.seconds:>9.1f}  {check.detail}"
 
 
-HEADER = f"{'path':<44}{'status':<9}{'error vs reference':>20}{'seconds':>9}  detail"
+HEADER = f"{'path':<48}{'status':<9}{'error vs reference':>20}{'seconds':>9}  detail"
