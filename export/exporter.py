@@ -166,10 +166,13 @@ def export(
     *,
     progress: bool = True,
     calibrate: Calibrate | None = None,
+    reads: Callable[[str], bool] | None = None,
 ) -> ExportResult:
     """Export ``config.model`` into ``output`` (or reuse it when its key matches).
     ``calibrate``: an int8 export's collector of its calibration (the engine's sampling,
-    which this layer cannot import: ``engine/runtime/calibration.py``)."""
+    which this layer cannot import: ``engine/runtime/calibration.py``). ``reads``: where
+    the caller runs only some of the files (OpenVINO the IR, not the ONNX beside it), which
+    of them a cached export's hashes are checked for; default every file."""
     output = Path(output)
     if config.int8 and calibrate is None:
         raise RiffusionError("an int8 export calibrates on the engine's sampling: give it a collector")
@@ -190,7 +193,7 @@ def export(
     key = artifacts.cache_key(key_fields)
     output.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output.parent / f".{output.name}.lock"):
-        cached = _cached(output, key)
+        cached = _cached(output, key, reads)
         if cached is not None:
             log.info("cache hit: %s already holds this export (key %s)", output, key[:12])
             return ExportResult(output, cached, cache_hit=True)
@@ -266,8 +269,9 @@ def _check_output(output: Path) -> None:
         )
 
 
-def _cached(output: Path, key: str) -> dict[str, Any] | None:
-    """The manifest of a complete, intact export under ``key`` in ``output``, or None."""
+def _cached(output: Path, key: str, reads: Callable[[str], bool] | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete, intact export under ``key`` in ``output`` (its files, or
+    those ``reads`` accepts, as hashed when it was made), or None."""
     try:
         manifest = artifacts.read_manifest(output)
     except artifacts.ArtifactError:
@@ -275,7 +279,7 @@ def _cached(output: Path, key: str) -> dict[str, Any] | None:
     if manifest.get("cache_key") != key:
         log.info("%s holds an export with another key; exporting again", output)
         return None
-    damaged = artifacts.damaged_files(output, manifest)
+    damaged = artifacts.damaged_files(output, manifest, reads)
     if damaged:
         log.warning(
             "%s: %s changed since export (sha256 mismatch); exporting again", output, ", ".join(damaged)

@@ -8,6 +8,7 @@ back, and the :class:`ModelShape` the chain needs, instead of nested dictionarie
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,12 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, check_files: bool = True) -> Manifest:
-        """The manifest of ``directory``, after checking every file against its recorded
-        hash (ArtifactError for a missing, unreadable, incomplete or damaged export)."""
+    def load(
+        cls, directory: str | os.PathLike[str], *, check_files: bool | Callable[[str], bool] = True
+    ) -> Manifest:
+        """The manifest of ``directory``, after checking every file (or, ``check_files`` a
+        predicate of a file's name, those it accepts) against its recorded hash
+        (ArtifactError for a missing, unreadable, incomplete or damaged export)."""
         try:
             return cls.of(directory, artifacts.load_manifest(directory, check_files=check_files))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -242,6 +243,30 @@ def test_a_second_load_compiles_nothing(int8_export, tmp_path) -> None:
         assert set(backend.loaded_from_cache) == {"text_encoder", "unet", "vae_decoder"}
         assert all(v is not first for v in backend.loaded_from_cache.values()), backend.loaded_from_cache
     np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_openvino_checks_the_hashes_of_the_files_it_reads(int8_export, tmp_path) -> None:
+    """An openvino export's ONNX files are not OpenVINO's to read: a changed one does not
+    stop it; a changed IR does, in the precision that reads it, and only there."""
+    copy = tmp_path / "export"
+    shutil.copytree(int8_export, copy, ignore=shutil.ignore_patterns("openvino-cache"))
+    recorded = json.loads((copy / "manifest.json").read_text())["stages"]["unet"]["files"]
+    assert {"unet.onnx", "unet.xml", "unet.int8.xml"} <= set(recorded)
+
+    def change(name: str) -> None:
+        with open(copy / name, "ab") as f:
+            f.write(b"\0")
+
+    change("unet.onnx")
+    load(artifacts=copy, backend="openvino", precision="int8", model_cache=False)
+    load(artifacts=copy, backend="openvino", precision="fp32", model_cache=False)
+    change("unet.int8.bin")
+    with pytest.raises(RiffusionError, match=r"is damaged: unet\.int8\.bin missing or changed"):
+        load(artifacts=copy, backend="openvino", precision="int8", model_cache=False)
+    load(artifacts=copy, backend="openvino", precision="bf16", model_cache=False)  # reads unet.xml
+    change("unet.bin")
+    with pytest.raises(RiffusionError, match=r"is damaged: unet\.bin missing or changed"):
+        load(artifacts=copy, backend="openvino", precision="fp32", model_cache=False)
 
 
 def _peak_rss(*argv: str) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,10 +129,13 @@ class ExportBackend(Backend):
     """Shared by the backends that run an export directory: the manifest and the
     sizing of output buffers from the stage specs it records."""
 
-    def __init__(self, directory: str | Path, *, device: str) -> None:
+    def __init__(
+        self, directory: str | Path, *, device: str, reads: Callable[[str], bool] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.device = check_device(device)
-        self.manifest = Manifest.load(self.directory)
+        # Every recorded file's hash is checked, or (``reads``) those of the files this backend reads.
+        self.manifest = Manifest.load(self.directory, check_files=reads or True)
 
     def spec(self, stage: str) -> StageSpec:
         return self.manifest.stage(stage).spec
@@ -367,7 +371,7 @@ class OpenVinoBackend(ExportBackend):
         model_cache: str | Path | Literal[False] | None = None,
     ) -> None:
         ov = runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
-        super().__init__(directory, device=device)
+        super().__init__(directory, device=device, reads=openvino_reads(directory, inference_precision))
         manifest = self.manifest
         self.ir = manifest.target == "openvino"
         if not self.ir and (
@@ -437,6 +441,39 @@ class OpenVinoBackend(ExportBackend):
         request.infer(arrays, share_inputs=True)
         # The request owns its output buffer and reuses it on the next call: copy it out.
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+def openvino_reads(directory: str | Path, precision: str) -> Callable[[str], bool] | None:
+    """Which of an export's files the openvino backend reads in ``precision``: of an
+    openvino export, :func:`ir_reads`; None (every file) for an ONNX export or an
+    unreadable manifest, whose own loading says what is wrong."""
+    from ...export.artifacts import ArtifactError, read_manifest
+
+    try:
+        if read_manifest(directory).get("target") != "openvino":
+            return None
+    except ArtifactError:
+        return None
+    return ir_reads(precision)
+
+
+def ir_reads(precision: str) -> Callable[[str], bool]:
+    """A predicate of an openvino export's file names: whether OpenVINO reads the file when
+    running ``precision``: each stage's IR (the UNet's int8 IR when running int8, else its
+    fp32 one) and the support files, not the ONNX files beside them."""
+    from ...export.manifest import INT8_SUFFIX
+
+    def reads(name: str) -> bool:
+        stage, _, rest = name.partition(".")
+        if "/" in stage or not rest:
+            return True  # a support file (tokenizer/, scheduler/)
+        if rest.startswith("onnx"):
+            return False
+        if stage == "unet":
+            return rest.startswith(INT8_SUFFIX.lstrip(".")) == (precision == "int8")
+        return True
+
+    return reads
 
 
 def _writable(directory: Path) -> Path | None:

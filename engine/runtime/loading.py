@@ -16,7 +16,7 @@ from ...export.adapters import Lora, Variant
 from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
-from .backends import check_device, create_backend, resolve_backend
+from .backends import check_device, create_backend, ir_reads, resolve_backend
 from .defaults import MAX_BATCH, MAX_WIDTH
 from .pipeline import Engine
 from .profiles import Choices, resolve
@@ -193,7 +193,11 @@ def export_on_first_use(
         max_width=max_width,
     )
     directory = Path(cache_dir or default_cache_dir()) / name
-    result = export(config, directory, progress=progress, calibrate=collect if config.int8 else None)
+    # OpenVINO reads an openvino export's IR only: the cache hit checks those files' hashes.
+    reads = ir_reads(precision or "fp32") if config.target == "openvino" else None
+    result = export(
+        config, directory, progress=progress, calibrate=collect if config.int8 else None, reads=reads
+    )
     log.info("%s export %s (%s)", "reusing" if result.cache_hit else "made", directory, model)
     return directory
 
