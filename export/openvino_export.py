@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # held-out UNet call. OpenVINO's bf16 arithmetic's error on the same inputs is measured and
 # recorded beside it, not bounded here: per call, int8's was 1.4x bf16's on random:full and
 # 1.9x-2.4x on random:tiny's narrow UNet, while the broken quantizations the tests make land
-# above 0.1. The issue's gate (int8 at most twice bf16, against fp32) is bench's, on the
+# above 0.1. The precision gate (int8 at most twice bf16, against fp32) is bench's, on the
 # clips' images end to end (engine/tools/bench.py, precision_gates).
 INT8_TOLERANCE = 0.1
 

@@ -56,11 +56,10 @@ def run(args: argparse.Namespace) -> None:
     choices = resolve("realtime", model="random:tiny")
     print(choices.describe())
     begin = time.perf_counter()
+    # OpenVINO's IR where installed (an int8 UNet where the CPU's class runs it).
     config = ExportConfig(
         model="random:tiny",
-        **export_fields(
-            choices
-        ),  # OpenVINO's IR where installed (an int8 UNet where the CPU's class runs it)
+        **export_fields(choices),
         variant=Variant(choices.loras, choices.vae),
         profile=ShapeProfile(guidance=False),  # guidance off: one UNet row per clip
         run_profile="realtime",

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
     from ...export.manifest import Manifest
     from ...export.specs import HEIGHT, ShapeProfile
     from ...kernels.errors import RiffusionError
+    from ..runtime.calibration import collect
     from ..runtime.loading import export_fields
     from ..runtime.profiles import resolve
 
@@ -142,8 +143,6 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
     )
-    from ..runtime.calibration import collect
-
     start = time.perf_counter()
     result = export(config, args.output, progress=not args.quiet, calibrate=collect if config.int8 else None)
     manifest = Manifest.of(result.directory, result.manifest)
