@@ -66,9 +66,26 @@ def ir_path(directory: Path, stage: str, *, int8: bool = False) -> Path:
 
 
 def write_ir(onnx_path: Path, xml_path: Path) -> None:
-    """Convert a stage's ONNX file to OpenVINO IR (fp32 weights: no fp16 compression)."""
+    """Convert a stage's ONNX file to OpenVINO IR (fp32 weights: no fp16 compression).
+
+    The steps of ``ov.convert_model`` for an ONNX file without options (the ONNX frontend's
+    model, then the offline transformations of its ``moc_emit_ir``), which give the same
+    IR, without the converter's usage telemetry: ``convert_model`` sends it to Google
+    Analytics from a forked process unless the user opted out, and that child can
+    deadlock in the resolver (the export runs offline) and hold up the process's exit."""
     ov = require_openvino()
-    model = ov.convert_model(str(onnx_path))
+    from openvino._offline_transformations import (
+        apply_fused_names_cleanup,
+        apply_moc_legacy_transformations,
+        apply_moc_transformations,
+        compress_quantize_weights_transformation,
+    )
+
+    model = ov.Core().read_model(str(onnx_path))
+    apply_moc_transformations(model, cf=False, smart_reshape=True)
+    compress_quantize_weights_transformation(model)
+    apply_moc_legacy_transformations(model, [])
+    apply_fused_names_cleanup(model)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
 
 
