@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 INT8_TOLERANCE = 0.1
 
 
+# OpenVINO's INFERENCE_PRECISION_HINT for the precision of the float operations.
+INFERENCE_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
 def require_openvino() -> Any:
     try:
         import openvino
@@ -92,7 +96,7 @@ def write_ir(onnx_path: Path, xml_path: Path) -> None:
 def compiled(xml_path: Path, precision: str = "fp32") -> Any:
     """An infer request of the IR compiled for the CPU in ``precision`` (fp32 or bf16)."""
     ov = require_openvino()
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    hint = INFERENCE_HINT[precision]
     model = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
     return model.create_infer_request()
 
@@ -358,10 +362,11 @@ def check_int8(
     return report
 
 
-def computes_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin runs bf16 arithmetic here (its optimization capabilities)."""
-    ov = require_openvino()
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+def computes_bf16(core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 arithmetic here (its optimization
+    capabilities, asked of ``core`` or a new ``openvino.Core``)."""
+    core = core or require_openvino().Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def make_int8(

@@ -212,18 +212,16 @@ def test_every_help_shows_the_defaults() -> None:
 
 def test_benchmark_scripts_say_what_to_do_first(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    result = subprocess.run(
-        [sys.executable, str(root / "bench_unet.py"), "--artifacts", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "riffusion-engine export" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    result = subprocess.run(
-        [sys.executable, str(root / "bench_int8.py"), "--artifacts", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "--target openvino --precision int8" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    for script, advice in (
+        ("bench_unet.py", "riffusion-engine export"),
+        ("bench_int8.py", "--target openvino --precision int8"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(root / script), "--artifacts", str(tmp_path / "none")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2 and advice in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     for script in ("bench_unet.py", "bench_serve.py", "bench_audio.py", "bench_int8.py"):
         text = subprocess.run(
             [sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from ...export.manifest import Manifest
 from ...export.specs import Dim, StageSpec
 from ...kernels.errors import RiffusionError
+from .openvino_files import openvino_reads
 from .tensorrt_runtime import check_export_for_provider, load_tensorrt_libraries, tensorrt_provider_options
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,8 @@ class OpenVinoBackend(ExportBackend):
         threads: int = 0,
         model_cache: str | Path | Literal[False] | None = None,
     ) -> None:
+        from ...export.openvino_export import INFERENCE_HINT, computes_bf16
+
         ov = runtime_module("openvino", "OpenVINO", "openvino", device=device, needs="cpu")
         super().__init__(directory, device=device, reads=openvino_reads(directory, inference_precision))
         manifest = self.manifest
@@ -396,10 +399,9 @@ class OpenVinoBackend(ExportBackend):
         # What the float operations run in: an int8 UNet's, and every other stage's.
         self.float_precision = inference_precision
         if inference_precision == "int8":
-            capabilities = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            self.float_precision = "bf16" if "BF16" in capabilities else "fp32"
+            self.float_precision = "bf16" if computes_bf16(self._core) else "fp32"
         self.config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.float_precision],
+            "INFERENCE_PRECISION_HINT": INFERENCE_HINT[self.float_precision],
             "PERFORMANCE_HINT": "LATENCY",
         }
         if threads:
@@ -441,39 +443,6 @@ class OpenVinoBackend(ExportBackend):
         request.infer(arrays, share_inputs=True)
         # The request owns its output buffer and reuses it on the next call: copy it out.
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-
-def openvino_reads(directory: str | Path, precision: str) -> Callable[[str], bool] | None:
-    """Which of an export's files the openvino backend reads in ``precision``: of an
-    openvino export, :func:`ir_reads`; None (every file) for an ONNX export or an
-    unreadable manifest, whose own loading says what is wrong."""
-    from ...export.artifacts import ArtifactError, read_manifest
-
-    try:
-        if read_manifest(directory).get("target") != "openvino":
-            return None
-    except ArtifactError:
-        return None
-    return ir_reads(precision)
-
-
-def ir_reads(precision: str) -> Callable[[str], bool]:
-    """A predicate of an openvino export's file names: whether OpenVINO reads the file when
-    running ``precision``: each stage's IR (the UNet's int8 IR when running int8, else its
-    fp32 one) and the support files, not the ONNX files beside them."""
-    from ...export.manifest import INT8_SUFFIX
-
-    def reads(name: str) -> bool:
-        stage, _, rest = name.partition(".")
-        if "/" in stage or not rest:
-            return True  # a support file (tokenizer/, scheduler/)
-        if rest.startswith("onnx"):
-            return False
-        if stage == "unet":
-            return rest.startswith(INT8_SUFFIX.lstrip(".")) == (precision == "int8")
-        return True
-
-    return reads
 
 
 def _writable(directory: Path) -> Path | None:

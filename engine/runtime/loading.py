@@ -16,8 +16,9 @@ from ...export.adapters import Lora, Variant
 from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
 from ...kernels.errors import RiffusionError
-from .backends import check_device, create_backend, ir_reads, resolve_backend
+from .backends import check_device, create_backend, resolve_backend
 from .defaults import MAX_BATCH, MAX_WIDTH
+from .openvino_files import ir_reads
 from .pipeline import Engine
 from .profiles import Choices, resolve
 
@@ -143,23 +144,24 @@ def load(
 
 def export_run_profile(directory: Path) -> str | None:
     """The run profile an export directory was made for (its manifest's), if it says."""
-    from ...export.artifacts import ArtifactError, read_manifest
-
-    try:
-        return read_manifest(directory).get("run_profile")
-    except ArtifactError:
-        return None  # the backend's own loading says what is wrong with it
+    return _manifest_or_empty(directory).get("run_profile")
 
 
 def export_has_int8(directory: Path) -> bool:
     """Whether an export directory holds an int8 UNet (its manifest says)."""
+    stages = _manifest_or_empty(directory).get("stages", {})
+    return isinstance(stages, dict) and isinstance(stages.get("unet"), dict) and "int8" in stages["unet"]
+
+
+def _manifest_or_empty(directory: Path) -> dict[str, Any]:
+    """An export directory's manifest as written, or {} where it cannot be read (the
+    backend's own loading says what is wrong with it)."""
     from ...export.artifacts import ArtifactError, read_manifest
 
     try:
-        stages = read_manifest(directory).get("stages", {})
+        return read_manifest(directory)
     except ArtifactError:
-        return False
-    return isinstance(stages, dict) and isinstance(stages.get("unet"), dict) and "int8" in stages["unet"]
+        return {}
 
 
 def export_on_first_use(
