@@ -8,7 +8,9 @@ the CPU has), alternated, one clip's row (batch 1) at the export's optimized wid
     python benchmarks/bench_int8.py --artifacts DIR --isa avx512_core_vnni   # AVX-512 VNNI, no bf16
 
 Prints medians, the ratios against fp32 and bf16, and the held-out errors the export
-recorded (int8's and bf16's relative RMS against the fp32 stage). ``--isa`` limits the
+recorded (int8's and bf16's relative RMS against the fp32 stage). An export with DeepCache's
+stages (``--deep-cache``) also times its shallow stage in each precision, on the feature
+the full call returned, and prints its share of a full call. ``--isa`` limits the
 instructions OpenVINO's kernels use (oneDNN's ONEDNN_MAX_CPU_ISA: ``avx2`` stands in for
 an AVX2-only CPU on a newer one, ``avx512_core_vnni`` for one with AVX-512 VNNI and no bf16;
 its MLAS matrix products keep the CPU's own); bf16 is left out there. Each run in its own
@@ -60,6 +62,16 @@ def main() -> None:
     sample = spec.sample_inputs(which="opt", seed=0)
     inputs = {name: torch.from_numpy(value[:1]) for name, value in sample.items()}  # one clip's row
     calls = {p: lambda _, b=backend: b.run("unet", inputs) for p, backend in backends.items()}
+    deep = "unet_shallow" in backends["int8"].manifest.stages
+    if deep:
+        feature = backends["fp32"].run("unet", inputs)[1]
+        shallow = {**inputs, "deep_feature": feature}
+        calls.update(
+            {
+                f"{p} shallow": lambda _, b=backend: b.run("unet_shallow", shallow)
+                for p, backend in backends.items()
+            }
+        )
     times = alternate(calls, runs=args.runs, warmup=1).seconds  # alternated: drift hits all alike
     unet = backends["int8"].manifest.stage("unet")
     report = {
@@ -69,7 +81,7 @@ def main() -> None:
         "input": {name: list(t.shape) for name, t in inputs.items()},
         "scheme": unet.int8["scheme"]["name"],
         "held_out": unet.int8["verification"],
-        **{p: summary(times[p]) for p in precisions},
+        **{p: summary(times[p]) for p in calls},
     }
     for p in precisions:
         print(f"{p:<5} median {report[p]['median_s']:.3f} s  p90 {report[p]['p90_s']:.3f} s")
@@ -80,6 +92,13 @@ def main() -> None:
     if check["bf16"] is not None:
         errors += f", bf16 {check['bf16']['rel_rms']:.2e}"
     print(f"{', '.join(ratios)}; {errors} ({report['scheme']})")
+    if deep:
+        cells = []
+        for p in precisions:
+            seconds = report[p + " shallow"]["median_s"]
+            cells.append(f"{p} {seconds:.3f} s ({seconds / report[p]['median_s']:.3f} of a full call)")
+        branch = backends["int8"].deep_cache_branch
+        print(f"shallow stage (DeepCache branch {branch}): " + ", ".join(cells))
     print(f"cpu: {report['environment']['cpu']} ({', '.join(report['environment']['cpu_features'])})"
           + (f", OpenVINO limited to {args.isa}" if args.isa else ""))  # fmt: skip
     if args.json:

@@ -65,7 +65,7 @@ def run_streams(engine: Any, *, streams: int, duration: float, settings: dict[st
 
     config = StreamSettings(**settings)
     clips = clips_for(config, engine.params, duration)
-    beat = seed_image("og_beat", engine.params)
+    beat = seed_image("og_beat", engine.params, width=config.width)  # cut to the clip's width
     batcher = hub = None
     if streams > 1:
         server = ServerConfig(max_batch=4, batch_window_ms=20)
@@ -206,7 +206,15 @@ def main() -> None:
         "--backend", default=None, help="engine backend (default: torch; with --profile realtime, its own)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--precision", default=None, help="fp32, fp16 or bf16 (default: the profile's)")
+    parser.add_argument(
+        "--precision", default=None, help="fp32, fp16, bf16 or int8 (default: the profile's)"
+    )
+    parser.add_argument(
+        "--deep-cache",
+        default=None,
+        metavar="INTERVAL[:BRANCH]",
+        help="DeepCache's schedule; 0: off (default: the profile's; realtime: by the CPU's class)",
+    )
     parser.add_argument(
         "--profile",
         default="default",
@@ -239,7 +247,9 @@ def main() -> None:
         "--when", default="now", choices=("now", "jump", "wrap"), help="with --steer (default: now)"
     )
     parser.add_argument(
-        "--widths", default="512", help="with --steer: clip widths, comma-separated (default: 512)"
+        "--widths",
+        default="512",
+        help="clip widths, comma-separated; without --steer the rows run the first (default: 512)",
     )
     parser.add_argument(
         "--stream-buffers", default="3", help="with --steer: the server's --stream-buffer values (default: 3)"
@@ -262,6 +272,7 @@ def main() -> None:
             precision=args.precision,
             profile=args.profile,
             progress=True,
+            deep_cache=args.deep_cache,
         )
     except RiffusionError as exc:
         raise SystemExit(f"bench_stream: {exc}") from None
@@ -271,7 +282,11 @@ def main() -> None:
     if args.steer is not None:
         steer(engine, args)
         return
-    base = {"steps": args.steps, "scheduler": engine.scheduler, "alpha_step": 0.25}
+    try:
+        width = int(args.widths.split(",")[0])
+    except ValueError:
+        raise SystemExit("bench_stream: --widths takes integers, comma-separated") from None
+    base = {"steps": args.steps, "scheduler": engine.scheduler, "alpha_step": 0.25, "width": width}
     table = {
         "off1": (1, {**base, "pipeline": False, "lookahead": 1}),
         "on1": (1, {**base, "pipeline": True, "lookahead": 1}),

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..kernels.errors import RiffusionError
+from .specs import FEATURE
 
 PROMPTS_FILE = "calibration-prompts.txt"
 HELD_OUT_MARK = "# held out"  # the line that starts the held-out prompts
@@ -151,6 +152,10 @@ class CalibrationSet:
     held_out: list[Sample]
     held_out_outputs: list[np.ndarray]
     sampled_with: str  # the precision the calibration clips were denoised in
+    # DeepCache's UNet: the feature each call's full UNet kept (samples', held-out's), on
+    # which the shallow stage is calibrated and checked
+    features: list[np.ndarray] | None = None
+    held_out_features: list[np.ndarray] | None = None
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
@@ -158,9 +163,17 @@ class CalibrationSet:
             for name in sorted(sample):
                 digest.update(name.encode())
                 digest.update(np.ascontiguousarray(sample[name]).tobytes())
-        for output in self.held_out_outputs:
+        for output in (*self.held_out_outputs, *(self.features or ()), *(self.held_out_features or ())):
             digest.update(np.ascontiguousarray(output).tobytes())
         return digest.hexdigest()
+
+    def shallow(self, reference: Any) -> CalibrationSet:
+        """The shallow stage's set: each call's inputs with the feature its full call kept;
+        the held-out references are ``reference``'s outputs (the fp32 shallow stage's) on them."""
+        assert self.features is not None and self.held_out_features is not None
+        samples = [{**s, FEATURE: f} for s, f in zip(self.samples, self.features, strict=True)]
+        held_out = [{**s, FEATURE: f} for s, f in zip(self.held_out, self.held_out_features, strict=True)]
+        return CalibrationSet(samples, held_out, reference(held_out), self.sampled_with)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -36,7 +36,7 @@ from .adapters import Variant
 from .calibration import CalibrationPlan, CalibrationSet, ClipStore
 from .models import DEFAULT_MODEL, is_random_preset, load_components, source_hash
 from .openvino_export import DEFAULT_SCHEME, require_nncf, require_openvino, scheme
-from .specs import STAGES, Dim, ModelDims, ShapeProfile, StageSpec, stage_specs
+from .specs import SHALLOW, STAGES, Dim, ModelDims, ShapeProfile, StageSpec, stage_specs
 from .verify import TOLERANCE, Reference, all_finite, onnxruntime_runner, torch_references, verify_stage
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,13 @@ MIN_OPSET = 17
 FP16_FALLBACK_STAGES = ("vae_decoder", "vae_encoder")
 TIMING_CACHE = "timing.cache"
 # The torch component each stage runs.
-_COMPONENT = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+_COMPONENT = {
+    "text_encoder": "text_encoder",
+    "unet": "unet",
+    SHALLOW: "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
 
 
 def max_opset() -> int:
@@ -81,7 +87,9 @@ class ExportConfig:
     # fp16: ONNX Runtime fp16 graphs, or TensorRT fp16 kernels; int8 (openvino): the UNet
     # also quantized by NNCF, calibrated on the engine's own sampling (``calibration``)
     precision: Precision = "fp32"
-    profile: ShapeProfile = field(default_factory=ShapeProfile)  # sizes and batch
+    # Sizes and batch; its deep_cache_branch (DeepCache) makes the UNet also return the
+    # feature kept there and adds the unet_shallow stage after it (export/stages.py)
+    profile: ShapeProfile = field(default_factory=ShapeProfile)
     opset: int = MIN_OPSET  # ONNX opset
     fuse: bool = True  # ONNX Runtime transformer fusions (ONNX target; TensorRT fuses itself)
     stages: tuple[str, ...] = STAGES  # which stages to export
@@ -128,6 +136,8 @@ class ExportConfig:
             )
         if self.precision == "int8" and "unet" not in self.stages:
             raise RiffusionError("an int8 export quantizes the UNet: keep the unet stage")
+        if self.profile.deep_cache_branch is not None and "unet" not in self.stages:
+            raise RiffusionError("DeepCache's stages are the UNet's: keep the unet stage")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise RiffusionError(f"stages must be distinct names from {', '.join(STAGES)}, got {self.stages}")
@@ -135,6 +145,13 @@ class ExportConfig:
     @property
     def int8(self) -> bool:
         return self.precision == "int8"
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages made: ``stages``, with DeepCache's shallow stage after the UNet."""
+        if self.profile.deep_cache_branch is None:
+            return self.stages
+        return tuple(n for s in self.stages for n in ((s, SHALLOW) if s == "unet" else (s,)))
 
     @property
     def fused(self) -> bool:
@@ -329,10 +346,11 @@ def _build(
     scratch = work / "scratch"
     scratch.mkdir()
     stages = {}
-    for index, name in enumerate(config.stages):
+    names = config.stage_names
+    for index, name in enumerate(names):
         # Torch weights no later stage needs are dropped once their references are
         # computed: at full size this keeps the UNet's 3.4 GB out of the ONNX optimizer's peak.
-        later = {_COMPONENT[s] for s in config.stages[index + 1 :]}
+        later = {_COMPONENT[s] for s in names[index + 1 :]}
         release = _COMPONENT[name] if _COMPONENT[name] not in later else None
         steps = ["export", "verify"]
         if config.optimized:
@@ -378,15 +396,21 @@ def _build(
     }
     if config.int8:
         assert calibrate is not None and store is not None and config.calibration is not None
-        from .openvino_export import make_int8
+        from .openvino_export import fp32_outputs, ir_path, make_int8
 
         # The fp32 export, complete, for the engine's sampling to run on (``work`` only becomes
         # the export when renamed into place, after the int8 UNet is made and checked).
         (work / artifacts.MANIFEST).write_text(json.dumps({**manifest, "precision": "fp32"}, indent=2) + "\n")
         plan = replace(config.calibration, widths=config.calibration.widths or _widths(specs["unet"], dims))
-        stages["unet"] = make_int8(
-            work, stages["unet"], plan, scheme(config.int8_scheme), calibrate, store, progress=progress
-        )
+        data = calibrate(work, plan, store, progress)
+        recipe = scheme(config.int8_scheme)
+        stages["unet"] = make_int8(work, "unet", stages["unet"], data, plan, recipe, progress=progress)
+        if SHALLOW in stages:
+            # Calibrated and checked on each call's inputs with the feature its full call kept.
+            shallow = data.shallow(fp32_outputs(ir_path(work, SHALLOW)))
+            stages[SHALLOW] = make_int8(
+                work, SHALLOW, stages[SHALLOW], shallow, plan, recipe, progress=progress
+            )
     # Written last: a directory with a manifest is a complete export.
     (work / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -414,7 +438,7 @@ def _export_stage(
     from .stages import stage_module
 
     start = time.perf_counter()
-    module = stage_module(components, spec.name)
+    module = stage_module(components, spec.name, deep_cache_branch=config.profile.deep_cache_branch)
     final = work / f"{spec.name}.onnx"
     plain = scratch / f"{spec.name}.onnx" if config.optimized else final
 

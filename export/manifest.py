@@ -72,7 +72,15 @@ def _stage_spec(name: str, record: dict[str, Any]) -> StageSpec:
 
     def dim(dim_name: str) -> Dim:
         d = record["dims"][dim_name]
-        return Dim(dim_name, d["min"], d["opt"], d["max"], base=d["base"], factor=d["factor"])
+        return Dim(
+            dim_name,
+            d["min"],
+            d["opt"],
+            d["max"],
+            base=d["base"],
+            factor=d["factor"],
+            divisor=d.get("divisor", 1),
+        )
 
     def tensor(t: dict[str, Any]) -> TensorSpec:
         return TensorSpec(
@@ -127,6 +135,7 @@ class Manifest:
                 max_batch=profile["max_batch"],
                 static=bool(profile["static"]),
                 guidance=bool(profile.get("guidance", True)),
+                deep_cache_branch=profile.get("deep_cache_branch"),
             ),
             pixel_multiple=raw["model"]["pixel_multiple"],
             stages={

@@ -241,10 +241,17 @@ def _quiet_nncf() -> Iterator[None]:
 
 
 def quantize_unet(
-    fp32_xml: Path, int8_xml: Path, data: CalibrationSet, recipe: Scheme, *, progress: bool
+    fp32_xml: Path,
+    int8_xml: Path,
+    data: CalibrationSet,
+    recipe: Scheme,
+    *,
+    progress: bool,
+    stage: str = "unet",
 ) -> dict[str, Any]:
-    """The UNet's int8 IR at ``int8_xml``, quantized from ``fp32_xml`` on ``data.samples``.
-    Returns what was done (scheme, NNCF's version, ops left in float, seconds)."""
+    """The int8 IR of the UNet (or of DeepCache's ``stage``) at ``int8_xml``, quantized from
+    ``fp32_xml`` on ``data.samples``. Returns what was done (scheme, NNCF's version, ops
+    left in float, seconds)."""
     from importlib.metadata import version
 
     from tqdm.auto import tqdm
@@ -271,7 +278,10 @@ def quantize_unet(
     ignored = ignored_ops(model, recipe.ignored)
     with (
         tqdm(
-            total=passes * len(data.samples), desc="int8 calibration", unit="call", disable=not progress
+            total=passes * len(data.samples),
+            desc=f"{stage} int8" if stage != "unet" else "int8 calibration",
+            unit="call",
+            disable=not progress,
         ) as bar,
         _quiet_nncf(),
     ):
@@ -338,6 +348,7 @@ def check_int8(
     float_precision: str,
     bf16: bool,
     tolerance: float = INT8_TOLERANCE,
+    stage: str = "unet",
 ) -> dict[str, Any]:
     """The int8 UNet on the held-out inputs against the fp32 stage's outputs there, and
     (``bf16``: the CPU computes bf16) OpenVINO's bf16 arithmetic on the fp32 IR beside it.
@@ -355,7 +366,7 @@ def check_int8(
     if got > tolerance:
         against = "" if report["bf16"] is None else f"; bf16's is {report['bf16']['rel_rms']:.2e}"
         raise VerificationError(
-            f"stage unet: the int8 UNet differs from the fp32 stage by {got:.2e} (relative RMS over "
+            f"stage {stage}: the int8 UNet differs from the fp32 stage by {got:.2e} (relative RMS over "
             f"{len(data.held_out)} held-out calls; max relative {report['int8']['max_rel']:.2e}{against}); "
             f"the bound is {tolerance:g}: not exported"
         )
@@ -371,32 +382,34 @@ def computes_bf16(core: Any = None) -> bool:
 
 def make_int8(
     work: Path,
+    stage: str,
     record: dict[str, Any],
+    data: CalibrationSet,
     plan: Any,
     recipe: Scheme,
-    calibrate: Any,
-    store: Any,
     *,
     progress: bool,
 ) -> dict[str, Any]:
-    """The UNet's manifest ``record`` once its int8 IR is made in ``work`` and checked:
-    ``calibrate`` (the engine's sampling on the fp32 export in ``work``) collects the
-    plan's UNet inputs, NNCF quantizes on them, the held-out ones check the result."""
+    """The manifest ``record`` of ``stage`` (the UNet, or DeepCache's shallow stage) once
+    its int8 IR is made in ``work`` and checked: NNCF quantizes it on ``data.samples`` (the
+    engine's sampling on the fp32 export in ``work``), the held-out ones check the result."""
     from . import artifacts
 
-    data = calibrate(work, plan, store, progress)
-    fp32_xml, int8_xml = ir_path(work, "unet"), ir_path(work, "unet", int8=True)
-    quantized = quantize_unet(fp32_xml, int8_xml, data, recipe, progress=progress)
+    fp32_xml, int8_xml = ir_path(work, stage), ir_path(work, stage, int8=True)
+    quantized = quantize_unet(fp32_xml, int8_xml, data, recipe, progress=progress, stage=stage)
     bf16 = computes_bf16()
-    check = check_int8(int8_xml, fp32_xml, data, float_precision="bf16" if bf16 else "fp32", bf16=bf16)
+    check = check_int8(
+        int8_xml, fp32_xml, data, float_precision="bf16" if bf16 else "fp32", bf16=bf16, stage=stage
+    )
     log.info(
-        "unet int8: relative RMS %.2e against fp32 on %d held-out calls (bf16: %s; bound %g)",
+        "%s int8: relative RMS %.2e against fp32 on %d held-out calls (bf16: %s; bound %g)",
+        stage,
         check["int8"]["rel_rms"],
         len(data.held_out),
         "n/a" if check["bf16"] is None else f"{check['bf16']['rel_rms']:.2e}",
         check["bound"],
     )
-    names = sorted(p.name for p in work.iterdir() if p.is_file() and p.name.split(".")[0] == "unet")
+    names = sorted(p.name for p in work.iterdir() if p.is_file() and p.name.split(".")[0] == stage)
     return {
         **record,
         "files": {name: artifacts.file_record(work / name) for name in names},
@@ -406,3 +419,8 @@ def make_int8(
             "verification": check,
         },
     }
+
+
+def fp32_outputs(xml_path: Path) -> Any:
+    """A function of samples giving the fp32 IR's first output on each."""
+    return lambda samples: run_all(compiled(xml_path), samples)

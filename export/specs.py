@@ -16,6 +16,10 @@ import numpy as np
 from ..kernels.errors import RiffusionError
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# DeepCache's stage: the UNet's shallow branch on the feature its full call kept. Exported
+# (beside ``unet``, which then also returns that feature) when a profile names a branch.
+SHALLOW = "unet_shallow"
+FEATURE = "deep_feature"  # the UNet's second output there, and the shallow stage's last input
 HEIGHT = 512  # image height in pixels: Riffusion's 512 mel bins
 WIDTH = 512  # the default image width in pixels: 512 columns = 5.12 s
 Which = Literal["min", "opt", "max"]
@@ -31,6 +35,7 @@ class Dim:
     max: int  # largest size a TensorRT profile accepts
     base: str | None = None  # the dimension this one is a multiple of (height of latent_height)
     factor: int = 1  # size = factor x base's size
+    divisor: int = 1  # ... / divisor (DeepCache's feature: latent sizes over its downsampling)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
@@ -39,13 +44,18 @@ class Dim:
     def size(self, which: Which) -> int:
         return {"min": self.min, "opt": self.opt, "max": self.max}[which]
 
-    def scaled(self, name: str, factor: int) -> Dim:
-        """The dimension ``factor`` times this one."""
-        sizes = (self.min * factor, self.opt * factor, self.max * factor)
-        return Dim(name, *sizes, base=self.name, factor=factor)
+    def scaled(self, name: str, factor: int, divisor: int = 1) -> Dim:
+        """The dimension ``factor`` times this one (divided by ``divisor``, which divides it)."""
+        sizes = (self.min * factor // divisor, self.opt * factor // divisor, self.max * factor // divisor)
+        return Dim(name, *sizes, base=self.name, factor=factor, divisor=divisor)
+
+    def derived(self, base_size: int) -> int:
+        """This dimension's size where its base's is ``base_size``."""
+        return base_size * self.factor // self.divisor
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min": self.min, "opt": self.opt, "max": self.max, "base": self.base, "factor": self.factor}
+        sizes = {"min": self.min, "opt": self.opt, "max": self.max, "base": self.base, "factor": self.factor}
+        return sizes if self.divisor == 1 else {**sizes, "divisor": self.divisor}
 
 
 Sample = Literal["normal", "image", "tokens", "timestep"]
@@ -144,6 +154,8 @@ class ModelDims:
     vae_factor: int  # image pixels per latent pixel (8)
     unet_factor: int  # the UNet's total downsampling; latent sizes are multiples of it
     sampled_vae: bool = True  # the VAE encoder samples a posterior (takes noise); not the tiny VAE
+    block_channels: tuple[int, ...] = ()  # the UNet's channels per resolution (DeepCache's feature)
+    layers_per_block: int = 0  # resnets per down block (an up block has one more)
 
     @classmethod
     def of(cls, components: Any) -> ModelDims:
@@ -163,12 +175,38 @@ class ModelDims:
             vae_factor=vae_factor(components.vae),
             unet_factor=2 ** (len(unet.block_out_channels) - 1),
             sampled_vae=not is_tiny_vae(components.vae),
+            block_channels=tuple(unet.block_out_channels),
+            layers_per_block=int(unet.layers_per_block),
         )
 
     @property
     def pixel_multiple(self) -> int:
         """Image sizes the exported UNet accepts are multiples of this."""
         return self.vae_factor * self.unet_factor
+
+    def deep_feature(self, branch: int) -> tuple[int, int]:
+        """The channels and the downsampling (of the latents) of the feature DeepCache
+        keeps at ``branch`` (:func:`branch_position`)."""
+        block, layer = branch_position(branch, len(self.block_channels), self.layers_per_block)
+        if layer < self.layers_per_block:  # an up block's layer output: that block's width
+            return self.block_channels[block], 2**block
+        # The up block's input: the deeper up block's upsampled output, or the mid block's.
+        return self.block_channels[min(block + 1, len(self.block_channels) - 1)], 2**block
+
+
+def branch_position(branch: int, blocks: int, layers_per_block: int) -> tuple[int, int]:
+    """DeepCache's branch as (block, layer), numbered as its ``cache_branch_id``: block
+    ``branch // (layers_per_block + 1)`` from the shallowest, layer the rest. A full call
+    keeps the input of that up block's layer (its layers counted from the output end); a
+    shallow call reruns that block's first ``layer`` down layers and the up layers from it
+    out, with every shallower block, on the kept feature."""
+    per_block = layers_per_block + 1
+    if not isinstance(branch, int) or not 0 <= branch < blocks * per_block:
+        raise RiffusionError(
+            f"DeepCache branch must be 0..{blocks * per_block - 1} for this UNet "
+            f"({blocks} blocks of {per_block} up layers), got {branch!r}"
+        )
+    return divmod(branch, per_block)
 
 
 @dataclass(frozen=True)
@@ -184,8 +222,17 @@ class ShapeProfile:
     # conditional). False (guidance off, as few-step LoRAs run): one row per clip, and the
     # UNet's TensorRT profile is tuned for one.
     guidance: bool = True
+    # DeepCache's branch (ModelDims.deep_feature): the UNet also returns the feature kept
+    # there, and the unet_shallow stage runs on it. None: no DeepCache stages.
+    deep_cache_branch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.deep_cache_branch is not None and (
+            not isinstance(self.deep_cache_branch, int) or self.deep_cache_branch < 0
+        ):
+            raise RiffusionError(
+                f"deep_cache_branch must be a branch number >= 0, got {self.deep_cache_branch!r}"
+            )
         for name in ("height", "width", "max_batch"):
             if getattr(self, name) < 1:
                 raise RiffusionError(f"{name} must be positive, got {getattr(self, name)}")
@@ -199,6 +246,8 @@ class ShapeProfile:
         return self.width if self.max_width is None else self.max_width
 
     def check(self, dims: ModelDims) -> None:
+        if self.deep_cache_branch is not None:
+            branch_position(self.deep_cache_branch, len(dims.block_channels), dims.layers_per_block)
         multiple = dims.pixel_multiple
         for name in ("height", "width", "max_width"):
             value = getattr(self, name)
@@ -213,8 +262,12 @@ class ShapeProfile:
             "max_batch": self.max_batch,
             "static": self.static,
         }
-        # Only where off: exports made before the field keep their cache keys.
-        return sizes if self.guidance else {**sizes, "guidance": False}
+        # Only where set: exports made before the fields keep their cache keys.
+        if not self.guidance:
+            sizes["guidance"] = False
+        if self.deep_cache_branch is not None:
+            sizes["deep_cache_branch"] = self.deep_cache_branch
+        return sizes
 
 
 def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
@@ -227,6 +280,8 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
     runs from the smaller of width and 256 pixels up to max_width. A static profile
     collapses every range to one size: max_batch clips of width pixels. Image sizes are
     derived from latent sizes (factor 8), so the runtime can size the VAE's outputs.
+    With a DeepCache branch the UNet also returns the feature kept there, and the
+    ``unet_shallow`` stage takes it besides the UNet's inputs.
     """
     profile.check(dims)
     f = dims.vae_factor
@@ -251,6 +306,24 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
         return TensorSpec(name, "float32", (batch, 3, height, width), "image")
 
     embeddings = TensorSpec("text_embeddings", "float32", (rows, dims.tokens, dims.text_hidden))
+    unet_inputs = (
+        latent("sample", rows),
+        TensorSpec("timestep", "float32", (rows,), "timestep"),
+        TensorSpec("encoder_hidden_states", "float32", embeddings.shape),
+    )
+    unet_outputs: tuple[TensorSpec, ...] = (latent("noise_pred", rows),)
+    deep: dict[str, StageSpec] = {}
+    if profile.deep_cache_branch is not None:
+        channels, down = dims.deep_feature(profile.deep_cache_branch)
+        feature = TensorSpec(
+            FEATURE,
+            "float32",
+            (rows, channels, lh.scaled("deep_height", 1, down), lw.scaled("deep_width", 1, down)),
+        )
+        unet_outputs += (feature,)
+        deep[SHALLOW] = StageSpec(
+            SHALLOW, inputs=(*unet_inputs, feature), outputs=unet_outputs[:1], model_type="unet"
+        )
     return {
         "text_encoder": StageSpec(
             "text_encoder",
@@ -258,16 +331,7 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
             outputs=(embeddings,),
             model_type="clip",
         ),
-        "unet": StageSpec(
-            "unet",
-            inputs=(
-                latent("sample", rows),
-                TensorSpec("timestep", "float32", (rows,), "timestep"),
-                TensorSpec("encoder_hidden_states", "float32", embeddings.shape),
-            ),
-            outputs=(latent("noise_pred", rows),),
-            model_type="unet",
-        ),
+        "unet": StageSpec("unet", inputs=unet_inputs, outputs=unet_outputs, model_type="unet"),
         "vae_decoder": StageSpec(
             "vae_decoder",
             inputs=(latent("latent", clips),),
@@ -282,4 +346,5 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
             outputs=(latent("latent", clips),),
             model_type="vae",
         ),
+        **deep,
     }

@@ -192,6 +192,30 @@ def test_tensorrt_backend_matches_torch_for_one_two_and_three_requests(
             engine.check(Request(PromptInput("x"), width=256))
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_tensorrt_deep_cache_stages_match_torch_with_deep_cache(exports, static: bool) -> None:
+    """DeepCache's UNet (two outputs) and shallow stage (its own profile, the feature's
+    sizes derived from the latents') as engines, against the torch backend's cached run."""
+    needs("tensorrt")
+    directory = exports(
+        f"trt-deep-{static}",
+        target="tensorrt",
+        precision="fp16",
+        profile=ShapeProfile(max_batch=4, static=static, deep_cache_branch=1),
+    )
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert {"unet.plan", "unet_shallow.plan"} <= set(manifest["stages"]["unet"]["files"]) | set(
+        manifest["stages"]["unet_shallow"]["files"]
+    )
+    engine = load(artifacts=directory, backend="tensorrt", device="cuda", deep_cache="2")
+    cpu = load("random:tiny", backend="torch", deep_cache="2:1")
+    for count in (1, 3):
+        timings: dict[str, float] = {}
+        got = engine.images(requests(count), timings=timings).float().cpu().numpy()
+        assert timings["unet_full_calls"] == 2  # 4 steps: full, shallow, full, shallow
+        assert float(np.abs(got - cpu.images(requests(count)).numpy()).max()) <= FP16
+
+
 def test_tensorrt_reads_inputs_torch_is_still_writing(exports) -> None:
     needs("tensorrt")
     from riffusion_engine.engine.runtime.backends import TensorRTBackend

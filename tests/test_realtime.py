@@ -31,9 +31,17 @@ def gray_levels_within_one(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def diffusers_images(
-    components, scheduler: str, *, seed: int = 0, generator=None, image=None, strength=0.75, **kwargs
+    components,
+    scheduler: str,
+    *,
+    seed: int = 0,
+    generator=None,
+    image=None,
+    strength=0.75,
+    pipe=None,
+    **kwargs,
 ) -> np.ndarray:
-    pipe = reference_pipeline(components, "img2img" if image is not None else "text", scheduler)
+    pipe = pipe or reference_pipeline(components, "img2img" if image is not None else "text", scheduler)
     if image is not None:
         kwargs.update(image=image, strength=strength)
     else:

@@ -99,7 +99,8 @@ def unet_inputs(rows: int, seed: int = 0, width: int = 8) -> dict:
 
 
 def run(engine: StageEngine, inputs: dict) -> np.ndarray:
-    return engine.run(inputs, tuple(inputs["sample"].shape), torch.device("cpu")).numpy()
+    (out,) = engine.run(inputs, [tuple(inputs["sample"].shape)], torch.device("cpu"))
+    return out.numpy()
 
 
 def oracle(inputs: dict) -> np.ndarray:
@@ -178,3 +179,29 @@ def test_the_tensorrt_extra_excludes_tensorrt_11() -> None:
         if r.startswith("tensorrt") and 'extra == "tensorrt"' in r
     ]
     assert "10.16.1" in tensorrt.specifier and "11.0.0" not in tensorrt.specifier
+
+
+def test_every_output_of_a_two_output_stage_is_bound_and_returned() -> None:
+    """DeepCache's UNet returns its noise and the feature it keeps: both addresses bound,
+    both tensors sized from the spec, in its order, dynamic and static."""
+    from riffusion_engine.export.specs import ModelDims
+
+    dims = ModelDims(
+        tokens=77, vocab=1000, text_hidden=32, latent_channels=4, vae_factor=8, unet_factor=2,
+        block_channels=(8, 16), layers_per_block=1,
+    )  # fmt: skip
+    for static in (False, True):
+        spec = stage_specs(
+            dims, ShapeProfile(height=64, width=64, max_batch=2, static=static, deep_cache_branch=2)
+        )["unet"]
+        assert spec.output_names == ["noise_pred", "deep_feature"]
+        context = StandInContext(spec)
+        engine = StageEngine("unet", context, spec, static=static, streams=InlineStreams())
+        inputs = unet_inputs(2)
+        feature_shape = (2, 16, 4, 4)  # branch 2: block 1's up input, the mid block's 16 channels at 1/2
+        noise, feature = engine.run(
+            inputs, [tuple(inputs["sample"].shape), feature_shape], torch.device("cpu")
+        )
+        np.testing.assert_allclose(noise.numpy(), oracle(inputs), rtol=1e-6)
+        assert tuple(feature.shape) == feature_shape
+        assert set(context.addresses) >= {"noise_pred", "deep_feature"}

@@ -57,6 +57,22 @@ def add_parser(sub: Any) -> None:
         help="realtime: every row (diffusers' reference included) runs the realtime profile's "
         "scheduler, steps, guidance, few-step LoRA and tiny VAE (default: default)",
     )
+    p.add_argument(
+        "--deep-cache",
+        default=None,
+        metavar="INTERVAL:BRANCH[,...]",
+        help="with --profile realtime: DeepCache schedules of one branch, each run as a twin of every "
+        "candidate row on its backend, with its agreement against that uncached row and the gate a "
+        "profile chooses by; 0: none (default: 2:0,3:0)",
+    )
+    p.add_argument(
+        "--fewer-steps",
+        type=int,
+        default=None,
+        help="with --profile realtime: a twin of every candidate row sampling in this many steps "
+        "(2: one UNet call in the web app's mode), with its agreement against that row; 0: none "
+        "(default: 2)",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default: cpu)")
@@ -92,6 +108,10 @@ def run(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         device=args.device,
         cache_dir=args.cache_dir,
+        deep_cache=tuple(v.strip() for v in args.deep_cache.split(","))
+        if args.deep_cache is not None
+        else None,
+        fewer_steps=args.fewer_steps,
     )
     from ..runtime.backends import check_device
 

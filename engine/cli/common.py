@@ -39,6 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "the CPU has it (default: the profile's: fp32; realtime: on cpu int8, bf16 or fp32 by the "
         "CPU's class, the first line says which and why; fp16 on cuda)",
     )
+    add_deep_cache_arg(p)
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -52,6 +53,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "(default: 2048 = 20.48 s); an --artifacts export's range was set when it was made",
     )
     add_variant_args(p)
+
+
+def add_deep_cache_arg(p: argparse.ArgumentParser, *, export: bool = False) -> None:
+    """--deep-cache INTERVAL[:BRANCH]."""
+    run = (
+        "a full UNet call every INTERVAL steps (a clip's first step always), the steps between "
+        "rerunning only its shallow branch on the deep feature the full call kept at BRANCH "
+        "(DeepCache; 0..11 on Stable Diffusion 1.5, 0 the shallowest, default 0 or an export's "
+        "own); 0: off, every step a full call (default: the profile's: off; realtime on cpu: by "
+        "the CPU's class, the first line says which and its measured agreement)"
+    )
+    p.add_argument(
+        "--deep-cache",
+        default=None,
+        metavar="INTERVAL[:BRANCH]",
+        help=(
+            "export DeepCache's stages for BRANCH (the UNet also returns the feature kept there, and "
+            "unet_shallow runs on it); INTERVAL is the run's: " + run
+        )
+        if export
+        else run,
+    )
 
 
 def add_variant_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +115,7 @@ def apply_profile(args: argparse.Namespace) -> Any:
     where the command has them, scheduler, steps and guidance), say on stdout what the run
     uses when it is not the default recipe, and return the choices."""
     from ...export.models import DEFAULT_MODEL
+    from ..runtime.loading import export_deep_cache_branch
     from ..runtime.profiles import resolve
 
     exported = getattr(args, "artifacts", None) is not None
@@ -111,12 +135,16 @@ def apply_profile(args: argparse.Namespace) -> Any:
         scheduler=getattr(args, "scheduler", None),
         steps=getattr(args, "steps", None),
         guidance=getattr(args, "guidance", None),
+        deep_cache=getattr(args, "deep_cache", None),
+        export_branch=export_deep_cache_branch(Path(args.artifacts)) if exported else False,
     )
     for name in ("backend", "precision", "scheduler", "steps", "guidance"):
         if hasattr(args, name):
             setattr(args, name, getattr(choices, name))
+    if hasattr(args, "deep_cache"):
+        args.deep_cache = str(choices.deep_cache or 0)
     args.vae, args.lora = choices.vae, list(choices.loras)
-    if args.profile != "default" or choices.loras or choices.vae is not None:
+    if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
         print(choices.describe(exported=exported), flush=True)
     return choices
 
@@ -162,6 +190,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         vae=args.vae,
         profile=args.profile,
         max_width=args.max_width,
+        deep_cache=args.deep_cache,
     )
 
 
@@ -221,15 +250,19 @@ def timing_line(clip: Any) -> str:
     """A clip's seconds per stage and its real-time factor, on one line."""
     t = clip.timings
     steps = int(t.get("unet_steps", 0))
+    full = int(t.get("unet_full_calls", steps))
     parts = [f"text encoder {t.get('text_encoder', 0):.2f} s"]
     if "vae_encoder" in t:
         parts.append(f"vae encoder {t['vae_encoder']:.2f} s")
-    parts.append(
-        f"unet {t.get('unet', 0):.2f} s ({steps} UNet calls, {t.get('unet', 0) / max(steps, 1):.3f} s each)"
+    calls = (
+        f"{steps} UNet calls"
+        if full == steps
+        else f"{steps} UNet calls, {full} full and {steps - full} shallow"
     )
+    parts.append(f"unet {t.get('unet', 0):.2f} s ({calls}, {t.get('unet', 0) / max(steps, 1):.3f} s each)")
     parts.append(f"vae decoder {t.get('vae_decoder', 0):.2f} s")
     parts.append(f"image->audio {t.get('image_to_audio', 0):.2f} s")
-    total = sum(v for k, v in t.items() if k != "unet_steps")
+    total = clip.seconds
     rtf = total / clip.duration_s
     parts.append(f"total {total:.2f} s for {clip.duration_s:.2f} s of audio (real-time factor {rtf:.2f})")
     return " | ".join(parts)

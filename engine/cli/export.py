@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_variant_args
+from .common import add_deep_cache_arg, add_variant_args
 
 
 def add_parser(sub: Any) -> None:
@@ -91,6 +91,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="weight seed of random presets (default: 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_variant_args(p)
+    add_deep_cache_arg(p, export=True)
     p.set_defaults(func=run)
 
 
@@ -119,8 +120,9 @@ def run(args: argparse.Namespace) -> None:
         precision=args.precision,
         vae=args.vae,
         loras=args.lora,
+        deep_cache=args.deep_cache,
     )
-    if args.profile != "default" or choices.loras or choices.vae is not None:
+    if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
         print(choices.describe())
     # An export for a profile is what the profile runs: its backend's files (int8 is OpenVINO's).
     backend = "openvino" if choices.precision == "int8" and args.target is None else None
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> None:
             max_batch=args.max_batch,
             static=args.static,
             guidance=choices.guidance > 1,  # the realtime profile's exports: one UNet row per clip
+            deep_cache_branch=choices.deep_cache.branch if choices.deep_cache is not None else None,
         ),
         opset=args.opset,
         fuse=not args.no_fuse,

@@ -1,8 +1,9 @@
 """Backends: one small interface, one class per runtime.
 
-A backend runs a stage (``text_encoder``, ``unet``, ``vae_decoder``, ``vae_encoder``;
-see ``export/stages.py``) on torch tensors that live on its device and returns the
-stage's one output there, so on a GPU nothing leaves the device between stages:
+A backend runs a stage (``text_encoder``, ``unet``, ``vae_decoder``, ``vae_encoder``, and
+DeepCache's ``unet_shallow``; see ``export/stages.py``) on torch tensors that live on its
+device and returns the stage's output there (a tuple in the spec's order where a stage has
+several: DeepCache's ``unet``), so on a GPU nothing leaves the device between stages:
 
 - ``torch``: eager PyTorch from a model source, the reference-exact path;
 - ``onnxruntime``: ONNX files from an export directory, on the CPU, CUDA or TensorRT
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...export.manifest import Manifest
-from ...export.specs import Dim, StageSpec
+from ...export.specs import SHALLOW, Dim, StageSpec
 from ...kernels.errors import RiffusionError
 from .openvino_files import openvino_reads
 from .tensorrt_runtime import check_export_for_provider, load_tensorrt_libraries, tensorrt_provider_options
@@ -58,10 +59,12 @@ class Backend(ABC):
 
     name: str
     device: Device
+    deep_cache_branch: int | None = None  # DeepCache's branch its UNet stages run (None: none)
 
     @abstractmethod
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
-        """The stage's output tensor for ``inputs`` (name -> torch tensor on the device)."""
+        """The stage's output tensor for ``inputs`` (name -> torch tensor on the device),
+        or its outputs' tuple where it has several."""
 
     def torch_device(self) -> Any:
         import torch
@@ -103,10 +106,17 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, components: Any, *, device: str = "cpu", fp16: bool = False) -> None:
+    def __init__(
+        self,
+        components: Any,
+        *,
+        device: str = "cpu",
+        fp16: bool = False,
+        deep_cache_branch: int | None = None,
+    ) -> None:
         import torch
 
-        from ...export.specs import STAGES
+        from ...export.specs import SHALLOW, STAGES
         from ...export.stages import stage_module
 
         self.device = check_device(device)
@@ -114,16 +124,25 @@ class TorchBackend(Backend):
             raise RiffusionError("the torch backend runs fp16 on cuda only")
         dtype = torch.float16 if fp16 else torch.float32
         self.dtype = dtype
+        self.deep_cache_branch = deep_cache_branch
+        names = STAGES if deep_cache_branch is None else (*STAGES, SHALLOW)
+        # The DeepCache stages share the UNet's modules: one set of weights.
         self.modules = {
-            name: stage_module(components, name).to(device=self.device, dtype=dtype) for name in STAGES
+            name: stage_module(components, name, deep_cache_branch=deep_cache_branch).to(
+                device=self.device, dtype=dtype
+            )
+            for name in names
         }
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
         import torch
 
+        if stage not in self.modules:
+            raise RiffusionError(f"this torch backend has no {stage} stage")
         cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.inference_mode():
-            return self.modules[stage](**cast).float()
+            out = self.modules[stage](**cast)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 class ExportBackend(Backend):
@@ -137,12 +156,19 @@ class ExportBackend(Backend):
         self.device = check_device(device)
         # Every recorded file's hash is checked, or (``reads``) those of the files this backend reads.
         self.manifest = Manifest.load(self.directory, check_files=reads or True)
+        self.deep_cache_branch = (
+            self.manifest.profile.deep_cache_branch if SHALLOW in self.manifest.stages else None
+        )
 
     def spec(self, stage: str) -> StageSpec:
         return self.manifest.stage(stage).spec
 
     def output_shape(self, stage: str, inputs: dict[str, Any]) -> tuple[int, ...]:
-        """The output's shape, from the inputs' sizes and the spec's dimension table."""
+        """The first output's shape (see :meth:`output_shapes`)."""
+        return self.output_shapes(stage, inputs)[0]
+
+    def output_shapes(self, stage: str, inputs: dict[str, Any]) -> list[tuple[int, ...]]:
+        """Each output's shape, from the inputs' sizes and the spec's dimension table."""
         spec = self.spec(stage)
         sizes: dict[str, int] = {}
         for tensor in spec.inputs:
@@ -150,20 +176,17 @@ class ExportBackend(Backend):
                 if isinstance(dim, Dim):
                     sizes[dim.name] = int(size)
                     if dim.base is not None:  # the tiny VAE's encoder: latent sizes from the image's
-                        sizes.setdefault(dim.base, int(size) // dim.factor)
-        (output,) = spec.outputs
-        shape = []
-        for dim in output.shape:
+                        sizes.setdefault(dim.base, int(size) * dim.divisor // dim.factor)
+
+        def size(dim: int | Dim) -> int:
             if isinstance(dim, int):
-                shape.append(dim)
-            elif dim.name in sizes:
-                shape.append(sizes[dim.name])
-            else:
-                assert dim.base is not None, (
-                    f"{stage}: output dimension {dim.name} has no input it derives from"
-                )
-                shape.append(sizes[dim.base] * dim.factor)
-        return tuple(shape)
+                return dim
+            if dim.name in sizes:
+                return sizes[dim.name]
+            assert dim.base is not None, f"{stage}: output dimension {dim.name} has no input it derives from"
+            return dim.derived(sizes[dim.base])
+
+        return [tuple(size(dim) for dim in output.shape) for output in spec.outputs]
 
     def check_inputs(self, stage: str, inputs: dict[str, Any]) -> None:
         spec = self.spec(stage)
@@ -283,11 +306,13 @@ class OnnxRuntimeBackend(ExportBackend):
             binding.bind_input(
                 name, self.device, tensor.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr()
             )
-        (output,) = self.spec(stage).outputs
-        out = torch.empty(self.output_shape(stage, inputs), dtype=torch.float32, device=self.torch_device())
-        binding.bind_output(
-            output.name, self.device, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
-        )
+        outs = []
+        for output, shape in zip(self.spec(stage).outputs, self.output_shapes(stage, inputs), strict=True):
+            out = torch.empty(shape, dtype=torch.float32, device=self.torch_device())
+            binding.bind_output(
+                output.name, self.device, out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr()
+            )
+            outs.append(out)
         if self.device == "cuda":
             # ONNX Runtime's CUDA and TensorRT providers run on their own (non-blocking)
             # streams and run_with_iobinding does not wait for torch's: let torch's queued
@@ -295,7 +320,7 @@ class OnnxRuntimeBackend(ExportBackend):
             # before returning (run option disable_synchronize_execution_providers = 0).
             torch.cuda.current_stream().synchronize()
         session.run_with_iobinding(binding, self.run_options)
-        return out
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 class TensorRTBackend(ExportBackend):
@@ -339,7 +364,8 @@ class TensorRTBackend(ExportBackend):
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
         self.check_inputs(stage, inputs)
-        return self._stage(stage).run(inputs, self.output_shape(stage, inputs), self.torch_device())
+        outs = self._stage(stage).run(inputs, self.output_shapes(stage, inputs), self.torch_device())
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 class OpenVinoBackend(ExportBackend):
@@ -414,12 +440,15 @@ class OpenVinoBackend(ExportBackend):
         self.loaded_from_cache: dict[str, bool] = {}  # stage -> imported from the cache, not compiled
 
     def model_path(self, stage: str) -> Path:
-        """The file a stage compiles from: its IR (the int8 UNet's when running int8), or
-        an unfused ONNX export's ONNX file."""
+        """The file a stage compiles from: its IR (the int8 IR of the UNet, and of DeepCache's
+        shallow stage, when running int8), or an unfused ONNX export's ONNX file."""
         from ...export.manifest import openvino_file
 
-        files = self.manifest.stage(stage).files
-        ir = openvino_file(stage, int8=stage == "unet" and self.inference_precision == "int8")
+        entry = self.manifest.stage(stage)
+        # The UNet's int8 IR, and DeepCache's shallow stage's where it has one.
+        int8 = self.inference_precision == "int8" and entry.int8 is not None
+        files = entry.files
+        ir = openvino_file(stage, int8=int8)
         return self.directory / (ir if ir in files else f"{stage}.onnx")
 
     def request(self, stage: str) -> Any:
@@ -441,8 +470,12 @@ class OpenVinoBackend(ExportBackend):
         request = self.request(stage)
         arrays = {name: tensor.detach().cpu().contiguous().numpy() for name, tensor in inputs.items()}
         request.infer(arrays, share_inputs=True)
-        # The request owns its output buffer and reuses it on the next call: copy it out.
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        # The request owns its output buffers and reuses them on the next call: copy them out.
+        outs = [
+            torch.from_numpy(request.get_output_tensor(i).data.copy())
+            for i in range(len(self.spec(stage).outputs))
+        ]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def _writable(directory: Path) -> Path | None:

@@ -7,7 +7,9 @@ clip, and the seed image at its denoising) with a backend that records every UNe
 Calibration clips run in the best float the CPU has (bf16 where it computes bf16) and keep
 the calls the plan names, the loop stopping after the last; held-out clips run in fp32 and
 keep their calls' inputs and fp32 outputs, the reference the int8 UNet is checked against. Each clip is
-stored as it is made, so an interrupted export resumes from the clips it has.
+stored as it is made, so an interrupted export resumes from the clips it has. Every call is
+a full UNet call; a DeepCache export's UNet also gives the feature it keeps, which the
+shallow stage is calibrated and checked on, beside the same call's inputs.
 """
 
 from __future__ import annotations
@@ -19,25 +21,32 @@ from typing import Any
 import numpy as np
 
 from ...export.calibration import CalibrationPlan, CalibrationSet, ClipStore, Draw
+from ...export.specs import FEATURE
 from .backends import Backend, OpenVinoBackend
 from .pipeline import Engine
 from .requests import Cancelled, PromptInput, Request
 
+Call = dict[str, np.ndarray]  # a UNet call's inputs, its "output" and (DeepCache) its "deep_feature"
+
 
 class RecordingBackend(Backend):
-    """Runs another backend (an export's) and keeps each UNet call's inputs and output as
-    NumPy arrays."""
+    """Runs another backend (an export's) and keeps each UNet call's inputs and output
+    (and a DeepCache UNet's feature) as NumPy arrays."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.name, self.device, self.manifest = inner.name, inner.device, inner.manifest
-        self.calls: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        self.deep_cache_branch = inner.deep_cache_branch
+        self.calls: list[Call] = []
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:
         output = self.inner.run(stage, inputs)
         if stage == "unet":
-            arrays = {name: tensor.detach().cpu().numpy().copy() for name, tensor in inputs.items()}
-            self.calls.append((arrays, output.detach().cpu().numpy().copy()))
+            call = {name: tensor.detach().cpu().numpy().copy() for name, tensor in inputs.items()}
+            outputs = output if isinstance(output, tuple) else (output,)
+            for name, tensor in zip(("output", FEATURE), outputs, strict=False):
+                call[name] = tensor.detach().cpu().numpy().copy()
+            self.calls.append(call)
         return output
 
 
@@ -47,9 +56,7 @@ def _engine(directory: Path, precision: str) -> Engine:
     return Engine.from_export(RecordingBackend(backend), directory)
 
 
-def _denoise(
-    engine: Any, plan: CalibrationPlan, draw: Draw, image: Any
-) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+def _denoise(engine: Any, plan: CalibrationPlan, draw: Draw, image: Any) -> list[Call]:
     """The UNet calls of one clip that ``draw.keep`` names (the loop stops after the last);
     ``image``: the plan's seed image at the clip's width."""
     recorder: RecordingBackend = engine.backend
@@ -80,12 +87,12 @@ def collect(directory: Path, plan: CalibrationPlan, store: ClipStore, progress: 
 
     sampled_with = best_float()
     images = {width: seed_image(plan.seed_image, width=width) for width in plan.widths}
-    parts: dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]] = {}
+    parts: dict[str, list[Call]] = {}
     for kind, draws, precision in (
         ("calibration", plan.calibration(), sampled_with),
         ("held_out", plan.held_out(), "fp32"),
     ):
-        calls: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        calls: list[Call] = []
         engine = None
         for index, draw in enumerate(
             tqdm(draws, desc=f"{kind.replace('_', '-')} clips", unit="clip", disable=not progress)
@@ -93,16 +100,22 @@ def collect(directory: Path, plan: CalibrationPlan, store: ClipStore, progress: 
             stored = store.get(kind, index)
             if stored is None:
                 engine = engine or _engine(directory, precision)
-                made = _denoise(engine, plan, draw, images[draw.width])
-                stored = [{**inputs, "output": output} for inputs, output in made]
+                stored = _denoise(engine, plan, draw, images[draw.width])
                 store.put(kind, index, stored)
-            calls += [({k: v for k, v in call.items() if k != "output"}, call["output"]) for call in stored]
+            calls += stored
         parts[kind] = calls
         del engine
         gc.collect()  # the compiled models go before the next precision's (or NNCF's) are made
+
+    def inputs(call: Call) -> dict[str, np.ndarray]:
+        return {k: v for k, v in call.items() if k not in ("output", FEATURE)}
+
+    deep = all(FEATURE in call for kind in parts for call in parts[kind])
     return CalibrationSet(
-        samples=[inputs for inputs, _ in parts["calibration"]],
-        held_out=[inputs for inputs, _ in parts["held_out"]],
-        held_out_outputs=[output for _, output in parts["held_out"]],
+        samples=[inputs(call) for call in parts["calibration"]],
+        held_out=[inputs(call) for call in parts["held_out"]],
+        held_out_outputs=[call["output"] for call in parts["held_out"]],
         sampled_with=sampled_with,
+        features=[call[FEATURE] for call in parts["calibration"]] if deep else None,
+        held_out_features=[call[FEATURE] for call in parts["held_out"]] if deep else None,
     )

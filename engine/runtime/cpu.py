@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from .deep_cache import DeepCache
+
 # The CPU instructions the precisions depend on, as /proc/cpuinfo names them.
 CPU_FEATURES = (
     "avx2",
@@ -95,6 +97,30 @@ CPU_CLASSES = (
 )
 
 
+# DeepCache's schedule per (CPU class, UNet precision): (interval, branch, why), the
+# fastest whose agreement with the uncached run passed bench's gate on random:full (its
+# error at most twice bf16's against fp32): 2:0 in both modes; 3:0 was 2.2x (docs/performance.md).
+_AGREES = "0.37 gray levels RMS from the uncached clip (1.8x bf16's error)"
+_SHARE = "a shallow call measured {share} of a full int8 call"
+DEEP_CACHE: dict[tuple[str, str], tuple[int, int, str]] = {
+    ("AVX-512 BF16 + VNNI", "int8"): (2, 0, f"web app's mode RTF 0.76 from 1.01 uncached, {_AGREES}"),
+    ("AVX-512 BF16 + VNNI", "bf16"): (2, 0, f"web app's mode RTF 1.06 from 1.44 uncached, {_AGREES}"),
+    ("AVX-512 VNNI", "int8"): (
+        2,
+        0,
+        _SHARE.format(share="0.12")
+        + " (--isa avx512_core_vnni); agreement as on AVX-512 BF16 + VNNI, "
+        + _AGREES,
+    ),
+    ("AVX2", "int8"): (
+        2,
+        0,
+        _SHARE.format(share="0.11") + " (--isa avx2); agreement as on AVX-512 BF16 + VNNI, " + _AGREES,
+    ),
+    ("AMX", "int8"): (2, 0, "not measured on AMX; agreement as on AVX-512 BF16 + VNNI, " + _AGREES),
+}
+
+
 def cpu_class(features: tuple[str, ...] | None = None) -> CpuClass | None:
     """The class of a CPU with ``features`` (default: this one's), or None below AVX2."""
     features = cpu_features() if features is None else features
@@ -102,6 +128,18 @@ def cpu_class(features: tuple[str, ...] | None = None) -> CpuClass | None:
         if all(f in features for f in c.needs):
             return c
     return None
+
+
+def auto_deep_cache(precision: str, features: tuple[str, ...] | None = None) -> tuple[DeepCache | None, str]:
+    """The DeepCache schedule an ``auto`` profile runs at ``precision`` on a CPU with
+    ``features`` (default: this one's), and why: the fastest measured for the class whose
+    agreement with the uncached run passed (docs/performance.md, "DeepCache")."""
+    c = cpu_class(features)
+    recipe = DEEP_CACHE.get((c.name if c else "", precision))
+    if recipe is None:
+        return None, f"DeepCache off: not measured at {precision} on this CPU's class"
+    interval, branch, why = recipe
+    return DeepCache(interval, branch), f"DeepCache {interval}:{branch}: {why}"
 
 
 def auto_precision(features: tuple[str, ...] | None = None) -> tuple[str, str]:

@@ -15,8 +15,10 @@ from typing import Any
 from ...export.adapters import Lora, Variant
 from ...export.manifest import ModelShape
 from ...export.models import DEFAULT_MODEL
+from ...export.specs import SHALLOW
 from ...kernels.errors import RiffusionError
 from .backends import check_device, create_backend, resolve_backend
+from .deep_cache import DeepCache
 from .defaults import MAX_BATCH, MAX_WIDTH
 from .openvino_files import ir_reads
 from .pipeline import Engine
@@ -45,6 +47,7 @@ def load(
     vae: str | None = None,
     profile: str | None = None,
     max_width: int | None = None,
+    deep_cache: str | DeepCache | None = None,
     **options: Any,
 ) -> Engine:
     """An engine from a model source (the torch backend, or exported on first use into
@@ -57,7 +60,9 @@ def load(
     ``realtime``) fills in the backend, precision, VAE and LoRAs left unset, and the
     engine's request defaults (scheduler, steps, guidance); ``max_width`` is the widest
     clip in pixels a model source runs (default 2048, 20.48 s; an export directory's is
-    its profile's); ``options`` go to the backend (``provider``, ``threads``, ...)."""
+    its profile's); ``deep_cache`` is DeepCache's ``INTERVAL[:BRANCH]`` (a full UNet call
+    every INTERVAL steps, the others its shallow branch; ``0``: off; None: the profile's
+    choice); ``options`` go to the backend (``provider``, ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
     if max_width is not None:
         if artifacts is not None:
@@ -80,6 +85,8 @@ def load(
         vae=vae,
         loras=list(loras),
         int8=export_has_int8(Path(artifacts)) if artifacts is not None else None,
+        deep_cache=deep_cache,
+        export_branch=export_deep_cache_branch(Path(artifacts)) if artifacts is not None else False,
     )
     if artifacts is not None and (choices.loras or choices.vae is not None):
         raise RiffusionError(
@@ -101,7 +108,10 @@ def load(
 
         variant = Variant(choices.loras, choices.vae)
         components = load_components(model or DEFAULT_MODEL, seed=seed, variant=variant)
-        runner = create_backend("torch", components=components, device=device, fp16=precision == "fp16")
+        branch = choices.deep_cache.branch if choices.deep_cache is not None else None
+        runner = create_backend(
+            "torch", components=components, device=device, fp16=precision == "fp16", deep_cache_branch=branch
+        )
         shape = ModelShape(
             latent_channels=components.unet.config.in_channels,
             vae_factor=vae_factor(components.vae),
@@ -111,7 +121,14 @@ def load(
             sampled_vae=not is_tiny_vae(components.vae),
         )
         scheduler_config = dict(components.scheduler.config)
-        engine = Engine(runner, components.tokenizer, scheduler_config, shape, choices=choices)
+        engine = Engine(
+            runner,
+            components.tokenizer,
+            scheduler_config,
+            shape,
+            choices=choices,
+            deep_cache=choices.deep_cache,
+        )
         engine.widen = "--max-width {width}"
         return engine
     if backend == "openvino":
@@ -136,7 +153,7 @@ def load(
             max_width=max_width,
         )
     runner = create_backend(backend, directory=artifacts, device=device, **options)
-    engine = Engine.from_export(runner, Path(artifacts), choices=choices)
+    engine = Engine.from_export(runner, Path(artifacts), choices=choices, deep_cache=choices.deep_cache)
     if from_model:
         engine.widen = "--max-width {width}"  # a wider export on first use
     return engine
@@ -145,6 +162,16 @@ def load(
 def export_run_profile(directory: Path) -> str | None:
     """The run profile an export directory was made for (its manifest's), if it says."""
     return _manifest_or_empty(directory).get("run_profile")
+
+
+def export_deep_cache_branch(directory: Path) -> int | None:
+    """The DeepCache branch an export directory has UNet stages for (None: none)."""
+    raw = _manifest_or_empty(directory)
+    stages = raw.get("stages", {})
+    if not isinstance(stages, dict) or SHALLOW not in stages:
+        return None
+    branch = raw.get("profile", {}).get("deep_cache_branch")
+    return branch if isinstance(branch, int) else None
 
 
 def export_has_int8(directory: Path) -> bool:
@@ -259,6 +286,8 @@ def first_use_export(
     described += () if guidance else ("no guidance",)
     described += () if run_profile == "default" else (run_profile,)
     described += () if max_width is None else (f"max width {max_width}",)
+    branch = choices.deep_cache.branch if choices is not None and choices.deep_cache is not None else None
+    described += () if branch is None else (f"DeepCache branch {branch}",)
     digest = hashlib.sha256(
         json.dumps([model, seed, flavour, precision, device, *described]).encode()
     ).hexdigest()[:12]
@@ -273,7 +302,9 @@ def first_use_export(
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
         # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
         profile=ShapeProfile(
-            max_width=max_width or (MAX_WIDTH if target != "tensorrt" else None), guidance=guidance
+            max_width=max_width or (MAX_WIDTH if target != "tensorrt" else None),
+            guidance=guidance,
+            deep_cache_branch=branch,
         ),
     )
     return f"{name}-{flavour}-{device}-{precision}-{digest}", config

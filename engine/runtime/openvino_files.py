@@ -23,9 +23,10 @@ def openvino_reads(directory: str | Path, precision: str) -> Callable[[str], boo
 
 def ir_reads(precision: str) -> Callable[[str], bool]:
     """A predicate of an openvino export's file names: whether OpenVINO reads the file when
-    running ``precision``: each stage's IR (the UNet's int8 IR when running int8, else its
-    fp32 one) and the support files, not the ONNX files beside them."""
+    running ``precision``: each stage's IR (the UNet's and the shallow stage's int8 IR when
+    running int8, else their fp32 ones) and the support files, not the ONNX files beside them."""
     from ...export.manifest import INT8_SUFFIX
+    from ...export.specs import SHALLOW
 
     def reads(name: str) -> bool:
         stage, _, rest = name.partition(".")
@@ -33,7 +34,7 @@ def ir_reads(precision: str) -> Callable[[str], bool]:
             return True  # a support file (tokenizer/, scheduler/)
         if rest.startswith("onnx"):
             return False
-        if stage == "unet":
+        if stage in ("unet", SHALLOW):  # their int8 IR, or their fp32 one
             return rest.startswith(INT8_SUFFIX.lstrip(".")) == (precision == "int8")
         return True
 

@@ -16,7 +16,8 @@ One loop serves every mode Riffusion has; the modes are parameters:
 
 Requests that share a shape, step count and scheduler run as one batch (one UNet call
 per step for all of them, unconditional and conditional rows together); each result
-equals the same request run alone.
+equals the same request run alone. With DeepCache (``deep_cache.py``) the steps between
+full UNet calls run its shallow branch on the feature the batch's last full call kept.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from typing import Any
 import numpy as np
 
 from ...export.manifest import ModelShape
+from ...export.specs import SHALLOW
 from ...kernels.errors import RiffusionError
 from ...kernels.griffin_lim import GriffinLimOptions
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
 from .checks import RequestChecks, memory_bound
+from .deep_cache import DeepCache
 from .defaults import WIDTH
 from .profiles import DEFAULT_PROFILE, Choices
 from .prompts import Tokens, apply_weights, tokenize
@@ -58,7 +61,7 @@ from .tensors import image_batch, mask_tensor, slerp, to_pixels
 log = logging.getLogger(__name__)
 
 # Rows a CPU runs a stage at, at most (see Engine._in_parts): one clip with guidance.
-CPU_ROWS = {"text_encoder": 1, "unet": 2, "vae_encoder": 1, "vae_decoder": 1}
+CPU_ROWS = {"text_encoder": 1, "unet": 2, SHALLOW: 2, "vae_encoder": 1, "vae_decoder": 1}
 
 
 class Engine(RequestChecks):
@@ -75,8 +78,18 @@ class Engine(RequestChecks):
         griffin_lim: GriffinLimOptions | None = None,
         cache_size: int = 256,
         choices: Choices | None = None,
+        deep_cache: DeepCache | None = None,
     ) -> None:
+        if deep_cache is not None and deep_cache.branch != backend.deep_cache_branch:
+            made = backend.deep_cache_branch
+            has = f"branch {made}'s" if made is not None else "none"
+            raise RiffusionError(
+                f"--deep-cache {deep_cache} runs the UNet's DeepCache stages for branch "
+                f"{deep_cache.branch}; this {backend.name} backend has {has}: export with "
+                f"--deep-cache {deep_cache} (or leave BRANCH out to run the export's own)"
+            )
         self.backend = backend
+        self.deep_cache = deep_cache  # DeepCache's schedule (None: every step a full UNet call)
         self.choices = choices  # what it was loaded with; its request defaults below
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
@@ -94,7 +107,14 @@ class Engine(RequestChecks):
             )
 
     @classmethod
-    def from_export(cls, backend: Backend, directory: Path, *, choices: Choices | None = None) -> Engine:
+    def from_export(
+        cls,
+        backend: Backend,
+        directory: Path,
+        *,
+        choices: Choices | None = None,
+        deep_cache: DeepCache | None = None,
+    ) -> Engine:
         """An engine over a backend that runs the export ``directory``: its tokenizer,
         scheduler config and sizes come from the directory and its manifest."""
         import json
@@ -104,7 +124,7 @@ class Engine(RequestChecks):
         shape = backend.manifest.model_shape()  # type: ignore[attr-defined]
         tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
         scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-        return cls(backend, tokenizer, scheduler_config, shape, choices=choices)
+        return cls(backend, tokenizer, scheduler_config, shape, choices=choices, deep_cache=deep_cache)
 
     # -- public API ---------------------------------------------------------------
 
@@ -387,6 +407,7 @@ class Engine(RequestChecks):
         if "generator" in step_parameters:  # ancestral samplers draw per request, seeded
             step_kwargs["generator"] = generators[0] if len(requests) == 1 else generators
         scale = self._column(guidance, 4)
+        deep, feature, full_calls = self.deep_cache, None, 0
         bar = tqdm(timesteps, desc="denoising", unit="step", disable=not progress, leave=False)
         # "unet": the denoising loop, UNet calls with the guidance and scheduler steps between
         # them, timed as one stage: the device is synchronized at its ends only, not per step.
@@ -397,9 +418,15 @@ class Engine(RequestChecks):
                 rows = torch.cat([latents] * 2) if cfg else latents
                 rows = scheduler.scale_model_input(rows, t)
                 timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
-                predicted = self._in_parts(
-                    "unet", {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
-                )
+                inputs = {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
+                if deep is not None and feature is not None and not deep.full(i):
+                    predicted = self._in_parts(SHALLOW, {**inputs, "deep_feature": feature})
+                else:
+                    predicted = self._in_parts("unet", inputs)
+                    full_calls += 1
+                    if isinstance(predicted, tuple):  # DeepCache's UNet: the feature besides
+                        predicted, kept = predicted
+                        feature = kept if deep is not None else None
                 if cfg:
                     uncond, text = predicted.chunk(2)
                     predicted = uncond + scale * (text - uncond)
@@ -413,6 +440,7 @@ class Engine(RequestChecks):
                     # Requests without a mask regenerate everywhere.
                     latents = kept * (1 - mask) + latents * mask
         timings["unet_steps"] = len(timesteps)
+        timings["unet_full_calls"] = full_calls
         return latents
 
     def _in_parts(self, stage: str, inputs: dict[str, Any]) -> Any:
@@ -432,6 +460,8 @@ class Engine(RequestChecks):
             self.backend.run(stage, {k: v[i : i + rows] for k, v in inputs.items()})
             for i in range(0, batch, rows)
         ]
+        if isinstance(parts[0], tuple):  # a stage with several outputs: each joined
+            return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
         return torch.cat(parts)
 
     def to_clip(self, image: Any, timings: dict[str, float]) -> Clip:

@@ -15,7 +15,8 @@ from typing import Any
 from ...export.adapters import LCM_LORA, RANDOM_LORA, Lora
 from ...export.models import is_random_preset
 from ...kernels.errors import RiffusionError
-from .cpu import auto_precision, best_float, has_bf16
+from .cpu import auto_deep_cache, auto_precision, best_float, has_bf16
+from .deep_cache import DeepCache, parse_deep_cache
 from .defaults import SCHEDULER, STEPS
 
 
@@ -30,6 +31,9 @@ class Profile:
     cpu_precision: str  # its precision there ("auto": by the CPU's class, cpu.auto_precision)
     cuda_precision: str  # the precision on CUDA
     needs_lora: bool  # a real checkpoint needs a few-step LoRA for this profile's sampler
+    # DeepCache on the CPU: "0" off, INTERVAL:BRANCH, or "auto" (by the CPU's class,
+    # cpu.auto_deep_cache); off on CUDA unless asked for
+    cpu_deep_cache: str = "0"
 
     def summary(self) -> str:
         vae = "tiny VAE (TAESD)" if self.vae == "tiny" else "the model's VAE"
@@ -40,7 +44,10 @@ class Profile:
         elif self.cpu_precision == "auto":
             cpu = f"{self.cpu_backend} on cpu in int8, bf16 or fp32 by the CPU's instructions"
         precision = f"{cpu}, {self.cuda_precision} on cuda"
-        return f"{self.scheduler} {self.steps} steps, {guidance}, {vae}, {precision}"
+        deep = {"0": "", "auto": ", DeepCache by the CPU's class"}.get(
+            self.cpu_deep_cache, f", DeepCache {self.cpu_deep_cache} on cpu"
+        )
+        return f"{self.scheduler} {self.steps} steps, {guidance}, {vae}, {precision}{deep}"
 
 
 PROFILES: dict[str, Profile] = {
@@ -65,6 +72,7 @@ PROFILES: dict[str, Profile] = {
         cpu_precision="auto",
         cuda_precision="fp16",
         needs_lora=True,
+        cpu_deep_cache="auto",
     ),
 }
 DEFAULT_PROFILE = PROFILES["default"]
@@ -98,6 +106,7 @@ class Choices:
     guidance: float
     notes: tuple[str, ...] = ()  # where the profile's choice could not be made, and why
     exported: bool = False  # loaded from an export directory: LoRAs and VAE are its own
+    deep_cache: DeepCache | None = None  # DeepCache's schedule (None: every step a full UNet call)
 
     def describe(self, *, exported: bool | None = None) -> str:
         exported = self.exported if exported is None else exported
@@ -107,6 +116,8 @@ class Choices:
             f"backend {self.backend}",
             f"precision {self.precision}",
         ]
+        if self.deep_cache is not None:
+            parts.append(f"DeepCache {self.deep_cache} (interval:branch)")
         if exported:
             parts.append("LoRAs and VAE as exported")
         else:
@@ -132,12 +143,17 @@ def resolve(
     guidance: float | None = None,
     int8: bool | None = None,
     features: tuple[str, ...] | None = None,
+    deep_cache: str | DeepCache | None = None,
+    export_branch: int | bool | None = False,
 ) -> Choices:
     """The choices of profile ``name`` where the arguments are None; ``exported``: the run
     loads an export directory, whose LoRAs and VAE were fixed when it was made; ``int8``:
     whether an int8 UNet is there to run (an export's) or can be made (NNCF installed;
     None: find out), which an ``auto`` precision needs to choose int8; ``features``: the
-    CPU's (default: this one's, :func:`~.cpu.cpu_features`)."""
+    CPU's (default: this one's, :func:`~.cpu.cpu_features`); ``deep_cache``:
+    ``INTERVAL[:BRANCH]`` (``0``: off), None for the profile's; ``export_branch``: the
+    DeepCache branch the export directory run has stages for (None: none; False: not an
+    export), which a BRANCH left out and the profile's ``auto`` take."""
     p = profile(name)
     notes = []
     backend = backend or "auto"
@@ -166,6 +182,21 @@ def resolve(
                 # OpenVINO would run f32 anyway: say so rather than claim bf16
                 precision = "fp32"
                 notes.append("this CPU has no bf16 instructions (AVX-512 BF16 or AMX): fp32")
+    branch = export_branch if export_branch is not False else None
+    if deep_cache is not None:
+        chosen = parse_deep_cache(deep_cache, branch=branch)
+    elif device == "cpu" and p.cpu_deep_cache == "auto":
+        chosen, why = auto_deep_cache(precision, features)
+        if chosen is not None and export_branch is not False and export_branch != chosen.branch:
+            if export_branch is None:
+                why += "; this export has no DeepCache stages: off"
+                chosen = None
+            else:
+                chosen = DeepCache(chosen.interval, export_branch)
+                why += f"; the export's branch {export_branch}"
+        notes.append(why)
+    else:
+        chosen = parse_deep_cache(p.cpu_deep_cache if device == "cpu" else "0", branch=branch)
     loras = tuple(x if isinstance(x, Lora) else Lora.parse(x) for x in (loras or ()))
     if not exported:
         vae = vae if vae is not None else p.vae
@@ -188,4 +219,5 @@ def resolve(
         guidance=guidance if guidance is not None else p.guidance,
         notes=tuple(notes),
         exported=exported,
+        deep_cache=chosen,
     )

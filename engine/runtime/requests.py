@@ -28,6 +28,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 # (diffusers' pipelines pass eta=0.0 unless told; pass eta=0.3 to them to compare).
 STEP_OPTIONS: dict[str, dict[str, Any]] = {"tcd": {"eta": 0.3}}
 MAX_STEPS = 1000
+# The entries of a clip's timings that count rather than time: UNet steps, and the full
+# UNet calls among them (fewer with DeepCache).
+COUNTS = ("unet_steps", "unet_full_calls")
 MAX_SEED = 2**63 - 1
 
 
@@ -157,11 +160,17 @@ class Clip:
     audio: np.ndarray  # (channels, samples) int16
     sample_rate: int  # Hz
     image: Any  # PIL spectrogram image, parameters and max value in its EXIF
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # Seconds per stage, and the counts in COUNTS (UNet steps, full UNet calls among them)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
         return self.audio.shape[-1] / self.sample_rate
+
+    @property
+    def seconds(self) -> float:
+        """The seconds the clip took, its stages' together."""
+        return sum(v for k, v in self.timings.items() if k not in COUNTS)
 
     def save(self, path: str | Path) -> Path:
         """Audio by extension (.wav .flac .ogg .mp3), or the image (.png)."""

@@ -92,7 +92,7 @@ class StageEngine:
         self.streams = streams
         self.inputs = {t.name: t for t in spec.inputs}  # name -> the spec's tensor
         self._static_buffers: dict[str, Any] | None = None
-        self._static_out: Any = None
+        self._static_outs: list[Any] = []
         self._replay: Callable[[int], None] | None = None
 
     # -- checks -------------------------------------------------------------------
@@ -105,7 +105,7 @@ class StageEngine:
         low, high = self.inputs[name].size("min"), self.inputs[name].size("max")
         return f"{low}" if low == high else f"{low} to {high}"
 
-    def _bind(self, inputs: dict[str, Any], out: Any) -> None:
+    def _bind(self, inputs: dict[str, Any], outs: list[Any]) -> None:
         for name, tensor in inputs.items():
             shape = tuple(tensor.shape)
             if not self.context.set_input_shape(name, shape):
@@ -115,14 +115,15 @@ class StageEngine:
                 )
             if not self.context.set_tensor_address(name, tensor.data_ptr()):
                 raise RiffusionError(f"TensorRT refused the address of {self.stage} input {name}")
-        (output,) = self.spec.outputs
-        if not self.context.set_tensor_address(output.name, out.data_ptr()):
-            raise RiffusionError(f"TensorRT refused the address of {self.stage} output {output.name}")
+        for output, out in zip(self.spec.outputs, outs, strict=True):
+            if not self.context.set_tensor_address(output.name, out.data_ptr()):
+                raise RiffusionError(f"TensorRT refused the address of {self.stage} output {output.name}")
 
     # -- running ------------------------------------------------------------------
 
-    def run(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
-        """The stage's output for ``inputs`` (contiguous float32 tensor of ``out_shape``)."""
+    def run(self, inputs: dict[str, Any], out_shapes: list[tuple[int, ...]], device: Any) -> list[Any]:
+        """The stage's outputs for ``inputs`` (contiguous float32 tensors of ``out_shapes``,
+        in the spec's order)."""
         import torch
 
         inputs = {
@@ -130,16 +131,18 @@ class StageEngine:
             for k, v in inputs.items()
         }
         if self.static:
-            return self._run_static(inputs, out_shape, device)
-        out = torch.empty(out_shape, dtype=torch.float32, device=device)
-        self._bind(inputs, out)
-        self.streams.run(self._launch, [*inputs.values(), out])
-        return out
+            return self._run_static(inputs, out_shapes, device)
+        outs = [torch.empty(shape, dtype=torch.float32, device=device) for shape in out_shapes]
+        self._bind(inputs, outs)
+        self.streams.run(self._launch, [*inputs.values(), *outs])
+        return outs
 
     def static_shape(self, name: str) -> tuple[int, ...]:
         return self.inputs[name].size("max")
 
-    def _run_static(self, inputs: dict[str, Any], out_shape: tuple[int, ...], device: Any) -> Any:
+    def _run_static(
+        self, inputs: dict[str, Any], out_shapes: list[tuple[int, ...]], device: Any
+    ) -> list[Any]:
         import torch
 
         rows = {int(t.shape[0]) for t in inputs.values()}
@@ -159,15 +162,17 @@ class StageEngine:
                 for name, tensor in inputs.items()
             }
             full = self.static_shape(next(iter(inputs)))[0]
-            self._static_out = torch.empty((full, *out_shape[1:]), dtype=torch.float32, device=device)
-            self._bind(self._static_buffers, self._static_out)
+            self._static_outs = [
+                torch.empty((full, *shape[1:]), dtype=torch.float32, device=device) for shape in out_shapes
+            ]
+            self._bind(self._static_buffers, self._static_outs)
             self._replay = self.streams.capture(self._launch)
         buffers = self._static_buffers
         for name, tensor in inputs.items():
             buffers[name][:n].copy_(tensor)
         assert self._replay is not None
         self.streams.run(self._replay, [])
-        return self._static_out[:n].clone()
+        return [out[:n].clone() for out in self._static_outs]
 
 
 def check_export_for_provider(manifest: Manifest, provider: str) -> None:

@@ -144,6 +144,11 @@ class Batcher:
         with self._cond:
             self.scheduler.learn(clips[0].timings, request.width, 1, seconds)
 
+    def estimate(self, request: Request) -> float | None:
+        """Seconds to make ``request`` alone, from the costs measured so far (None: none yet)."""
+        with self._cond:
+            return self.scheduler.cost(request) if self.scheduler.costs else None
+
     def fit_steps(self, request: Request, seconds_left: float, min_steps: int) -> Request:
         """``request`` with as many of its steps as end within ``seconds_left`` after the work
         ahead of it, the queued requests giving up steps where needed

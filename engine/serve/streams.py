@@ -85,7 +85,8 @@ log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code (RFC 6455 registry): the server is at capacity
 # A steer keeps the clips the listener will have begun within this long (the rewind event's
-# way to the client), and drops the later ones it was sent.
+# way to the client) plus the time to make the clip that replaces them, and drops the later
+# ones it was sent: the first clip toward the prompt is ready before the kept audio ends.
 REWIND_MARGIN_S = 0.25
 
 
@@ -187,6 +188,7 @@ class _Session:
         self.made_s = 0.0  # audio seconds sent and kept
         self.send_lock = asyncio.Lock()  # a clip is sent whole before a steer, or dropped by it
         self.heard = Playback()  # the client's playback: clips sent and played, prompts on their way
+        self.last_request: Any = None  # the request of the last clip sent
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.socket.send_text(json.dumps(payload))
@@ -390,7 +392,7 @@ class _Session:
             "margin": round(margin, 3),
         }
         if not chunk.final:
-            request = chunk.request
+            request = self.last_request = chunk.request
             event.update(
                 start=_describe(request.start),
                 end=_describe(request.end or request.start),
@@ -471,7 +473,9 @@ class _Session:
                 await asyncio.to_thread(stream.queue, prompt)
             else:
                 async with self.send_lock:
-                    keep = self.heard.playing_at(time.monotonic() + REWIND_MARGIN_S)
+                    # Kept: what plays until the steered clip can be made (never a gap).
+                    make = self.hub.batcher.estimate(self.last_request) if self.last_request else None
+                    keep = self.heard.playing_at(time.monotonic() + REWIND_MARGIN_S + (make or 0.0))
                     await asyncio.to_thread(stream.queue, prompt, message.when, after=keep)
                     if keep < self.heard.sent:  # sent, not yet playing: the client drops them
                         await self.send_json({"type": "rewind", "after": keep})

@@ -34,8 +34,13 @@ JSON schema (``schema`` 2)::
                                     "rms_gray_levels", "max_abs_gray_levels",
                                     "spectral_convergence_vs_fp32"}: against the same backend's
                                     fp32 row, same mode}}
+                      "uncached_row", "agreement_vs_uncached": (DeepCache and fewer-steps twins)
+                                    the row it approximates, and recipes.versus against it}}
     precision_gates  {int8 row: {"int8", "bf16": their rms_gray_levels against fp32, "ratio",
                       "holds": ratio <= 2}}
+    deep_cache_gates {DeepCache row: {"deep_cache": its rms_gray_levels against its uncached
+                      row, "bf16": bf16's against fp32 (same backend and mode), "ratio",
+                      "holds": ratio <= recipes.GATE_RATIO}}
 
 Stages: ``text_encoder`` (prompt and negative prompt), ``unet_step`` (one guided UNet
 call for the reference; for the engine, its denoising loop over its steps, the guidance
@@ -49,7 +54,9 @@ same LoRA fused, AutoencoderTiny and scheduler), in two modes: text to clip, and
 app's (``og_beat`` at denoising 0.75; rows named ``NAME @ og_beat 0.75``). The openvino
 backend then gets a row per precision the CPU runs (``openvino fp32``, ``openvino bf16``
 where it has bf16 instructions, ``openvino int8`` where NNCF is installed), unless
-``precision`` names one, each agreeing with the fp32 row or not. A row ``BACKEND
+``precision`` names one, each agreeing with the fp32 row or not. Every row runs without
+DeepCache; candidate rows get twins with fewer full UNet calls (``recipes.py``): one per
+DeepCache schedule (``deep_cache``) and one in ``fewer_steps`` steps. A row ``BACKEND
 default`` (and its seed-image twin) runs the engine's default recipe (PNDM at
 ``default_steps``, guidance 7, no LoRA, the model's VAE) for scale.
 """
@@ -70,12 +77,15 @@ from ...kernels.errors import RiffusionError
 from ...kernels.metrics import spectral_convergence
 from ..runtime.backends import BACKENDS
 from .measure import Round, alternate, environment, summary
+from .recipes import GATE_RATIO, deep_cache_gates, twins, versus, with_schedule
 from .reference import ReferencePipeline
 
 log = logging.getLogger(__name__)
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder", "image_to_audio", "end_to_end")
 SCHEMA = 2
+REALTIME_SCHEDULES = ("2:0", "3:0")  # DeepCache twins a realtime bench runs unless told
+REALTIME_FEWER_STEPS = 2  # and its fewer-steps twin (one UNet call in the web app's mode)
 PROMPT = "funky jazz saxophone"
 
 
@@ -100,6 +110,22 @@ class BenchConfig:
     denoising: float = 0.75  # the seed-image mode's (the web app's og_beat at 0.75)
     loras: tuple[str, ...] = ()  # PATH_OR_HUB_ID[:SCALE], fused into the engines' and the reference's weights
     vae: str | None = None  # tiny[=PATH_OR_HUB_ID] (None: the profile's)
+    # DeepCache schedules (INTERVAL:BRANCH, one branch) run as twins of the candidate rows
+    # (recipes.py); None: the profile's (realtime: REALTIME_SCHEDULES; default: none)
+    deep_cache: tuple[str, ...] | None = None
+    fewer_steps: int | None = None  # a twin sampling in this many steps (0: none; None: realtime's 2)
+
+    def schedules(self) -> tuple[Any, ...]:
+        from .recipes import parse_schedules
+
+        if self.deep_cache is not None:
+            return parse_schedules(self.deep_cache)
+        return parse_schedules(REALTIME_SCHEDULES if self.profile != "default" else ())
+
+    def fewer(self) -> int:
+        if self.fewer_steps is not None:
+            return self.fewer_steps
+        return REALTIME_FEWER_STEPS if self.profile != "default" else 0
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -109,6 +135,9 @@ class BenchConfig:
             )
         if self.steps < 1 or self.runs < 1 or self.warmup < 0:
             raise RiffusionError("steps and runs must be at least 1, warmup at least 0")
+        if self.fewer_steps is not None and self.fewer_steps < 0:
+            raise RiffusionError(f"fewer_steps must be >= 0, got {self.fewer_steps}")
+        self.schedules()  # a bad --deep-cache list: refused before anything loads
 
 
 def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
@@ -131,6 +160,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         read, memory_source = device_memory_reader(torch.cuda.current_device())
         memory = PeakMemory(read).start()
     profiled = config.profile != "default"
+    schedules = config.schedules()
+    # Every row runs uncached (its twins run the schedules); its export has the schedules' stages.
+    deep_cache = str(schedules[0]) if schedules else "0"
     # Exported backends first: an export on first use peaks at several times the model's
     # size, so it runs before the reference and the torch backend hold their copies.
     order = sorted(config.backends, key=lambda name: name == "torch")
@@ -150,7 +182,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             profile=config.profile,
             loras=config.loras,
             vae=config.vae,
+            deep_cache=deep_cache,
         )
+        engine = with_schedule(engine, None)
         made.append(engine)  # from the model source: its choices name the LoRAs and VAE fused in
         if not precisions:
             loaded[name] = engine
@@ -161,7 +195,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             loaded[f"{name} {precision}"] = (
                 engine
                 if precision == precisions[-1]
-                else load(artifacts=engine.backend.directory, backend=name, precision=precision)
+                else load(
+                    artifacts=engine.backend.directory, backend=name, precision=precision, deep_cache="0"
+                )
             )
     engines = {row: loaded[row] for name in config.backends for row in loaded if row.split(" ")[0] == name}
     if profiled and config.default_steps:
@@ -176,6 +212,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             else None,
             cache_dir=config.cache_dir,
             progress=progress,
+            deep_cache="0",
         )
     # The reference runs what the engines run: under a profile (or with --lora, --vae), the
     # LoRAs fused by diffusers, the VAE and the scheduler.
@@ -198,13 +235,20 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         else settings
         for name, engine in engines.items()
     }
+    extra = twins(engines, schedules, config.fewer(), config.steps) if profiled else {}
     calls: dict[str, Callable[[Round], Any]] = {}
     mode_of: dict[str, str] = {}  # row -> its mode's suffix
+    anchor_of: dict[str, str] = {}  # twin row -> the uncached row it approximates
     for suffix, image in modes.items():
         options = {"seed_image": image, "denoising": config.denoising} if image is not None else {}
         calls["reference" + suffix] = lambda _, options=options: reference.run(PROMPT, **settings, **options)
-        for name, engine in engines.items():
-            run = {**requests[name], **options}
+        rows = {name: (engine, requests[name]) for name, engine in engines.items()}
+        rows.update(
+            {name: (twin, {**requests[base], **changed}) for name, (twin, changed, base) in extra.items()}
+        )
+        anchor_of.update({name + suffix: base + suffix for name, (_, _, base) in extra.items()})
+        for name, (engine, request) in rows.items():
+            run = {**request, **options}
             calls[name + suffix] = lambda _, engine=engine, run=run: engine.generate(PROMPT, **run)
         mode_of.update({row: suffix for row in calls if row not in mode_of})
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
@@ -257,22 +301,14 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         }
 
     def versus_fp32(name: str) -> dict[str, float] | None:
-        """Against the fp32 row of the same backend and mode: pixels within 1, 4 and 16 gray
-        levels, and the mel spectral convergence of this row's audio against that one's."""
+        """Against the fp32 row of the same backend and mode (:func:`recipes.versus`)."""
         backend, _, rest = name.partition(" ")
         precision = rest.split(" ")[0]
         fp32 = f"{backend} fp32{mode_of[name]}"
         if precision not in ("bf16", "int8") or fp32 not in outputs:
             return None
-        (pixels, audio), (ref_pixels, ref_audio) = outputs[name], outputs[fp32]
-        gray = np.abs(pixels.astype(int) - ref_pixels.astype(int))
-        ref_mel = spectrogram_from_waveform(ref_audio.astype(np.float32), params)
-        return {
-            **{f"share_within_{n}_gray_levels": float((gray <= n).mean()) for n in (1, 4, 16)},
-            "rms_gray_levels": float(np.sqrt((gray.astype(float) ** 2).mean())),
-            "max_abs_gray_levels": int(gray.max()),
-            "spectral_convergence_vs_fp32": spectral_convergence(audio.astype(np.float32), ref_mel, params),
-        }
+        found = versus(outputs, name, fp32, params)
+        return {**found, "spectral_convergence_vs_fp32": found.pop("spectral_convergence")}
 
     results: dict[str, Any] = {}
     for name, measured in runs.items():
@@ -284,6 +320,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         }
         if not name.startswith("reference") and (vs := versus_fp32(name)) is not None:
             entry["agreement_vs_fp32"] = vs
+        if name in anchor_of:
+            entry["uncached_row"] = anchor_of[name]
+            entry["agreement_vs_uncached"] = versus(outputs, name, anchor_of[name], params)
         if not name.startswith("reference"):
             entry["speedup"] = {
                 s: results["reference" + mode_of[name]]["stages"][s]["median_s"] / stages[s]["median_s"]
@@ -299,6 +338,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
                 / entry["stages"]["end_to_end"]["median_s"]
             )
     gates = precision_gates(results, mode_of)
+    cache_gates = deep_cache_gates(results, mode_of)
     peak_gpu = memory.stop() if memory is not None else None
     peak_torch = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
     return {
@@ -312,6 +352,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         "peak_torch_gpu_bytes": peak_torch,
         "results": results,
         "precision_gates": gates,
+        "deep_cache_gates": cache_gates,
     }
 
 
@@ -334,7 +375,8 @@ def precision_gates(results: dict[str, Any], mode_of: dict[str, str]) -> dict[st
     for name, entry in results.items():
         backend, _, rest = name.partition(" ")
         bf16 = results.get(f"{backend} bf16{mode_of[name]}", {}).get("agreement_vs_fp32")
-        if not rest.startswith("int8") or "agreement_vs_fp32" not in entry or bf16 is None:
+        twin = "uncached_row" in entry  # DeepCache and fewer steps: their own gate (recipes.py)
+        if twin or not rest.startswith("int8") or "agreement_vs_fp32" not in entry or bf16 is None:
             continue
         int8, reference = entry["agreement_vs_fp32"]["rms_gray_levels"], bf16["rms_gray_levels"]
         ratio = int8 / reference if reference > 0 else float("inf") if int8 > 0 else 1.0
@@ -376,6 +418,19 @@ def format_table(report: dict[str, Any]) -> str:
         ):
             cells = [report["results"][n].get("agreement_vs_fp32", {}).get(key) for n in names]
             lines.append(f"{label:<16}" + "".join(f"{'':>26}" if c is None else f"{c:>26.4f}" for c in cells))
+    if any("agreement_vs_uncached" in report["results"][n] for n in names):
+        for key, label in (
+            ("share_within_4_gray_levels", "uncached within 4"),
+            ("rms_gray_levels", "uncached RMS"),
+        ):
+            cells = [report["results"][n].get("agreement_vs_uncached", {}).get(key) for n in names]
+            lines.append(f"{label:<16}" + "".join(f"{'':>26}" if c is None else f"{c:>26.4f}" for c in cells))
+    for name, gate in report.get("deep_cache_gates", {}).items():
+        lines.append(
+            f"{name}: RMS error against uncached {gate['deep_cache']:.2f} gray levels, bf16's against "
+            f"fp32 {gate['bf16']:.2f}: {gate['ratio']:.2f}x "
+            f"({'within' if gate['holds'] else 'over'} the {GATE_RATIO:g}x gate)"
+        )
     for name, gate in report.get("precision_gates", {}).items():
         lines.append(
             f"{name}: RMS error against fp32 {gate['int8']:.2f} gray levels, bf16's {gate['bf16']:.2f}: "
