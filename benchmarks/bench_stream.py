@@ -206,9 +206,7 @@ def main() -> None:
         "--backend", default=None, help="engine backend (default: torch; with --profile realtime, its own)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument(
-        "--precision", default=None, help="fp32, fp16, bf16 or int8 (default: the profile's)"
-    )
+    parser.add_argument("--precision", default=None, help="fp32, fp16, bf16 or int8 (default: the profile's)")
     parser.add_argument(
         "--deep-cache",
         default=None,

@@ -66,7 +66,9 @@ def test_bench_with_the_realtime_profile(tmp_path: Path) -> None:
     assert report["config"]["profile"] == "realtime" and report["config"]["steps"] == 4
     assert "cpu_features" in report["environment"]
     seeded = " @ og_beat 0.75"
-    rows = ["reference", "torch", "torch default"]
+    # The candidate row's twins: bench's default DeepCache schedules and 2 steps.
+    twins = ["torch deep-cache 2:0", "torch deep-cache 3:0", "torch 2 steps"]
+    rows = ["reference", "torch", "torch default", *twins]
     assert list(report["results"]) == rows + [row + seeded for row in rows]
     for suffix in ("", seeded):
         # The torch backend is diffusers' pipeline with the same LoRA fused, AutoencoderTiny and LCM.
@@ -74,6 +76,17 @@ def test_bench_with_the_realtime_profile(tmp_path: Path) -> None:
         assert torch_row["agreement"]["share_within_one_gray_level"] >= 0.99
         assert torch_row["speedup_vs_default"] > 0 and torch_row["real_time_factor"] > 0
         assert "speedup_vs_default" not in report["results"]["torch default" + suffix]
+        assert "agreement_vs_uncached" not in torch_row
+        for twin in twins:
+            entry = report["results"][twin + suffix]
+            assert entry["uncached_row"] == "torch" + suffix
+            agreement = entry["agreement_vs_uncached"]
+            assert 0 < agreement["rms_gray_levels"] and agreement["share_within_16_gray_levels"] > 0.9
+        # DeepCache moves the clip less than 2 steps do (another sampling).
+        cached = report["results"]["torch deep-cache 2:0" + suffix]["agreement_vs_uncached"]
+        fewer = report["results"]["torch 2 steps" + suffix]["agreement_vs_uncached"]
+        assert cached["rms_gray_levels"] < fewer["rms_gray_levels"]
+    assert report["deep_cache_gates"] == {}  # no bf16 row on torch: no yardstick, no gate
     assert "vs default" in stdout and "cpu:" in stdout
 
 
@@ -102,3 +115,34 @@ def test_peak_memory_is_the_device_level_rise_over_the_baseline() -> None:
     with PeakMemory(lambda: level[0]) as flat:
         pass
     assert flat.stop() == 0
+
+
+def test_the_deep_cache_gate_measures_each_schedule_against_bf16s_error() -> None:
+    """A schedule passes where its error against its uncached row is at most twice bf16's
+    against fp32, same backend and mode; a run without a bf16 row has no gate."""
+    from riffusion_engine.engine.tools.recipes import deep_cache_gates, parse_schedules
+
+    seeded = " @ og_beat 0.75"
+    results = {
+        "openvino bf16": {"agreement_vs_fp32": {"rms_gray_levels": 0.3}},
+        "openvino bf16" + seeded: {"agreement_vs_fp32": {"rms_gray_levels": 0.2}},
+        "openvino int8 deep-cache 2:0": {
+            "uncached_row": "openvino int8",
+            "agreement_vs_uncached": {"rms_gray_levels": 0.5},
+        },
+        "openvino int8 deep-cache 2:0" + seeded: {
+            "uncached_row": "openvino int8" + seeded,
+            "agreement_vs_uncached": {"rms_gray_levels": 0.5},
+        },
+        "torch deep-cache 2:0": {"uncached_row": "torch", "agreement_vs_uncached": {"rms_gray_levels": 0.1}},
+    }
+    mode_of = {name: seeded if name.endswith(seeded) else "" for name in results}
+    gates = deep_cache_gates(results, mode_of)
+    assert gates["openvino int8 deep-cache 2:0"]["ratio"] == pytest.approx(0.5 / 0.3)
+    assert gates["openvino int8 deep-cache 2:0"]["holds"]
+    assert gates["openvino int8 deep-cache 2:0" + seeded]["ratio"] == pytest.approx(2.5)
+    assert not gates["openvino int8 deep-cache 2:0" + seeded]["holds"]
+    assert "torch deep-cache 2:0" not in gates
+    assert [str(s) for s in parse_schedules(("2:0", "0", "3"))] == ["2:0", "3:0"]
+    with pytest.raises(RiffusionError, match="one branch per bench run"):
+        parse_schedules(("2:0", "3:1"))

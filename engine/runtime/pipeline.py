@@ -425,8 +425,8 @@ class Engine(RequestChecks):
                     predicted = self._in_parts("unet", inputs)
                     full_calls += 1
                     if isinstance(predicted, tuple):  # DeepCache's UNet: the feature besides
-                        predicted, kept = predicted
-                        feature = kept if deep is not None else None
+                        predicted, returned = predicted
+                        feature = returned if deep is not None else None
                 if cfg:
                     uncond, text = predicted.chunk(2)
                     predicted = uncond + scale * (text - uncond)
