@@ -51,10 +51,10 @@ def main() -> None:
     from riffusion_engine import load
     from riffusion_engine.engine.runtime.cpu import cpu_features
     from riffusion_engine.engine.runtime.deep_cache import DeepCache
-    from riffusion_engine.engine.runtime.pipeline import Engine
     from riffusion_engine.engine.runtime.requests import PromptInput, Request
     from riffusion_engine.engine.runtime.seeds import seed_image
-    from riffusion_engine.export.specs import SHALLOW
+    from riffusion_engine.engine.tools.recipes import with_schedule
+    from riffusion_engine.export.specs import FEATURE, SHALLOW
 
     try:
         branches = [int(b) for b in args.branches.split(",")]
@@ -88,10 +88,7 @@ def main() -> None:
         )
         backend = engine.backend
         if uncached is None:
-            plain = Engine(
-                backend, engine.tokenizer, engine.scheduler_config, engine.shape, choices=engine.choices
-            )
-            uncached = {mode: pixels(plain, r) for mode, r in modes.items()}
+            uncached = {mode: pixels(with_schedule(engine, None), r) for mode, r in modes.items()}
         g = torch.Generator().manual_seed(0)
         latents = engine.shape.height // engine.shape.vae_factor
         inputs = {
@@ -101,7 +98,7 @@ def main() -> None:
         }
         _, feature = backend.run("unet", inputs)
         full = seconds(lambda backend=backend, inputs=inputs: backend.run("unet", inputs), args.runs)
-        deep = {**inputs, "deep_feature": feature}
+        deep = {**inputs, FEATURE: feature}
         shallow = seconds(lambda backend=backend, deep=deep: backend.run(SHALLOW, deep), args.runs)
         row: dict[str, Any] = {
             "branch": branch,
@@ -111,14 +108,7 @@ def main() -> None:
         }
         cells = []
         for interval in intervals:
-            cached = Engine(
-                backend,
-                engine.tokenizer,
-                engine.scheduler_config,
-                engine.shape,
-                choices=engine.choices,
-                deep_cache=DeepCache(interval, branch),
-            )
+            cached = with_schedule(engine, DeepCache(interval, branch))
             for mode, request in modes.items():
                 gray = np.abs(pixels(cached, request) - uncached[mode])
                 found = {

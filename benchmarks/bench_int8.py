@@ -47,6 +47,7 @@ def main() -> None:
     import torch
     from riffusion_engine.engine.runtime.backends import OpenVinoBackend
     from riffusion_engine.engine.runtime.cpu import has_bf16
+    from riffusion_engine.export.specs import FEATURE
     from riffusion_engine.kernels import RiffusionError
 
     precisions = ["fp32"] + (["bf16"] if has_bf16() and not args.isa else []) + ["int8"]
@@ -65,7 +66,7 @@ def main() -> None:
     deep = "unet_shallow" in backends["int8"].manifest.stages
     if deep:
         feature = backends["fp32"].run("unet", inputs)[1]
-        shallow = {**inputs, "deep_feature": feature}
+        shallow = {**inputs, FEATURE: feature}
         calls.update(
             {
                 f"{p} shallow": lambda _, b=backend: b.run("unet_shallow", shallow)

@@ -185,13 +185,18 @@ class ModelDims:
         return self.vae_factor * self.unet_factor
 
     def deep_feature(self, branch: int) -> tuple[int, int]:
-        """The channels and the downsampling (of the latents) of the feature DeepCache
-        keeps at ``branch`` (:func:`branch_position`)."""
-        block, layer = branch_position(branch, len(self.block_channels), self.layers_per_block)
-        if layer < self.layers_per_block:  # an up block's layer output: that block's width
-            return self.block_channels[block], 2**block
-        # The up block's input: the deeper up block's upsampled output, or the mid block's.
-        return self.block_channels[min(block + 1, len(self.block_channels) - 1)], 2**block
+        """The channels and the downsampling of the feature DeepCache keeps at ``branch``."""
+        return deep_feature(self.block_channels, self.layers_per_block, branch)
+
+
+def deep_feature(block_channels: tuple[int, ...], layers_per_block: int, branch: int) -> tuple[int, int]:
+    """The channels and the downsampling (of the latents) of the feature DeepCache keeps
+    at ``branch`` (:func:`branch_position`) in a UNet of ``block_channels``."""
+    block, layer = branch_position(branch, len(block_channels), layers_per_block)
+    if layer < layers_per_block:  # an up block's layer output: that block's width
+        return block_channels[block], 2**block
+    # The up block's input: the deeper up block's upsampled output, or the mid block's.
+    return block_channels[min(block + 1, len(block_channels) - 1)], 2**block
 
 
 def branch_position(branch: int, blocks: int, layers_per_block: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .models import Components, is_tiny_vae
-from .specs import SHALLOW, branch_position
+from .specs import SHALLOW, branch_position, deep_feature
 
 
 class TextEncoderStage(torch.nn.Module):
@@ -66,17 +66,18 @@ class DeepCacheUNetStage(torch.nn.Module):
         self.unet = unet
         self.block, self.layer = branch_position(branch, len(unet.up_blocks), unet.config.layers_per_block)
         self.resnet, _ = _up_layer(unet, self.block, self.layer)
+        config = unet.config
+        self.channels, _ = deep_feature(tuple(config.block_out_channels), config.layers_per_block, branch)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # (batch, 4, h, w), (batch,), (batch, tokens, hidden) -> (batch, 4, h, w), (batch, c, h', w')
         kept: list[torch.Tensor] = []
-        skip = self.resnet.in_channels - self._feature_channels()
 
         def keep(_module: Any, args: tuple[Any, ...]) -> None:
-            (hidden, *_rest) = args
-            kept.append(hidden[:, : hidden.shape[1] - skip])
+            (hidden, *_rest) = args  # the feature, then the skip connection concatenated to it
+            kept.append(hidden[:, : self.channels])
 
         hook = self.resnet.register_forward_pre_hook(keep)
         try:
@@ -87,12 +88,6 @@ class DeepCacheUNetStage(torch.nn.Module):
             hook.remove()
         (feature,) = kept
         return out, feature
-
-    def _feature_channels(self) -> int:
-        channels = self.unet.config.block_out_channels
-        if self.layer < self.unet.config.layers_per_block:
-            return channels[self.block]
-        return channels[min(self.block + 1, len(channels) - 1)]
 
 
 class ShallowUNetStage(torch.nn.Module):

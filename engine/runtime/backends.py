@@ -163,10 +163,6 @@ class ExportBackend(Backend):
     def spec(self, stage: str) -> StageSpec:
         return self.manifest.stage(stage).spec
 
-    def output_shape(self, stage: str, inputs: dict[str, Any]) -> tuple[int, ...]:
-        """The first output's shape (see :meth:`output_shapes`)."""
-        return self.output_shapes(stage, inputs)[0]
-
     def output_shapes(self, stage: str, inputs: dict[str, Any]) -> list[tuple[int, ...]]:
         """Each output's shape, from the inputs' sizes and the spec's dimension table."""
         spec = self.spec(stage)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ...export.manifest import ModelShape
-from ...export.specs import SHALLOW
+from ...export.specs import FEATURE, SHALLOW
 from ...kernels.errors import RiffusionError
 from ...kernels.griffin_lim import GriffinLimOptions
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
@@ -420,7 +420,7 @@ class Engine(RequestChecks):
                 timestep = t.to(device=device, dtype=torch.float32).expand(rows.shape[0]).contiguous()
                 inputs = {"sample": rows, "timestep": timestep, "encoder_hidden_states": embeddings}
                 if deep is not None and feature is not None and not deep.full(i):
-                    predicted = self._in_parts(SHALLOW, {**inputs, "deep_feature": feature})
+                    predicted = self._in_parts(SHALLOW, {**inputs, FEATURE: feature})
                 else:
                     predicted = self._in_parts("unet", inputs)
                     full_calls += 1

@@ -45,14 +45,19 @@ def with_schedule(engine: Any, schedule: DeepCache | None) -> Any:
     """``engine`` with another DeepCache schedule, on the same backend (same compiled stages)."""
     from ..runtime.pipeline import Engine
 
-    return Engine(
+    twin = Engine(
         engine.backend,
         engine.tokenizer,
         engine.scheduler_config,
         engine.shape,
+        params=engine.params,
+        griffin_lim=engine.griffin_lim,
+        cache_size=engine.cache_size,
         choices=engine.choices,
         deep_cache=schedule,
     )
+    twin.widen = engine.widen
+    return twin
 
 
 def twins(
