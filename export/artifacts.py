@@ -46,7 +46,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,18 @@ def cache_key(fields: dict[str, Any]) -> str:
 
 
 def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str | None]:
-    """Installed versions (None where not installed); onnxruntime-gpu counts as onnxruntime."""
+    """Installed versions by import name (None where not installed), read from the
+    distribution that installs the module: ``tensorrt`` comes from ``tensorrt-cu13`` (or
+    ``tensorrt-cu12``, or the ``tensorrt`` front package), ``onnxruntime`` from
+    ``onnxruntime`` or ``onnxruntime-gpu``. Without the module's version in the key, an
+    upgraded TensorRT would take the old engines as a cache hit, which it cannot load."""
+    owners = packages_distributions()
     found: dict[str, str | None] = {}
     for name in names:
-        candidates = (name, "onnxruntime-gpu") if name == "onnxruntime" else (name,)
         found[name] = None
-        for candidate in candidates:
+        # The distributions that install the module, then the name itself (metadata
+        # without a top_level.txt or RECORD).
+        for candidate in (*sorted(owners.get(name, ())), name):
             try:
                 found[name] = version(candidate)
                 break

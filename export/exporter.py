@@ -12,7 +12,6 @@ a complete-looking directory and two exports at once do not mix their files.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -520,20 +519,19 @@ def _build_engine(
     timing = work / TIMING_CACHE
     step("engine")
     build_engine(onnx_path, spec, engine, EngineOptions(fp16=precision == "fp16", timing_cache=timing))
-    run, runner = engine_runner(engine, spec.output_names)
+    run, release = engine_runner(engine, spec)
     try:
         if precision == "fp16" and spec.name in FP16_FALLBACK_STAGES and not all_finite(run, spec):
             fallback = "fp16 engine outputs had inf/NaN on the sample inputs"
             log.warning("%s: %s; rebuilding this stage in fp32", spec.name, fallback)
-            runner.deactivate()
+            release()
             precision = "fp32"
             build_engine(onnx_path, spec, engine, EngineOptions(fp16=False, timing_cache=timing))
-            run, runner = engine_runner(engine, spec.output_names)
+            run, release = engine_runner(engine, spec)
         step("verify engine")
         report = verify_stage(run, spec, references, tolerance=TOLERANCE[precision], runtime="tensorrt")
     finally:
-        with contextlib.suppress(Exception):
-            runner.deactivate()
+        release()
     return precision, fallback, report
 
 

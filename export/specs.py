@@ -109,6 +109,31 @@ class StageSpec:
     def input_shapes(self, which: Which) -> dict[str, tuple[int, ...]]:
         return {t.name: t.size(which) for t in self.inputs}
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows (first dimension) one call takes: the profile's batch maximum."""
+        return min(t.size("max")[0] for t in self.inputs)
+
+    def output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Each output's shape, in order, from the inputs' shapes and the dimension table."""
+        sizes: dict[str, int] = {}
+        for tensor in self.inputs:
+            for dim, size in zip(tensor.shape, input_shapes[tensor.name], strict=True):
+                if isinstance(dim, Dim):
+                    sizes[dim.name] = int(size)
+                    if dim.base is not None:  # the tiny VAE's encoder: latent sizes from the image's
+                        sizes.setdefault(dim.base, int(size) * dim.divisor // dim.factor)
+
+        def size(dim: int | Dim) -> int:
+            if isinstance(dim, int):
+                return dim
+            if dim.name in sizes:
+                return sizes[dim.name]
+            assert dim.base is not None, f"{self.name}: output {dim.name} derives from no input"
+            return dim.derived(sizes[dim.base])
+
+        return [tuple(size(dim) for dim in output.shape) for output in self.outputs]
+
     def sample_inputs(self, *, which: Which = "opt", seed: int = 0) -> dict[str, np.ndarray]:
         """Deterministic inputs at the ``which`` sizes, drawn as each input declares."""
         rng = np.random.default_rng(seed)

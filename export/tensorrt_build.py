@@ -3,16 +3,20 @@
 The optimization profile comes from the stage spec (min/opt/max of every input); a
 static profile has min = opt = max, which lets the runtime capture CUDA graphs. The
 timing cache (kernel timings TensorRT measured) is loaded before a build and written
-back after, so later builds on the same GPU are faster. TensorRT is an optional extra:
-it is imported only here, only when a build is asked for.
+back after, so later builds on the same GPU are faster. A built engine is verified on
+the runtime the TensorRT backend uses (:func:`engine_runner`). TensorRT is an optional
+extra: it is imported only here, only when a build is asked for.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..kernels.errors import RiffusionError
 from .specs import StageSpec
@@ -102,18 +106,39 @@ def build_engine(onnx_path: Path, spec: StageSpec, engine_path: Path, options: E
     save_engine(engine, path=str(engine_path))
 
 
-def engine_runner(engine_path: Path, output_names: list[str]) -> tuple[Runner, Any]:
-    """A runner over a TensorRT engine giving ``output_names`` (and the activated polygraphy
-    runner, to deactivate)."""
-    require_tensorrt()
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+def engine_runner(
+    engine_path: Path, spec: StageSpec, *, device: str = "cuda"
+) -> tuple[Runner, Callable[[], None]]:
+    """A runner over a built engine giving ``spec``'s outputs, and the call that releases it.
 
-    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
-    runner.activate()
+    It runs the engine as the TensorRT backend does (``tensorrt_engine.StageEngine`` over
+    torch tensors on torch's CUDA stream), not through polygraphy's ``TrtRunner``: that one
+    makes its own ``cuda.Stream()``, which loads libcudart through polygraphy's own search
+    (``polygraphy/cuda/cuda.py``: ``LD_LIBRARY_PATH``, ``/usr/local/cuda/lib64``, ``/usr/lib``,
+    ``/lib``, ``site-packages/nvidia/cuda_runtime/lib``, then ``libcudart.so``), and CUDA 13's
+    wheels keep it in ``nvidia/cu13/lib/libcudart.so.13``, where that search does not look. The
+    engine then ran on a machine whose CUDA comes from pip only, and its check did not.
+    ``device``: where the tensors live (``cpu`` only with a stand-in runtime, in tests)."""
+    trt = require_tensorrt()
+    import torch
+
+    from .tensorrt_engine import CudaStreams, InlineStreams, load_stage_engine
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    streams = CudaStreams() if device == "cuda" else InlineStreams()
+    stage = load_stage_engine(runtime, engine_path, spec, static=False, streams=streams)
+    target = torch.device(device)
 
     def run(feed: dict[str, Any]) -> list[Any]:
-        outputs = runner.infer(feed_dict=feed)
-        return [outputs[name] for name in output_names]
+        inputs = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feed.items()}
+        shapes = spec.output_shapes({name: tuple(value.shape) for name, value in feed.items()})
+        outputs = stage.run(inputs, shapes, target)
+        return [out.cpu().numpy() for out in outputs]
 
-    return run, runner
+    def release() -> None:
+        nonlocal stage
+        stage = None  # type: ignore[assignment]  # the context, then its engine
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    return run, release

@@ -506,3 +506,54 @@ def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
         raise MemoryError()
     with pytest.raises(RuntimeError, match="shape mismatch"), memory_bound(512, 1):
         raise RuntimeError("shape mismatch")  # other failures pass through unchanged
+
+
+def test_every_stage_call_fits_the_exports_batch_maximum_on_every_device(torch_engine, tmp_path) -> None:
+    """A steered stream's blend encodes all its leaf texts in one batch, which can outnumber
+    the text encoder's ``per_clip x max_batch`` rows; TensorRT refuses such a batch
+    (set_input_shape returns False). A backend that refuses rows over its spec's maximum,
+    taking whole batches as on a GPU (no CPU row limit), runs every stage in parts
+    that fit, and the clip equals the torch reference's."""
+    from riffusion_engine.engine.runtime.backends import Backend
+    from riffusion_engine.engine.runtime.requests import Blend
+
+    out = tmp_path / "batch-1"
+    code, _, stderr = run_cli("export", "--model", "random:tiny", "--max-batch", "1", "-o", str(out), "-q")
+    assert code == 0, stderr
+    inner = load(artifacts=out, backend="onnxruntime").backend
+
+    class RefusingBackend(Backend):
+        name = "refusing"
+        device = "cuda"  # the GPU's policy: a batch goes whole where the export allows it
+
+        def __init__(self) -> None:
+            self.manifest = inner.manifest
+            self.calls: list[tuple[str, int]] = []
+
+        def torch_device(self):
+            return torch.device("cpu")
+
+        def synchronize(self) -> None:
+            pass
+
+        def max_rows(self, stage: str) -> int | None:
+            return inner.max_rows(stage)
+
+        def run(self, stage, inputs):
+            rows = int(next(iter(inputs.values())).shape[0])
+            most = inner.spec(stage).max_rows
+            if rows > most:
+                raise RiffusionError(f"{stage}: {rows} rows, the profile takes at most {most}")
+            self.calls.append((stage, rows))
+            return inner.run(stage, inputs)
+
+    backend = RefusingBackend()
+    engine = Engine.from_export(backend, out)
+    assert inner.spec("text_encoder").max_rows == 2  # one clip, guided: prompt and negative prompt
+    steered = Blend(Blend(PromptInput("jazz", 1), PromptInput("rock", 2), 0.5), PromptInput("lofi", 3), 0.25)
+    request = Request(steered, PromptInput("ambient", 4), 0.5, steps=3)
+    got = engine.images([request]).numpy()
+    texts = [rows for stage, rows in backend.calls if stage == "text_encoder"]
+    assert sum(texts) >= 4 and max(texts) == 2  # four prompts (and the empty negative), two at a time
+    want = torch_engine.images([request]).numpy()
+    assert np.abs(got - want).max() < 1e-3

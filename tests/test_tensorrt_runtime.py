@@ -17,12 +17,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from riffusion_engine.engine.runtime.tensorrt_runtime import (  # noqa: E402
+from riffusion_engine.export.specs import ModelDims, ShapeProfile, StageSpec, stage_specs  # noqa: E402
+from riffusion_engine.export.tensorrt_build import check_tensorrt_version  # noqa: E402
+from riffusion_engine.export.tensorrt_engine import (  # noqa: E402
     InlineStreams,
     StageEngine,
 )
-from riffusion_engine.export.specs import ModelDims, ShapeProfile, StageSpec, stage_specs  # noqa: E402
-from riffusion_engine.export.tensorrt_build import check_tensorrt_version  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 DIMS = ModelDims(tokens=77, vocab=1000, text_hidden=32, latent_channels=4, vae_factor=8, unet_factor=2)
@@ -205,3 +205,132 @@ def test_every_output_of_a_two_output_stage_is_bound_and_returned() -> None:
         np.testing.assert_allclose(noise.numpy(), oracle(inputs), rtol=1e-6)
         assert tuple(feature.shape) == feature_shape
         assert set(context.addresses) >= {"noise_pred", "deep_feature"}
+
+
+# -- TensorRT as pip installs it for CUDA 13 ------------------------------------------
+
+
+@pytest.fixture
+def cuda13_site(tmp_path, monkeypatch):
+    """A site-packages laid out like the CUDA 13 wheels, on sys.path: ``tensorrt`` (the
+    front package, from the ``tensorrt-cu13`` distribution, whose top-level module is
+    ``tensorrt``) and ``nvidia/cu13/lib/libcudart.so.13``, where those wheels keep the CUDA
+    runtime; no CUDA toolkit anywhere else. Returns a function that installs a version."""
+    import importlib
+    import sys
+
+    site = tmp_path / "site-packages"
+    (site / "nvidia" / "cu13" / "lib").mkdir(parents=True)
+    (site / "nvidia" / "cu13" / "lib" / "libcudart.so.13").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+
+    def install(version: str):
+        for old in site.glob("tensorrt_cu13-*.dist-info"):
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        package = site / "tensorrt"
+        package.mkdir(exist_ok=True)
+        (package / "__init__.py").write_text(f'__version__ = "{version}"\n')
+        info = site / f"tensorrt_cu13-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt-cu13\nVersion: {version}\n")
+        (info / "top_level.txt").write_text("tensorrt\n")
+        importlib.invalidate_caches()
+        sys.modules.pop("tensorrt", None)
+        return importlib.import_module("tensorrt")
+
+    return install
+
+
+class StandInRuntime:
+    """``tensorrt.Runtime``: a plan file names the stage it was built for; anything else
+    is an engine it cannot load (None, as TensorRT returns)."""
+
+    def __init__(self, logger) -> None:
+        self.contexts: list[StandInContext] = []
+
+    def deserialize_cuda_engine(self, data: bytes):
+        if not data.startswith(b"stand-in plan"):
+            return None
+        spec = unet_spec(max_batch=2)
+        runtime = self
+
+        class Engine:
+            def create_execution_context(self):
+                runtime.contexts.append(StandInContext(spec))
+                return runtime.contexts[-1]
+
+        return Engine()
+
+
+def stand_in_tensorrt(module) -> None:
+    module.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    module.Runtime = StandInRuntime
+
+
+def test_engine_verification_runs_on_the_backends_runtime_not_polygraphys_cuda(
+    cuda13_site, tmp_path, monkeypatch
+) -> None:
+    """Export verification of a built engine runs it as the TensorRT backend does, on torch's
+    CUDA: polygraphy's TrtRunner would load libcudart through polygraphy's own search,
+    which does not look in the CUDA 13 wheels' nvidia/cu13/lib (an OSError after every
+    build on a machine without a system toolkit)."""
+    from polygraphy.cuda import cuda as polygraphy_cuda
+    from riffusion_engine.export.tensorrt_build import engine_runner
+    from riffusion_engine.export.verify import Reference, VerificationError, verify_stage
+
+    stand_in_tensorrt(cuda13_site("10.13.3.9"))
+
+    def no_cuda_runtime(self) -> None:
+        raise OSError("libcudart.so: cannot open shared object file")  # what polygraphy meets there
+
+    monkeypatch.setattr(polygraphy_cuda.Cuda, "__init__", no_cuda_runtime)
+    spec = unet_spec(max_batch=2)
+    plan = tmp_path / "unet.plan"
+    plan.write_bytes(b"stand-in plan")
+    run, release = engine_runner(plan, spec, device="cpu")
+    references = []
+    for which in ("opt", "min", "max"):
+        inputs = spec.sample_inputs(which=which, seed=3)
+        references.append(Reference(inputs, [oracle({k: torch.from_numpy(v) for k, v in inputs.items()})]))
+    report = verify_stage(run, spec, references, tolerance=1e-6, runtime="tensorrt")
+    assert report["noise_pred"]["max_rel"] < 1e-6
+    wrong = [Reference(r.inputs, [r.outputs[0] + 1]) for r in references]
+    with pytest.raises(VerificationError, match="noise_pred"):
+        verify_stage(run, spec, wrong, tolerance=1e-3, runtime="tensorrt")  # the check can fail
+    release()
+    plan.write_bytes(b"a plan from another TensorRT")
+    with pytest.raises(RiffusionError, match="another TensorRT version"):
+        engine_runner(plan, spec, device="cpu")
+
+
+def test_the_tensorrt_version_from_the_cu13_distribution_is_in_the_cache_key(
+    cuda13_site, tiny_export
+) -> None:
+    """``tensorrt`` is installed by the ``tensorrt-cu13`` distribution: the key records its
+    version, and an export made under one TensorRT is not a cache hit under the next."""
+    import json
+    import shutil
+
+    from riffusion_engine.export import exporter
+    from riffusion_engine.export.artifacts import cache_key, tool_versions
+
+    directory, _ = tiny_export
+    cuda13_site("10.13.3.9")
+    assert tool_versions(("tensorrt",)) == {"tensorrt": "10.13.3.9"}
+    config = exporter.ExportConfig(model="random:tiny")
+    before = cache_key(exporter.cache_key_fields(config))
+    cuda13_site("10.16.1.11")
+    assert tool_versions(("tensorrt",)) == {"tensorrt": "10.16.1.11"}
+    after = cache_key(exporter.cache_key_fields(config))
+    assert before != after
+    made = directory.parent / "made-under-10.13"
+    shutil.copytree(directory, made)
+    manifest = json.loads((made / "manifest.json").read_text())
+    manifest["cache_key"] = before
+    (made / "manifest.json").write_text(json.dumps(manifest))
+    assert exporter._cached(made, before) is not None  # the same TensorRT: a hit
+    assert exporter._cached(made, after) is None  # upgraded: exported again

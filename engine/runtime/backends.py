@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...export.manifest import Manifest
-from ...export.specs import SHALLOW, Dim, StageSpec
+from ...export.specs import SHALLOW, StageSpec
 from ...kernels.errors import RiffusionError
 from .openvino_files import openvino_reads
 from .tensorrt_runtime import check_export_for_provider, load_tensorrt_libraries, tensorrt_provider_options
@@ -70,6 +70,10 @@ class Backend(ABC):
         import torch
 
         return torch.device(self.device)
+
+    def max_rows(self, stage: str) -> int | None:
+        """The most rows one call of ``stage`` takes (an export's profile), or None: any."""
+        return None
 
     def shrink_after_runs(self) -> None:  # noqa: B027 (a no-op unless the backend pools memory)
         """For a long-running process (a server): hand memory a run no longer uses back
@@ -165,24 +169,10 @@ class ExportBackend(Backend):
 
     def output_shapes(self, stage: str, inputs: dict[str, Any]) -> list[tuple[int, ...]]:
         """Each output's shape, from the inputs' sizes and the spec's dimension table."""
-        spec = self.spec(stage)
-        sizes: dict[str, int] = {}
-        for tensor in spec.inputs:
-            for dim, size in zip(tensor.shape, inputs[tensor.name].shape, strict=True):
-                if isinstance(dim, Dim):
-                    sizes[dim.name] = int(size)
-                    if dim.base is not None:  # the tiny VAE's encoder: latent sizes from the image's
-                        sizes.setdefault(dim.base, int(size) * dim.divisor // dim.factor)
+        return self.spec(stage).output_shapes({k: tuple(v.shape) for k, v in inputs.items()})
 
-        def size(dim: int | Dim) -> int:
-            if isinstance(dim, int):
-                return dim
-            if dim.name in sizes:
-                return sizes[dim.name]
-            assert dim.base is not None, f"{stage}: output dimension {dim.name} has no input it derives from"
-            return dim.derived(sizes[dim.base])
-
-        return [tuple(size(dim) for dim in output.shape) for output in spec.outputs]
+    def max_rows(self, stage: str) -> int | None:
+        return self.spec(stage).max_rows
 
     def check_inputs(self, stage: str, inputs: dict[str, Any]) -> None:
         spec = self.spec(stage)
@@ -321,13 +311,13 @@ class OnnxRuntimeBackend(ExportBackend):
 
 class TensorRTBackend(ExportBackend):
     """TensorRT engines (``<stage>.plan``) on device buffers; static exports pad batches
-    to their one shape and replay CUDA graphs (see ``engine/runtime/tensorrt_runtime.py``)."""
+    to their one shape and replay CUDA graphs (see ``export/tensorrt_engine.py``)."""
 
     name = "tensorrt"
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
         from ...export.tensorrt_build import check_tensorrt_version
-        from .tensorrt_runtime import CudaStreams
+        from ...export.tensorrt_engine import CudaStreams
 
         trt = runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
         check_tensorrt_version(trt)
@@ -338,24 +328,18 @@ class TensorRTBackend(ExportBackend):
             )
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engines: dict[str, Any] = {}
         self._stages: dict[str, Any] = {}
         self._streams = CudaStreams()
         self.static = self.manifest.profile.static
 
     def _stage(self, stage: str) -> Any:
-        from .tensorrt_runtime import StageEngine
+        from ...export.tensorrt_engine import load_stage_engine
 
         if stage not in self._stages:
-            spec = self.spec(stage)
-            engine = self._runtime.deserialize_cuda_engine((self.directory / f"{stage}.plan").read_bytes())
-            if engine is None:
-                raise RiffusionError(f"TensorRT cannot load {stage}.plan (built by another TensorRT or GPU?)")
-            context = engine.create_execution_context()
-            if context is None:
-                raise RiffusionError(f"TensorRT could not create an execution context for {stage}")
-            self._engines[stage] = engine  # the context needs its engine alive
-            self._stages[stage] = StageEngine(stage, context, spec, static=self.static, streams=self._streams)
+            plan = self.directory / f"{stage}.plan"
+            self._stages[stage] = load_stage_engine(
+                self._runtime, plan, self.spec(stage), static=self.static, streams=self._streams
+            )
         return self._stages[stage]
 
     def run(self, stage: str, inputs: dict[str, Any]) -> Any:

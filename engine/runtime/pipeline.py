@@ -444,16 +444,23 @@ class Engine(RequestChecks):
         return latents
 
     def _in_parts(self, stage: str, inputs: dict[str, Any]) -> Any:
-        """A stage over a batch. On the CPU it runs ``CPU_ROWS[stage]`` rows at a time:
-        activations grow with the batch (the VAE's at full resolution are GBs per clip at
-        full size; the UNet's attention is the next largest), while a larger batch buys
-        little speed on CPU cores (1.04x for 8 UNet rows, docs/performance.md), so the
-        peak memory does not grow with ``--max-batch``. Rows are independent in every
-        stage, so the parts make the batch's result. A GPU takes the batch whole."""
+        """A stage over a batch, in parts of at most the rows the backend's export takes
+        (its profile's batch maximum, :meth:`Backend.max_rows`) on every device: a blend's
+        leaf texts, or a batch of streams' uncached prompts, can outnumber the text
+        encoder's ``per_clip x max_batch`` rows, which TensorRT refuses outright.
+
+        On the CPU the parts are smaller still, ``CPU_ROWS[stage]`` rows: activations grow
+        with the batch (the VAE's at full resolution are GBs per clip at full size; the
+        UNet's attention is the next largest), while a larger batch buys little speed on
+        CPU cores (1.04x for 8 UNet rows, docs/performance.md), so the peak memory does not
+        grow with ``--max-batch``. A GPU takes what the export allows in one call. Rows are
+        independent in every stage, so the parts make the batch's result."""
         import torch
 
         batch = next(iter(inputs.values())).shape[0]
         rows = CPU_ROWS.get(stage, batch) if self.backend.device == "cpu" else batch
+        limit = self.backend.max_rows(stage)
+        rows = rows if limit is None else min(rows, limit)
         if batch <= rows:
             return self.backend.run(stage, inputs)
         parts = [
