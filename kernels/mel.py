@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .params import SpectrogramParams
+from .xp import on_device
 
 
 def hz_to_mel(freq: Any) -> Any:
@@ -70,24 +71,30 @@ def _gram_pinv(params: SpectrogramParams) -> np.ndarray:
     return np.linalg.pinv(fb @ fb.T, hermitian=True)
 
 
-@functools.lru_cache(maxsize=16)
 def inverse_filterbank(params: SpectrogramParams, stride: int, n_bins: int, xp: ModuleType) -> Any:
     """Rows ``0, stride, 2 * stride, ...`` (``n_bins`` of them) of the filterbank's
     pseudo-inverse, transposed to ``(n_mels, n_bins)`` float32 on ``xp``; rows
-    past the linear grid are zero. Computed once per parameter set and cached.
+    past the linear grid are zero. Computed once per parameter set and cached on the
+    host (on the GPU, copied once per CUDA stream: :func:`~.xp.on_device`).
 
     Through the small Gram matrix, ``pinv(F) = F^T pinv(F F^T)``: only the
     selected rows are formed.
     """
+    return on_device(_inverse_filterbank(params, stride, n_bins), xp)
+
+
+@functools.lru_cache(maxsize=16)
+def _inverse_filterbank(params: SpectrogramParams, stride: int, n_bins: int) -> np.ndarray:
     rows = filterbank(params)[:, ::stride][:, :n_bins].astype(np.float64)  # (n_mels, selected)
     inverse = np.zeros((params.num_frequencies, n_bins), dtype=np.float32)
     inverse[:, : rows.shape[1]] = _gram_pinv(params) @ rows  # pinv(F F^T) is symmetric
-    return xp.asarray(inverse)
+    inverse.setflags(write=False)
+    return inverse
 
 
 def mel_from_linear(linear: Any, params: SpectrogramParams, xp: ModuleType = np) -> Any:
     """``(..., frames, bins)`` magnitudes -> ``(..., frames, num_frequencies)``."""
-    fb = xp.asarray(filterbank(params))
+    fb = on_device(filterbank(params), xp)
     return linear @ fb.T
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from . import xp as xpm
 from .errors import RiffusionError
 from .stft import StftPlan
 
@@ -47,19 +48,23 @@ PEAK_RESOLUTION = 0.01  # log-magnitude step below which neighbours count as equ
 _TWO_PI = 2 * math.pi
 
 
-@functools.lru_cache(maxsize=4)
 def random_phase(shape: tuple[int, ...], seed: int, xp: ModuleType) -> Any:
     """Unit phasors with uniform random phase, complex64 (read-only, cached).
 
     Drawn on the host so that CPU and GPU runs with one seed start from the
-    same point.
+    same point; on the GPU, copied once per CUDA stream (:func:`~.xp.on_device`).
     """
+    return xpm.on_device(_random_phasors(shape, seed), xp)
+
+
+@functools.lru_cache(maxsize=4)
+def _random_phasors(shape: tuple[int, ...], seed: int) -> np.ndarray:
     angle = np.random.default_rng(seed).random(shape, dtype=np.float32) * np.float32(2 * np.pi)
     phasors = np.empty(shape, dtype=np.complex64)
     phasors.real = np.cos(angle)
     phasors.imag = np.sin(angle)
     phasors.setflags(write=False)
-    return xp.asarray(phasors)
+    return phasors
 
 
 def pghi_phase(

@@ -61,7 +61,7 @@ class StftPlan:
         return 1 + (num_samples + 2 * self.pad - self.n_fft) // self.hop_length
 
     def window(self, xp: ModuleType) -> Any:
-        return _hann(self.win_length, xp)
+        return xpm.on_device(_hann(self.win_length), xp)
 
     # -- segment-origin transforms: phase measured from the window's first sample ---
 
@@ -94,7 +94,7 @@ class StftPlan:
         segments = xpm.irfft(spec, self.fft_size, xp)[..., : self.win_length]
         segments *= self.window(xp)  # (..., frames, win_length); the irfft output is ours to overwrite
         y = overlap_add(segments, hop_length=self.hop_length, xp=xp)
-        y *= _inverse_window_envelope(self, frames, xp)
+        y *= xpm.on_device(_inverse_window_envelope(self, frames), xp)
         start = self.pad - self.left  # y starts at padded position `left`
         out = y[..., start : start + length]
         if out.shape[-1] < length:
@@ -106,7 +106,7 @@ class StftPlan:
 
     def phase_ramp(self, xp: ModuleType) -> Any:
         """Per-bin factor from segment-origin phase to frame-origin phase."""
-        return _phase_ramp(self.left, self.fft_size, xp)
+        return xpm.on_device(_phase_ramp(self.left, self.fft_size), xp)
 
 
 def overlap_add(segments: Any, *, hop_length: int, xp: ModuleType) -> Any:
@@ -162,29 +162,38 @@ def istft(
     return plan.inverse(spec * xp.conj(plan.phase_ramp(xp)), xp, length)
 
 
+# The constants below are cached on the host, read-only; a kernel takes each through
+# xp.on_device (on the GPU, one copy per CUDA stream).
+
+
 @functools.lru_cache(maxsize=16)
-def _hann(win_length: int, xp: ModuleType) -> Any:
+def _hann(win_length: int) -> np.ndarray:
     """Periodic Hann window (``torch.hann_window`` default), float32."""
     n = np.arange(win_length, dtype=np.float64)
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_length)
-    return xp.asarray(window.astype(np.float32))
+    return _read_only(window.astype(np.float32))
 
 
 @functools.lru_cache(maxsize=16)
-def _phase_ramp(offset: int, fft_size: int, xp: ModuleType) -> Any:
+def _phase_ramp(offset: int, fft_size: int) -> np.ndarray:
     k = np.arange(fft_size // 2 + 1, dtype=np.float64)
     ramp = np.exp(-2j * np.pi * ((k * offset) % fft_size) / fft_size)
-    return xp.asarray(ramp.astype(np.complex64))
+    return _read_only(ramp.astype(np.complex64))
 
 
 @functools.lru_cache(maxsize=32)
-def _inverse_window_envelope(plan: StftPlan, frames: int, xp: ModuleType) -> Any:
+def _inverse_window_envelope(plan: StftPlan, frames: int) -> np.ndarray:
     """1 / sum of squared windows at each output sample (0 where the sum vanishes)."""
-    window = np.asarray(xpm.to_numpy(plan.window(xp)), dtype=np.float64)
+    window = _hann(plan.win_length).astype(np.float64)
     envelope = overlap_add(
         np.broadcast_to(window**2, (frames, plan.win_length)), hop_length=plan.hop_length, xp=np
     )
     inverse = np.zeros_like(envelope)
     nonzero = envelope > 1e-11
     inverse[nonzero] = 1.0 / envelope[nonzero]
-    return xp.asarray(inverse.astype(np.float32))
+    return _read_only(inverse.astype(np.float32))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array

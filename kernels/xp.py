@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -44,6 +46,43 @@ def get_xp(device: Device) -> ModuleType:
 
 def is_cupy(xp: ModuleType) -> bool:
     return xp.__name__ == "cupy"
+
+
+# Device copies of cached host constants, by (device, stream, host array): see on_device.
+_constants: OrderedDict[tuple[int, int, int], tuple[np.ndarray, Any]] = OrderedDict()
+_constants_lock = threading.Lock()
+DEVICE_CONSTANTS = 128  # copies kept: a few per parameter set and stream (window, ramps, phases, ...)
+
+
+def on_device(host: np.ndarray, xp: ModuleType) -> Any:
+    """A cached, read-only host constant (a window, a filterbank's inverse, a phase start)
+    as an ``xp`` array: ``host`` itself on NumPy; on CuPy, one copy per device and CUDA
+    stream, made on that stream and read only by work queued on it.
+
+    One device copy shared by every stream would be wrong: ``cupy.asarray`` copies on the
+    current stream, asynchronously (``cupy/_core/core.pyx``, ``_send_object_to_gpu``:
+    ``copy_from_host_async`` from a pinned buffer), and a stream session's non-blocking
+    stream does not wait for another stream's copy; and when the copy is freed, CuPy's
+    pool hands its block back to the arena of the stream that allocated it
+    (``SingleDeviceMemoryPool._arenas``, ``cupy/cuda/memory.pyx``), which may rewrite it
+    while another stream still reads it. Per stream, the copy, its reads and its reuse
+    are all in one stream's order. The streams that run the kernels are never destroyed
+    (the null stream, and the stream sessions' pool, ``engine/stream/stream.py``), so a
+    stream's pointer names one stream for the life of the process."""
+    if not is_cupy(xp):
+        return host
+    key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr, id(host))
+    with _constants_lock:
+        found = _constants.get(key)
+        if found is not None and found[0] is host:  # the id of this very array, not a reused one
+            _constants.move_to_end(key)
+            return found[1]
+    copy = xp.asarray(host)
+    with _constants_lock:
+        _constants[key] = (host, copy)  # the host array held too: its id stays its own
+        while len(_constants) > DEVICE_CONSTANTS:
+            _constants.popitem(last=False)
+    return copy
 
 
 def device_of(array: Any) -> Device:

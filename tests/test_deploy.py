@@ -160,3 +160,70 @@ def test_the_app_builder_types_string_arguments_and_refuses_unknown_ones():
         app_builder({"artifacts": "/x", "max_batch": "four"})
     with pytest.raises(RiffusionError, match=r"needs args\.artifacts"):
         app_builder({})
+
+
+def image_recipe() -> list[str]:
+    """The image's RUN commands from the manifest's header (``#   RUN ...`` and its ``#    &&``
+    continuations), as one shell line split on ``&&``."""
+    lines, running = [], False
+    for line in MANIFEST.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if text.startswith("RUN "):
+            running = True
+            text = text[4:]
+        elif not (running and text.startswith("&&")):
+            running = False
+            continue
+        lines.append(text.rstrip("\\").strip())
+    return [part.strip() for part in " ".join(lines).split("&&") if part.strip()]
+
+
+def extra_requirements(extras: list[str]) -> set[str]:
+    """The distributions the package's extras install, the package's own extras followed."""
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((MANIFEST.parents[1] / "pyproject.toml").read_text())["project"]
+    names, todo, seen = set(), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in project["optional-dependencies"][extra]:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+            inner = re.match(r"riffusion-engine\[([^\]]+)\]", requirement)
+            if inner:
+                todo += inner.group(1).split(",")
+            else:
+                names.add(name)
+    return names
+
+
+def test_the_image_recipe_installs_what_replicas_and_the_export_job_import():
+    """A replica imports torch (the device check) and transformers (the export's tokenizer),
+    the Job exports with diffusers; the GPU extras' onnxruntime-gpu must replace the CPU
+    onnxruntime that `models` brings (both install the module onnxruntime)."""
+    install, *rest = image_recipe()
+    words = shlex.split(install)
+    (package,) = [w for w in words if w.startswith("riffusion-engine[")]
+    extras = package[len("riffusion-engine[") : -1].split(",")
+    installed = extra_requirements(extras)
+    needed = {
+        "torch",
+        "transformers",
+        "diffusers",
+        "onnx",
+        "ray",
+        "cupy-cuda13x",
+        "tensorrt-cu13",
+        "polygraphy",
+    }
+    assert needed <= installed, needed - installed
+    assert any(w.startswith("torch>=2.11") for w in words)  # CUDA 13's torch, as the gpu extra's CUDA
+    assert "onnxruntime" in installed and "onnxruntime-gpu" in installed
+    assert rest == [
+        "pip uninstall -y onnxruntime",
+        "pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.28,<2'",
+    ]

@@ -71,3 +71,39 @@ def test_spectrogram_matches_numpy(music: np.ndarray, params: SpectrogramParams)
     cpu = spectrogram_from_waveform(music, params)
     gpu = spectrogram_from_waveform(cupy.asarray(music), params, xp=cupy).get()
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3 * cpu.max())
+
+
+def test_cached_constants_are_copied_per_stream(music_mel: np.ndarray, params: SpectrogramParams) -> None:
+    """The kernels' cached constants (window, inverse filterbank, phase start) are one
+    device copy per CUDA stream, and two sessions' audio made at once on their own
+    non-blocking streams each equals NumPy's."""
+    import threading
+
+    from riffusion_engine.kernels.mel import inverse_filterbank
+
+    first, second = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    with first:
+        a = inverse_filterbank(params, 1, 1024, cupy)
+        again = inverse_filterbank(params, 1, 1024, cupy)
+    with second:
+        b = inverse_filterbank(params, 1, 1024, cupy)
+    assert a is again and b is not a and b.data.ptr != a.data.ptr
+    host = inverse_filterbank(params, 1, 1024, np)
+    np.testing.assert_array_equal(a.get(), host)
+    np.testing.assert_array_equal(b.get(), host)
+
+    options = GriffinLimOptions(init="random", n_iter=16)
+    want = waveform_from_mel(music_mel, params, options)
+    got: dict[int, np.ndarray] = {}
+
+    def session(index: int, stream) -> None:
+        with stream:
+            got[index] = waveform_from_mel(cupy.asarray(music_mel), params, options, xp=cupy).get()
+
+    threads = [threading.Thread(target=session, args=(i, s)) for i, s in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        assert np.linalg.norm(got[index] - want) / np.linalg.norm(want) < 1e-3

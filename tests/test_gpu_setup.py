@@ -118,6 +118,10 @@ def test_first_use_export_for_the_tensorrt_provider_is_unfused() -> None:
     cuda_name, cuda = first_use_export("random:tiny", backend="onnxruntime", provider="cuda", **common)
     assert not trt.fuse and "unfused" in trt_name
     assert cuda.fuse and cuda_name != trt_name
+    # The widths the engines are built for: the native TensorRT backend's, not ONNX files' 2048.
+    _, native = first_use_export("random:tiny", backend="tensorrt", provider=None, **common)
+    assert trt.profile == native.profile and trt.profile.max_width is None  # None: the width, 512
+    assert cuda.profile.max_width == 2048
 
 
 def test_tensorrt_provider_refuses_a_fused_export(tiny_export) -> None:

@@ -557,3 +557,22 @@ def test_every_stage_call_fits_the_exports_batch_maximum_on_every_device(torch_e
     assert sum(texts) >= 4 and max(texts) == 2  # four prompts (and the empty negative), two at a time
     want = torch_engine.images([request]).numpy()
     assert np.abs(got - want).max() < 1e-3
+
+
+def test_the_torch_backends_half_precision_keeps_the_timestep_in_fp32() -> None:
+    """diffusers' fp16 pipelines hand the UNet the scheduler's fp32 timesteps and compute
+    the time embedding in fp32; cast to fp16 first, Euler's fractional timesteps would be
+    rounded (steps of 0.5 above 512)."""
+    from riffusion_engine.engine.runtime.backends import cast_inputs
+
+    timestep = torch.tensor([700.3, 999.0, 0.25])
+    assert not torch.equal(timestep.half().float(), timestep)  # what fp16 would make of them
+    inputs = {
+        "sample": torch.randn(3, 4, 8, 8),
+        "timestep": timestep,
+        "input_ids": torch.ones(3, 7, dtype=torch.int32),
+    }
+    cast = cast_inputs(inputs, torch.float16)
+    assert cast["sample"].dtype == torch.float16
+    assert cast["timestep"].dtype == torch.float32 and torch.equal(cast["timestep"], timestep)
+    assert cast["input_ids"].dtype == torch.int32

@@ -143,10 +143,19 @@ class TorchBackend(Backend):
 
         if stage not in self.modules:
             raise RiffusionError(f"this torch backend has no {stage} stage")
-        cast = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.inference_mode():
-            out = self.modules[stage](**cast)
+            out = self.modules[stage](**cast_inputs(inputs, self.dtype))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def cast_inputs(inputs: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """A torch stage's inputs in its modules' ``dtype``, but ``timestep``: diffusers
+    computes the time embedding in fp32 from the timestep it is given
+    (``UNet2DConditionModel.get_time_embed``: ``time_proj`` returns float32, then the cast
+    to the sample's dtype), and its fp16 pipelines hand it the scheduler's fp32 timesteps.
+    Cast to fp16 first, a fractional timestep (Euler's ``linspace``) would be rounded, in
+    steps of 0.5 above 512."""
+    return {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()}
 
 
 class ExportBackend(Backend):

@@ -275,7 +275,8 @@ def first_use_export(
     target = fields["target"]
     # ONNX Runtime's fused operators are its own: OpenVINO computes them differently, and
     # TensorRT (ONNX Runtime's tensorrt provider too) cannot parse them.
-    fuse = target == "onnx" and provider != "tensorrt"
+    tensorrt = target == "tensorrt" or provider == "tensorrt"  # engines built from the profile
+    fuse = target == "onnx" and not tensorrt
     flavour = target if fuse or target != "onnx" else f"{target}-unfused"
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-48:]
     variant = Variant(choices.loras, choices.vae) if choices is not None else Variant()
@@ -300,9 +301,11 @@ def first_use_export(
         variant=variant,
         run_profile=run_profile,
         # ONNX files take any width in the profile at no cost: up to 20.48 s clips. A
-        # TensorRT engine is tuned for its range, so it keeps the default (512 pixels).
+        # TensorRT engine is built and tuned for its range, native or built by ONNX
+        # Runtime's TensorRT provider from the same profile, so both keep the default
+        # (512 pixels); --max-width widens either.
         profile=ShapeProfile(
-            max_width=max_width or (MAX_WIDTH if target != "tensorrt" else None),
+            max_width=max_width or (None if tensorrt else MAX_WIDTH),
             guidance=guidance,
             deep_cache_branch=branch,
         ),

@@ -21,7 +21,8 @@ JSON schema (``schema`` 2)::
     peak_gpu_bytes the device's peak memory in use above its level before the engines loaded
                    (all allocators: TensorRT, ONNX Runtime, CuPy, torch), or null on cpu
     gpu_memory_source  what peak_gpu_bytes reads: "nvml" or "cudaMemGetInfo" (null on cpu)
-    peak_torch_gpu_bytes  torch's caching allocator's peak alone, or null
+    peak_torch_gpu_bytes  torch's caching allocator's peak alone, above what it held before
+                   the engines loaded (this run's, not the process's), or null
     results        {"reference" | backend: {
                       "stages": {stage: {"median_s", "p90_s", "runs": [seconds, ...]}},
                       "real_time_factor": end-to-end median / audio seconds,
@@ -153,12 +154,13 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     from ..runtime.loading import load
 
     params = SpectrogramParams()
-    memory = memory_source = None
+    memory = memory_source = torch_memory = None
     if config.device == "cuda":
-        from .device_memory import PeakMemory, device_memory_reader
+        from .device_memory import PeakMemory, TorchPeak, device_memory_reader
 
         read, memory_source = device_memory_reader(torch.cuda.current_device())
         memory = PeakMemory(read).start()
+        torch_memory = TorchPeak().start()
     profiled = config.profile != "default"
     schedules = config.schedules()
     # Every row runs uncached (its twins run the schedules); its export has the schedules' stages.
@@ -340,7 +342,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     gates = precision_gates(results, mode_of)
     cache_gates = deep_cache_gates(results, mode_of)
     peak_gpu = memory.stop() if memory is not None else None
-    peak_torch = torch.cuda.max_memory_allocated() if config.device == "cuda" else None
+    peak_torch = torch_memory.stop() if torch_memory is not None else None
     return {
         "schema": SCHEMA,
         "config": asdict(config),

@@ -77,3 +77,29 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class TorchPeak:
+    """torch's caching allocator's peak during a run, above what it held when the run began
+    (``torch.cuda``'s counters are the process's: without a reset, ``max_memory_allocated``
+    is the highest of any earlier work too). ``reset_peak_memory_stats`` sets each peak to
+    the current value (``torch/cuda/memory.py``; c10's ``Stat::reset_peak``), and what was
+    allocated at the start is subtracted at the end, as :class:`PeakMemory` subtracts its
+    baseline."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._cuda = torch.cuda
+        self.baseline = 0
+
+    def start(self) -> TorchPeak:
+        self._cuda.synchronize()
+        self._cuda.reset_peak_memory_stats()
+        self.baseline = int(self._cuda.memory_allocated())
+        return self
+
+    def stop(self) -> int:
+        """The peak rise in bytes."""
+        self._cuda.synchronize()
+        return int(self._cuda.max_memory_allocated()) - self.baseline
