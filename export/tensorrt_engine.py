@@ -195,3 +195,15 @@ def load_stage_engine(
     stage = StageEngine(spec.name, context, spec, static=static, streams=streams)
     stage.engine = engine  # the context needs its engine alive
     return stage
+
+
+def check_built_by(recorded: str | None, installed: str, directory: Path) -> None:
+    """One clear error where the export's engines were built by another TensorRT than the
+    one installed (its manifest's ``tools.tensorrt``; None in exports that did not record
+    it): TensorRT loads only engines its own version built (``deserialize_cuda_engine``
+    returns None)."""
+    if recorded is not None and recorded != installed:
+        raise RiffusionError(
+            f"export {str(directory)!r} holds engines built by TensorRT {recorded}; TensorRT {installed} "
+            "is installed and cannot load them: export again (an export on first use does so by itself)"
+        )

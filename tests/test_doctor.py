@@ -100,3 +100,26 @@ def test_a_failed_path_fails_the_command(monkeypatch, tmp_path: Path) -> None:
     assert code == 2 and "1 path(s) failed: broken" in err
     assert "1 ok, 1 failed, 0 skipped" in stdout
     assert [c["status"] for c in json.loads((tmp_path / "d.json").read_text())["checks"]] == ["ok", "failed"]
+
+
+def test_the_realtime_rows_need_cuda_and_their_logic_runs_on_the_cpu(tmp_path: Path) -> None:
+    """doctor --device cuda has realtime-profile rows, skipped here naming what they need;
+    the server row's code runs here on the CPU (torch fp32): three requests at once, each
+    answered with its own clip."""
+    import types
+
+    import torch
+    from riffusion_engine.engine.tools.doctor_realtime import RealtimeRows
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    doctor = Doctor("cuda", tmp_path)
+    rows = [(path, check) for path, check in doctor.all_checks() if path.startswith("realtime:")]
+    assert len(rows) >= 6
+    for path, check in rows:
+        result = doctor.run(path, check)
+        assert result.status == "skipped" and "no CUDA GPU" in result.detail and "cuda" in result.needs
+    here = types.SimpleNamespace(require=lambda *needs: None, work=tmp_path, steps=2)
+    realtime = RealtimeRows(here, tolerance=0.1, device="cpu")
+    error, tolerance, detail = realtime.server()
+    assert error <= tolerance and "3 requests at once" in detail

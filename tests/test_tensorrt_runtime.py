@@ -334,3 +334,14 @@ def test_the_tensorrt_version_from_the_cu13_distribution_is_in_the_cache_key(
     (made / "manifest.json").write_text(json.dumps(manifest))
     assert exporter._cached(made, before) is not None  # the same TensorRT: a hit
     assert exporter._cached(made, after) is None  # upgraded: exported again
+
+
+def test_engines_of_another_tensorrt_are_one_clear_error(tmp_path) -> None:
+    from riffusion_engine.export.tensorrt_engine import check_built_by
+
+    check_built_by("10.13.3.9", "10.13.3.9", tmp_path)
+    check_built_by(None, "10.13.3.9", tmp_path)  # an export that did not record it: TensorRT decides
+    with pytest.raises(
+        RiffusionError, match=r"built by TensorRT 10\.13\.3\.9; TensorRT 10\.16\.1\.11 is installed"
+    ):
+        check_built_by("10.13.3.9", "10.16.1.11", tmp_path)

@@ -326,7 +326,7 @@ class TensorRTBackend(ExportBackend):
 
     def __init__(self, directory: str | Path, *, device: str = "cuda") -> None:
         from ...export.tensorrt_build import check_tensorrt_version
-        from ...export.tensorrt_engine import CudaStreams
+        from ...export.tensorrt_engine import CudaStreams, check_built_by
 
         trt = runtime_module("tensorrt", "TensorRT", "tensorrt", device=device, needs="cuda")
         check_tensorrt_version(trt)
@@ -335,6 +335,8 @@ class TensorRTBackend(ExportBackend):
             raise RiffusionError(
                 f"export {str(self.directory)!r} has no TensorRT engines; export with --target tensorrt"
             )
+        recorded = self.manifest.raw.get("tools", {}).get("tensorrt")
+        check_built_by(recorded, str(trt.__version__), self.directory)
         self._trt = trt
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._stages: dict[str, Any] = {}

@@ -41,6 +41,7 @@ import numpy as np
 
 from ...kernels.errors import RiffusionError
 from ...kernels.params import SpectrogramParams
+from .doctor_realtime import RealtimeRows
 from .measure import environment
 from .reference import music_mel, reference_engine
 
@@ -249,6 +250,7 @@ class Doctor:
             lambda: self.export("trt-static", "tensorrt", "cuda", "fp16", static=True),
         )
         yield "tensorrt fp16 static + CUDA graphs", lambda: self.tensorrt("trt-static", (1, 2, 3))
+        yield from RealtimeRows(self, tolerance=IMAGE_TOLERANCE["fp16"]).rows()
 
     # -- the checks -----------------------------------------------------------------
 
