@@ -44,7 +44,7 @@ class RealtimeRows:
         yield "realtime: torch cuda fp16, lcm, TAESD, LoRA", lambda: self.torch("lcm")
         yield "realtime: torch cuda fp16, tcd", lambda: self.torch("tcd")
         yield "realtime: onnxruntime cuda fp16 (first use)", self.onnxruntime
-        yield "realtime: tensorrt fp16 (first use, batch 1 opt)", self.tensorrt
+        yield "realtime: tensorrt fp16 (first use, batch 1)", self.tensorrt
         yield "realtime: server cuda, --max-batch 4, 3 at once", self.server
 
     # -- the reference ----------------------------------------------------------------
