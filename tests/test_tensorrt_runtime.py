@@ -240,7 +240,9 @@ def cuda13_site(tmp_path, monkeypatch):
         (info / "top_level.txt").write_text("tensorrt\n")
         importlib.invalidate_caches()
         sys.modules.pop("tensorrt", None)
-        return importlib.import_module("tensorrt")
+        module = importlib.import_module("tensorrt")
+        monkeypatch.setitem(sys.modules, "tensorrt", module)  # gone again after the test
+        return module
 
     return install
 
