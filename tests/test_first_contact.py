@@ -21,9 +21,9 @@ TINY = ("--model", "random:tiny", "--backend", "torch")
 
 
 def run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def one_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -43,6 +43,8 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
     soundfile.write(binary, np.zeros((4410, 1), np.int16), 44100)
     out = tmp_path / "out"
     out.mkdir()  # an existing, empty folder: nothing may be written into it
+    here = tmp_path / "cwd"
+    here.mkdir()  # the working directory: nothing may be written there either (demo's default)
     cases = [
         (("image-to-audio", str(png), "-o", str(out / "x.wav"), "--seed", "-1"), ("seed", "0..2**63-1")),
         (("roundtrip", "-o", str(out), "--seed", "-1"), ("--seed", "0..2**63-1")),
@@ -64,9 +66,9 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
         (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--crossfade", "9"), ("--crossfade",)),
     ]
     for argv, needles in cases:
-        one_line(run(*argv), *needles)
+        one_line(run(*argv, cwd=here), *needles)
         assert not any(out.rglob("*")), (argv, list(out.rglob("*")))
-        assert not (Path.cwd() / "riffusion-demo").exists()
+        assert not any(here.iterdir()), (argv, list(here.iterdir()))
 
 
 def test_an_incomplete_export_manifest_is_one_line(tmp_path: Path) -> None:
@@ -151,3 +153,18 @@ def test_ctrl_c_in_interpolate_keeps_the_clips_made_and_their_join(tmp_path: Pat
     joined, _ = soundfile.read(out / "joined.wav", dtype="int16", always_2d=True)
     parts = [soundfile.read(c, dtype="int16", always_2d=True)[0] for c in clips]
     assert len(clips) >= 2 and np.array_equal(joined, np.concatenate(parts))
+
+
+def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path: Path) -> None:
+    """--profile realtime --guidance 3: the export made on first use is guided (two UNet
+    rows per clip), so the run it was made for is not refused."""
+    cache = tmp_path / "cache"
+    result = run(
+        "generate", "jazz", "--model", "random:tiny", "--profile", "realtime", "--guidance", "3",
+        "--backend", "onnxruntime", "--cache-dir", str(cache), "-o", str(tmp_path / "a.wav"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "guidance 3" in result.stdout.splitlines()[0]
+    (manifest,) = cache.glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["profile"].get("guidance", True) is True  # written when off
+    assert (tmp_path / "a.wav").is_file()

@@ -191,6 +191,10 @@ def load_engine(args: argparse.Namespace) -> Any:
         profile=args.profile,
         max_width=args.max_width,
         deep_cache=args.deep_cache,
+        # what the command's flags (or its profile, apply_profile) set: the export follows them
+        scheduler=getattr(args, "scheduler", None),
+        steps=getattr(args, "steps", None),
+        guidance=getattr(args, "guidance", None),
     )
 
 

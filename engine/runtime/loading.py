@@ -48,6 +48,9 @@ def load(
     profile: str | None = None,
     max_width: int | None = None,
     deep_cache: str | DeepCache | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
     **options: Any,
 ) -> Engine:
     """An engine from a model source (the torch backend, or exported on first use into
@@ -62,7 +65,10 @@ def load(
     clip in pixels a model source runs (default 2048, 20.48 s; an export directory's is
     its profile's); ``deep_cache`` is DeepCache's ``INTERVAL[:BRANCH]`` (a full UNet call
     every INTERVAL steps, the others its shallow branch; ``0``: off; None: the profile's
-    choice); ``options`` go to the backend (``provider``, ``threads``, ...)."""
+    choice); ``scheduler``, ``steps`` and ``guidance`` override the profile's request
+    defaults and reach the export made on first use (guidance off: one UNet row per clip;
+    int8: calibrated on that sampling); ``options`` go to the backend (``provider``,
+    ``threads``, ...)."""
     check_device(device)  # before anything is loaded or exported
     if max_width is not None:
         if artifacts is not None:
@@ -85,6 +91,9 @@ def load(
         vae=vae,
         loras=list(loras),
         int8=export_has_int8(Path(artifacts)) if artifacts is not None else None,
+        scheduler=scheduler,
+        steps=steps,
+        guidance=guidance,
         deep_cache=deep_cache,
         export_branch=export_deep_cache_branch(Path(artifacts)) if artifacts is not None else False,
     )
