@@ -64,6 +64,41 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
         ),
         (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--alpha-step", "0"), ("--alpha-step",)),
         (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--crossfade", "9"), ("--crossfade",)),
+        # Errors name the flag, not a config's field.
+        (("generate", "a", "-o", str(out / "a.wav"), *TINY, "--steps", "0"), ("--steps", "1..1000")),
+        (("export", "--model", "random:tiny", "-o", str(out), "--max-batch", "0"), ("--max-batch",)),
+        (("export", "--model", "random:tiny", "-o", str(out), "--seed", "-1"), ("--seed", "0..2**63-1")),
+        (
+            ("export", "--model", "random:tiny", "-o", str(out), "--max-width", "256"),
+            ("--max-width 256", "--width 512"),
+        ),
+        (("image-to-audio", str(png), "-o", str(out / "x.wav"), "--iters", "-5"), ("--iters",)),
+        (
+            ("interpolate", "--start", "a", "--end", "b", "-o", str(out / "seq"), *TINY, "--end-seed", "-1"),
+            ("--end-seed", "0..2**63-1"),
+        ),
+        # A seed image that would run none of the steps: the clip would be the seed image.
+        (
+            ("generate", "a", "--seed-image", str(png), "-o", str(out / "a.wav"), *TINY, "--steps", "1"),
+            ("--steps 1", "--denoising 0.75", "--steps 2 or more"),
+        ),
+        (
+            (
+                "interpolate",
+                "--start",
+                "a",
+                "--end",
+                "b",
+                "-o",
+                str(out / "seq"),
+                *TINY,
+                "--profile",
+                "realtime",
+                "--steps",
+                "1",
+            ),
+            ("--steps 1", "--denoising"),
+        ),
     ]
     for argv, needles in cases:
         one_line(run(*argv, cwd=here), *needles)
@@ -131,7 +166,7 @@ def test_version_and_bench_default() -> None:
 
 def test_ctrl_c_in_interpolate_keeps_the_clips_made_and_their_join(tmp_path: Path) -> None:
     out = tmp_path / "seq"
-    argv = [*CLI, "interpolate", "--start", "a", "--end", "b", "--clips", "50", *TINY, "--steps", "1"]
+    argv = [*CLI, "interpolate", "--start", "a", "--end", "b", "--clips", "50", *TINY, "--steps", "2"]
     process = subprocess.Popen(
         [*argv, "--width", "64", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -4,6 +4,10 @@ images, output directories and the timing line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +178,33 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=None, help="grayscale PNG: white = regenerate, black = keep")
 
 
+# Request and PromptInput fields -> the run commands' flags, for their errors.
+REQUEST_FLAGS = {
+    "steps": "--steps",
+    "width": "--width",
+    "seed": "--seed",
+    "guidance": "--guidance",
+    "denoising": "--denoising",
+}
+
+
+@contextlib.contextmanager
+def as_flags(**flags: str) -> Iterator[None]:
+    """An error raised inside that names a field of a config (``steps must be ...``,
+    ``max_width 256 is smaller than width 512``) names this command's flags instead
+    (``--steps must be ...``)."""
+    try:
+        yield
+    except RiffusionError as exc:
+        text = str(exc)
+        renamed = text
+        for field, flag in flags.items():
+            renamed = re.sub(rf"(?<![-\w]){re.escape(field)}(?=\s)", flag, renamed)
+        if renamed == text:
+            raise
+        raise RiffusionError(renamed) from None
+
+
 def load_engine(args: argparse.Namespace) -> Any:
     """The engine that the engine flags of ``args`` name."""
     from ..runtime.loading import load
@@ -238,6 +269,28 @@ def check_width_arg(args: argparse.Namespace) -> None:
             f"width {width} is over this export's widest clip, {widest} pixels "
             f"(export with --max-width {width} for longer clips)"
         )
+
+
+def check_seed_image_steps(steps: int, denoising: float) -> None:
+    """A seed image runs ``int(steps x denoising)`` of the steps (diffusers' img2img): where
+    that is none, the clip would be the seed image itself, whatever the prompt. One line
+    naming both flags and the fewest steps that run one (diffusers raises here too)."""
+    from ..runtime.requests import first_step
+
+    if first_step(steps, denoising) < steps:
+        return
+    if denoising <= 0:
+        raise RiffusionError(
+            "--denoising 0 keeps the seed image as it is, whatever the prompt; give --denoising above 0"
+        )
+    need = max(math.ceil(1 / denoising) - 1, 1)
+    while first_step(need, denoising) >= need:
+        need += 1
+    raise RiffusionError(
+        f"--steps {steps} at --denoising {denoising:g} runs none of the steps with a seed image "
+        f"(int({steps} x {denoising:g}) = 0): the clip would be the seed image itself; give "
+        f"--steps {need} or more, or a higher --denoising"
+    )
 
 
 def seed_image_or_default(args: argparse.Namespace) -> Any:

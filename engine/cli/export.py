@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_deep_cache_arg, add_variant_args
+from .common import add_deep_cache_arg, add_variant_args, as_flags
 
 
 def add_parser(sub: Any) -> None:
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> None:
             f"--height {args.height}: Riffusion's images are {HEIGHT} pixels tall (the spectrogram's mel "
             "bins), and an export of another height could not be run; leave --height out"
         )
+    if not 0 <= args.seed < 2**63:
+        raise RiffusionError(f"--seed must be an integer in 0..2**63-1, got {args.seed}")
     device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
     args.profile = args.profile or "default"
     choices = resolve(
@@ -122,17 +124,10 @@ def run(args: argparse.Namespace) -> None:
         loras=args.lora,
         deep_cache=args.deep_cache,
     )
-    if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
-        print(choices.describe())
     # An export for a profile is what the profile runs: its backend's files (int8 is OpenVINO's).
     backend = "openvino" if choices.precision == "int8" and args.target is None else None
-    config = ExportConfig(
-        model=args.model,
-        **export_fields(choices, backend=backend, target=args.target),
-        variant=Variant(choices.loras, choices.vae),
-        run_profile=choices.profile.name,
-        int8_scheme=args.int8_scheme,
-        profile=ShapeProfile(
+    with as_flags(max_batch="--max-batch", max_width="--max-width", width="--width"):
+        shape = ShapeProfile(
             height=args.height,
             width=args.width,
             max_width=args.max_width,
@@ -140,12 +135,21 @@ def run(args: argparse.Namespace) -> None:
             static=args.static,
             guidance=choices.guidance > 1,  # the realtime profile's exports: one UNet row per clip
             deep_cache_branch=choices.deep_cache.branch if choices.deep_cache is not None else None,
-        ),
+        )
+    config = ExportConfig(
+        model=args.model,
+        **export_fields(choices, backend=backend, target=args.target),
+        variant=Variant(choices.loras, choices.vae),
+        run_profile=choices.profile.name,
+        int8_scheme=args.int8_scheme,
+        profile=shape,
         opset=args.opset,
         fuse=not args.no_fuse,
         seed=args.seed,
         device=args.device,
     )
+    if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
+        print(choices.describe())  # once the flags are checked
     start = time.perf_counter()
     result = export(config, args.output, progress=not args.quiet, calibrate=collect if config.int8 else None)
     manifest = Manifest.of(result.directory, result.manifest)

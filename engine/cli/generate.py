@@ -8,9 +8,12 @@ from typing import Any
 
 from .common import (
     GUIDANCE_HELP,
+    REQUEST_FLAGS,
     add_engine_args,
     add_run_args,
     apply_profile,
+    as_flags,
+    check_seed_image_steps,
     check_width_arg,
     load_engine,
     open_image,
@@ -54,14 +57,17 @@ def run(args: argparse.Namespace) -> None:
     check_width_arg(args)
     if args.seed_image is None and args.denoising != DENOISING:
         print("warning: --denoising applies to a --seed-image; without one it is ignored", file=sys.stderr)
-    request = Request(
-        PromptInput(args.prompt, args.seed, args.negative_prompt, args.guidance, args.denoising),
-        steps=args.steps,
-        width=args.width,
-        scheduler=args.scheduler,
-        seed_image=open_image(args.seed_image, "seed image"),
-        mask=open_image(args.mask, "mask"),
-    )
+    if args.seed_image is not None:
+        check_seed_image_steps(args.steps, args.denoising)
+    with as_flags(**REQUEST_FLAGS):
+        request = Request(
+            PromptInput(args.prompt, args.seed, args.negative_prompt, args.guidance, args.denoising),
+            steps=args.steps,
+            width=args.width,
+            scheduler=args.scheduler,
+            seed_image=open_image(args.seed_image, "seed image"),
+            mask=open_image(args.mask, "mask"),
+        )
     engine = load_engine(args)
     engine.check(request)
     (clip,) = engine.run([request], progress=True)

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_io
+from .common import add_io, as_flags
 
 
 def add_parser(sub: Any) -> None:
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> None:
     changes = {"n_iter": args.iters, "seed": args.seed}
     if args.init is not None:
         changes["init"] = args.init
-    options = (GriffinLimOptions.plain if args.plain else GriffinLimOptions)(**changes)
+    with as_flags(n_iter="--iters", seed="--seed"):
+        options = (GriffinLimOptions.plain if args.plain else GriffinLimOptions)(**changes)
     start = time.perf_counter()
     image = load_image(args.input)
     samples, rate = audio_from_image(image, options=options, device=args.device)

@@ -8,10 +8,13 @@ from typing import Any
 from ...kernels.errors import RiffusionError
 from .common import (
     GUIDANCE_HELP,
+    REQUEST_FLAGS,
     add_engine_args,
     add_run_args,
     apply_profile,
+    as_flags,
     check_output_dir,
+    check_seed_image_steps,
     load_engine,
     open_image,
     output_dir,
@@ -54,13 +57,17 @@ def run(args: argparse.Namespace) -> None:
         raise RiffusionError(f"--clips must be at least 1, got {args.clips}")
     check_output_dir(args.output)
     seed_image = seed_image_or_default(args)
+    check_seed_image_steps(args.steps, args.denoising)
     mask = open_image(args.mask, "mask")
-    start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
-    end = PromptInput(args.end, args.end_seed, args.negative_prompt, args.guidance, args.denoising)
-    requests = [
-        Request(start, end, min(0.25 * i, 1.0), args.steps, args.width, args.scheduler, seed_image, mask)
-        for i in range(args.clips)
-    ]
+    with as_flags(**{**REQUEST_FLAGS, "seed": "--start-seed"}):
+        start = PromptInput(args.start, args.start_seed, args.negative_prompt, args.guidance, args.denoising)
+    with as_flags(**{**REQUEST_FLAGS, "seed": "--end-seed"}):
+        end = PromptInput(args.end, args.end_seed, args.negative_prompt, args.guidance, args.denoising)
+    with as_flags(**REQUEST_FLAGS):
+        requests = [
+            Request(start, end, min(0.25 * i, 1.0), args.steps, args.width, args.scheduler, seed_image, mask)
+            for i in range(args.clips)
+        ]
     engine = load_engine(args)
     for request in requests:
         engine.check(request)
