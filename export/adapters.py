@@ -50,7 +50,11 @@ class Lora:
             try:
                 scale = float(tail)
             except ValueError:
-                pass
+                # A path or hub id with a colon of its own, or a scale that is not a number.
+                if text != RANDOM_LORA and not Path(text).expanduser().exists() and "/" not in tail:
+                    raise RiffusionError(
+                        f"--lora {text!r}: the scale {tail!r} is not a number (PATH_OR_HUB_ID[:SCALE])"
+                    ) from None
             else:
                 source = head
         if not source.strip():
@@ -134,6 +138,21 @@ def check_random_lora(random_preset: bool) -> None:
 
 
 # -- finding the files ---------------------------------------------------------------
+
+
+def check_lora_source(source: str, *, random_preset: bool) -> None:
+    """One clear error for a LoRA source that names nothing: not the random LoRA (on a
+    random preset), a file, a folder or a hub id's shape. Nothing is read or downloaded."""
+    if source == RANDOM_LORA:
+        check_random_lora(random_preset)
+        return
+    path = Path(source).expanduser()
+    parts = source.split("/")
+    if path.exists() or (not source.startswith((".", "/", "~")) and len(parts) in (2, 3) and all(parts)):
+        return
+    raise RiffusionError(
+        f"LoRA {source!r} is not a file, a folder or a hub id (owner/name or owner/name/file.safetensors)"
+    )
 
 
 def lora_file(source: str) -> Path:

@@ -114,6 +114,10 @@ def gpu_info() -> dict[str, str] | None:
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of an export directory; ArtifactError if there is none or it is unreadable."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).exists():
+        raise ArtifactError(f"export directory {str(directory)!r} does not exist")
+    if not Path(directory).is_dir():
+        raise ArtifactError(f"{str(directory)!r} is a file, not an export directory")
     if not path.is_file():
         raise ArtifactError(f"{str(directory)!r} is not a complete export directory: no {MANIFEST}")
     try:

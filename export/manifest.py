@@ -113,6 +113,8 @@ class Manifest:
         (ArtifactError for a missing, unreadable, incomplete or damaged export)."""
         try:
             return cls.of(directory, artifacts.load_manifest(directory, check_files=check_files))
+        except artifacts.ArtifactError:
+            raise  # says itself what is wrong (missing, unreadable, damaged)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             # A manifest of the right format with a field missing or of the wrong kind.
             what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)

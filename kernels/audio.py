@@ -35,6 +35,8 @@ def load_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     import soundfile
 
     path = Path(path)
+    if path.is_dir():
+        raise RiffusionError(f"audio file {str(path)!r} is a directory")
     if not path.is_file():
         raise RiffusionError(f"audio file {str(path)!r} does not exist")
     try:

@@ -22,7 +22,19 @@ def check_output_path(path: str | os.PathLike[str], suffixes: Iterable[str]) -> 
         raise RiffusionError(f"output directory {str(parent)!r} does not exist")
     if path.is_dir():
         raise RiffusionError(f"output {str(path)!r} is a directory")
+    check_writable(parent, f"output {str(path)!r}")
     return path
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """That a file can be made in ``directory`` (by making one and removing it: permission
+    bits do not say, for root or on a read-only or virtual file system), before the work
+    whose result would go there."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".riffusion-check-"):
+            pass
+    except OSError as exc:
+        raise RiffusionError(f"{what}: cannot write in {str(directory)!r} ({exc.strerror or exc})") from None
 
 
 def umask_mode(mode: int) -> int:

@@ -158,6 +158,8 @@ def load_image(path: str | os.PathLike[str]) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise RiffusionError(f"image file {str(path)!r} is a directory")
     if not path.is_file():
         raise RiffusionError(f"image file {str(path)!r} does not exist")
     try:

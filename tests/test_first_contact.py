@@ -203,3 +203,49 @@ def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path
     (manifest,) = cache.glob("*/manifest.json")
     assert json.loads(manifest.read_text())["profile"].get("guidance", True) is True  # written when off
     assert (tmp_path / "a.wav").is_file()
+
+
+def test_what_names_nothing_or_cannot_be_written_is_one_line_before_anything_else(tmp_path: Path) -> None:
+    """A bad --vae or LoRA, a scale that is not a number, a cache or export that is a file or
+    is missing, an input that is a folder, an output folder that cannot be written: one line
+    naming it, exit 2, nothing printed before it (not the profile line) and nothing written."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    out = tmp_path / "out"
+    out.mkdir()
+    wav = str(out / "a.wav")
+    cases = [
+        (("generate", "a", "-o", wav, *TINY, "--vae", "foo"), ("--vae", "'foo'")),
+        (
+            ("generate", "a", "-o", wav, *TINY, "--lora", str(tmp_path / "none.safetensors")),
+            ("none.safetensors",),
+        ),
+        (
+            ("generate", "a", "-o", wav, *TINY, "--lora", "random:lora:abc"),
+            ("the scale 'abc' is not a number",),
+        ),
+        (
+            (
+                "generate",
+                "a",
+                "-o",
+                wav,
+                "--model",
+                "random:tiny",
+                "--backend",
+                "onnxruntime",
+                "--cache-dir",
+                str(a_file),
+            ),
+            ("--cache-dir", "is a file"),
+        ),
+        (("generate", "a", "-o", wav, "--artifacts", str(tmp_path / "missing")), ("does not exist",)),
+        (("generate", "a", "-o", wav, "--artifacts", str(a_file)), ("is a file, not an export directory",)),
+        (("image-to-audio", str(tmp_path), "-o", wav), ("is a directory",)),
+        (("generate", "a", "-o", "/proc/riffusion.wav", *TINY, "--steps", "1"), ("cannot write in '/proc'",)),
+    ]
+    for argv, needles in cases:
+        result = run(*argv)
+        one_line(result, *needles)
+        assert result.stdout == "", (argv, result.stdout)
+        assert not any(out.iterdir()), (argv, list(out.iterdir()))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ...kernels.errors import RiffusionError
+from ...kernels.files import check_writable
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +119,8 @@ def apply_profile(args: argparse.Namespace) -> Any:
     """Fill the flags left unset from ``--profile`` (the backend, precision, VAE, LoRAs and,
     where the command has them, scheduler, steps and guidance), say on stdout what the run
     uses when it is not the default recipe, and return the choices."""
-    from ...export.models import DEFAULT_MODEL
+    from ...export.adapters import Variant, check_lora_source
+    from ...export.models import DEFAULT_MODEL, is_random_preset
     from ..runtime.loading import export_deep_cache_branch
     from ..runtime.profiles import resolve
 
@@ -148,6 +150,12 @@ def apply_profile(args: argparse.Namespace) -> Any:
     if hasattr(args, "deep_cache"):
         args.deep_cache = str(choices.deep_cache or 0)
     args.vae, args.lora = choices.vae, list(choices.loras)
+    # The LoRAs and VAE named before the line that says what runs (nothing read yet).
+    Variant(tuple(choices.loras), choices.vae)
+    for lora in choices.loras:
+        check_lora_source(
+            lora.source, random_preset=exported or is_random_preset(args.model or DEFAULT_MODEL)
+        )
     if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
         print(choices.describe(exported=exported), flush=True)
     return choices
@@ -330,6 +338,8 @@ def check_output_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise RiffusionError(f"output {path!r} is a file; this command writes a directory there")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    check_writable(existing, f"output {path!r}")
     return out
 
 

@@ -230,7 +230,10 @@ def export_on_first_use(
         choices=choices,
         max_width=max_width,
     )
-    directory = Path(cache_dir or default_cache_dir()) / name
+    root = Path(cache_dir or default_cache_dir())
+    if root.exists() and not root.is_dir():
+        raise RiffusionError(f"the export cache {str(root)!r} (--cache-dir) is a file, not a folder")
+    directory = root / name
     # OpenVINO reads an openvino export's IR only: the cache hit checks those files' hashes.
     reads = ir_reads(precision or "fp32") if config.target == "openvino" else None
     result = export(
