@@ -261,6 +261,15 @@ def check_width_arg(args: argparse.Namespace) -> None:
     width = args.width
     if width < 8 or width % 8:
         raise RiffusionError(f"--width must be a positive multiple of 8 pixels, got {width}")
+    from ...kernels.griffin_lim import GriffinLimOptions, min_frames
+    from ...kernels.params import SpectrogramParams
+
+    fewest = -(-min_frames(SpectrogramParams(), GriffinLimOptions()) // 8) * 8
+    if width < fewest:  # the engine's parameters are the defaults; its backend may take fewer pixels
+        raise RiffusionError(
+            f"--width {width} is below the narrowest clip: {fewest} pixels ({fewest / 100:g} s; the fewest "
+            "columns Griffin-Lim reconstructs)"
+        )
     if args.artifacts is None:
         widest = args.max_width or MAX_WIDTH
         if width > widest:

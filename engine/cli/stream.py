@@ -14,6 +14,8 @@ from .common import (
     add_engine_args,
     add_run_args,
     apply_profile,
+    as_flags,
+    check_width_arg,
     load_engine,
     open_image,
     seed_image_or_default,
@@ -71,6 +73,7 @@ FLAGS = {
     "continuation_columns": "--continuation-columns",
     "lookahead": "--lookahead",
     "steps": "--steps",
+    "width": "--width",
 }
 
 
@@ -104,13 +107,15 @@ def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from ...kernels.audio import audio_writer, check_audio_output
+    from ...kernels.params import SpectrogramParams
     from ..runtime.requests import PromptInput
     from ..stream import Stream, StreamSettings, clips_for
+    from ..stream.settings import check_joins
 
     out = check_audio_output(args.output)
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
         raise RiffusionError(f"--duration must be in (0, 86400] seconds, got {args.duration}")
-    try:
+    with as_flags(**FLAGS):
         settings = StreamSettings(
             steps=args.steps,
             width=args.width,
@@ -122,11 +127,8 @@ def run(args: argparse.Namespace) -> None:
             lookahead=args.lookahead,
             pipeline={"auto": None, "on": True, "off": False}[args.pipeline],
         )
-    except RiffusionError as exc:  # the settings' fields, as this command's flags
-        text = str(exc)
-        for name, flag in FLAGS.items():
-            text = text.replace(f"{name} must", f"{flag} must").replace(f"needs {name}", f"needs {flag}")
-        raise RiffusionError(text) from None
+        check_width_arg(args)
+        check_joins(settings, SpectrogramParams())  # the engine's parameters: the defaults
     prompts = _prompts(args.prompts)
 
     def ending(text: str, seed: int) -> PromptInput:

@@ -93,6 +93,25 @@ def overlap_samples(settings: StreamSettings, params: Any) -> int:
     return round(settings.crossfade_s * params.sample_rate)
 
 
+def check_joins(settings: StreamSettings, params: Any) -> None:
+    """One clear error, before any clip is made, where a clip is too short for the joins on
+    both its ends (what :class:`~.joins.Joiner` would refuse at the first clip)."""
+    clip, overlap = clip_samples(settings, params), overlap_samples(settings, params)
+    if clip > 2 * overlap:
+        return
+    rate = params.sample_rate
+    join = (
+        f"continuation_columns {settings.continuation_columns}"
+        if settings.continuation
+        else f"crossfade_s {settings.crossfade_s:g}"
+    )
+    raise RiffusionError(
+        f"{join} joins {overlap / rate:.2f} s at each end of a clip, which needs clips of more than "
+        f"{2 * overlap / rate:.2f} s; width {settings.width} makes clips of {clip / rate:.2f} s: "
+        "give a wider width or a shorter join"
+    )
+
+
 def advance_samples(settings: StreamSettings, params: Any) -> int:
     """L - C: how far each clip after the first moves the stream on."""
     return clip_samples(settings, params) - overlap_samples(settings, params)

@@ -18,7 +18,7 @@ from ..runtime.defaults import SEED_IMAGE, WIDTH
 from ..runtime.pipeline import Engine
 from ..runtime.requests import Blend, Cancelled, PromptInput, Request
 from ..runtime.seeds import seed_image as builtin_seed_image
-from .settings import Runner, StreamChunk, StreamSettings, length_samples, overlap_samples
+from .settings import Runner, StreamChunk, StreamSettings, check_joins, length_samples, overlap_samples
 from .walk import WHEN, Walk, continuation_inputs, keep_columns
 
 
@@ -62,6 +62,7 @@ class Stream:
         self.max_clips = max_clips
         self._runner = runner or self._run_engine
         self._deadline = deadline or (lambda index: math.inf)
+        check_joins(self.settings, engine.params)  # before any clip: a clip too short for its joins
         self.joiner = Joiner(overlap_samples(self.settings, engine.params))
         self.sample_rate = engine.params.sample_rate
         self.check(self.walk.peek())
