@@ -65,6 +65,7 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
         ),
         (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--alpha-step", "0"), ("--alpha-step",)),
         (("stream", "--start", "a", "-o", str(out / "s.wav"), *TINY, "--crossfade", "9"), ("--crossfade",)),
+        (("stream", "--start", "a", "--end", "", "-o", str(out / "s.wav"), *TINY), ("--end is empty",)),
         # Errors name the flag, not a config's field.
         (("generate", "a", "-o", str(out / "a.wav"), *TINY, "--steps", "0"), ("--steps", "1..1000")),
         (("export", "--model", "random:tiny", "-o", str(out), "--max-batch", "0"), ("--max-batch",)),
@@ -165,6 +166,14 @@ def test_denoising_without_a_seed_image_is_a_warning(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--denoising applies to a --seed-image" in result.stderr and out.exists()
+
+
+def test_a_negative_prompt_with_guidance_off_is_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "a.wav"
+    argv = ("generate", "a", "-o", str(out), *TINY, "--profile", "realtime", "--negative-prompt", "noise")
+    result = run(*argv, "--steps", "1", "--width", "64")
+    assert result.returncode == 0, result.stderr
+    assert "--negative-prompt steers guidance, which is off here" in result.stderr and out.exists()
 
 
 def test_audio_to_image_makes_seed_ready_images(tmp_path: Path) -> None:

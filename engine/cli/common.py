@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,12 @@ def apply_profile(args: argparse.Namespace) -> Any:
         )
     if args.profile != "default" or choices.loras or choices.vae is not None or choices.deep_cache:
         print(choices.describe(exported=exported), flush=True)
+    if getattr(args, "negative_prompt", None) and choices.guidance <= 1:
+        print(
+            f"warning: --negative-prompt steers guidance, which is off here (guidance {choices.guidance:g}); "
+            "it is ignored",
+            file=sys.stderr,
+        )
     return choices
 
 

@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> None:
         return PromptInput(text, seed, args.negative_prompt, args.guidance, args.denoising)
 
     start = ending(args.start, args.seed)
+    if args.end is not None and not args.end.strip():
+        raise RiffusionError("--end is empty: give the prompt the stream moves to, or leave --end out")
     end = ending(args.end, args.seed + 1) if args.end else None
     seed_image = seed_image_or_default(args)
     mask = open_image(args.mask, "mask")
