@@ -481,3 +481,42 @@ def test_clips_due_soonest_run_first_and_share_batches(torch_engine) -> None:
     assert registry.get_sample_value("riffusion_batch_size_count") == 2
     assert registry.get_sample_value("riffusion_batch_size_sum") == 3
     assert first.future.result().shape == (512, 512, 3)  # a stream's job gives the image row
+
+
+def test_serve_scheduler_samples_every_request_and_stream_with_it(capsys) -> None:
+    """serve --scheduler tcd (a TCD LoRA's sampler): the web app's requests and /stream's
+    clips run it; a client does not choose it."""
+    from riffusion_engine.engine.cli import build_parser
+    from riffusion_engine.engine.cli.common import apply_profile, load_engine
+    from riffusion_engine.engine.runtime.seeds import SeedLibrary
+    from riffusion_engine.engine.serve.api import engine_request, parse_input
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "random:tiny",
+            "--backend",
+            "torch",
+            "--profile",
+            "realtime",
+            "--scheduler",
+            "tcd",
+        ]
+    )
+    apply_profile(args)
+    engine = load_engine(args)
+    config = ServerConfig()
+    body = {"alpha": 0.5, "start": {"prompt": "jazz", "seed": 1}, "end": {"prompt": "rock", "seed": 2}}
+    request = engine_request(parse_input(json.dumps(body).encode()), engine, SeedLibrary(), config)
+    assert request.scheduler == "tcd"
+    with background(create_app(engine, config)) as url, connect(ws_url(url)) as ws:
+        ws.send(json.dumps({"type": "start", "start": {"prompt": "jazz", "seed": 1}, "width": 256}))
+        ready, _ = receive(ws)
+        assert ready["type"] == "ready" and ready["scheduler"] == "tcd"
+        clip, _ = receive(ws)
+        assert clip["type"] == "clip"
+    from riffusion_engine.engine.cli import main
+
+    assert main(["serve", "--ray", "--model", "random:tiny", "--scheduler", "tcd"]) == 2
+    assert "--scheduler serve from one process" in capsys.readouterr().err  # --ray: the default's sampler

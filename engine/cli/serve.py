@@ -12,6 +12,8 @@ from .common import add_engine_args, apply_profile, load_engine
 
 
 def add_parser(sub: Any) -> None:
+    from ..runtime.requests import SCHEDULERS
+
     p = sub.add_parser(
         "serve",
         help="serve Riffusion's HTTP API (POST /run_inference/) and an endless stream (/stream, page at /)",
@@ -37,6 +39,13 @@ def add_parser(sub: Any) -> None:
         "--timeout", type=float, default=300.0, help="seconds before a request answers 504 (default: 300)"
     )
     p.add_argument("--max-steps", type=int, default=100, help="largest num_inference_steps (default: 100)")
+    p.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        default=None,
+        help="the scheduler every request and stream is sampled with: clients do not choose it, the "
+        "LoRA fused in does (tcd for a TCD LoRA) (default: the profile's: pndm; realtime: lcm)",
+    )
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body in KiB (default: 64)")
     p.add_argument(
         "--no-warm-up",
@@ -138,10 +147,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.ray and (args.profile not in (None, "default") or args.lora or args.vae):
+    if args.ray and (args.profile not in (None, "default") or args.lora or args.vae or args.scheduler):
         raise RiffusionError(
             "serve --ray runs the default profile without LoRAs or the tiny VAE; "
-            "--profile, --lora and --vae serve from one process (without --ray)"
+            "--profile, --lora, --vae and --scheduler serve from one process (without --ray)"
         )
     if args.ray and args.max_width is not None:
         raise RiffusionError(

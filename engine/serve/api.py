@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ...kernels.audio import encode_audio
 from ...kernels.errors import RiffusionError
-from ..runtime.defaults import SCHEDULER, SEED_IMAGE
+from ..runtime.defaults import SEED_IMAGE
 from ..runtime.pipeline import Engine
 from ..runtime.prompts import MAX_PROMPT_CHARS
 from ..runtime.requests import MAX_SEED, Clip, PromptInput, Request
@@ -171,7 +171,7 @@ def engine_request(
             inputs.alpha,
             steps,
             seed_image.width,
-            scheduler=engine.scheduler if profiled(engine) else SCHEDULER,
+            scheduler=engine.scheduler,  # the profile's, or serve --scheduler
             seed_image=seed_image,
             mask=mask,
         ),

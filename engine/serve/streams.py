@@ -57,7 +57,6 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 
 from ...kernels.errors import RiffusionError
-from ..runtime.defaults import SCHEDULER
 from ..runtime.pipeline import Engine
 from ..runtime.requests import Blend, Cancelled, PromptInput, Request
 from ..runtime.seeds import SeedLibrary, crop_width
@@ -301,7 +300,7 @@ class _Session:
             settings = StreamSettings(
                 steps=engine.steps if profiled(engine) else steps,
                 width=width,
-                scheduler=engine.scheduler if profiled(engine) else SCHEDULER,
+                scheduler=engine.scheduler,  # the profile's, or serve --scheduler
                 alpha_step=message.alpha_step,
                 crossfade_s=message.crossfade_s,
                 continuation=message.continuation,
