@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TINY_VAE = "madebyollin/taesd"  # TAESD for Stable Diffusion 1.x latents
 LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"  # the few-step LoRA the realtime profile suggests
+MAX_SCALE = 100.0  # the largest LoRA scale, in size
 RANDOM_LORA = "random:lora"  # a seeded random LoRA of the base's shapes (random presets only)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file in a folder
 RANDOM_LORA_RANK = 8
@@ -40,6 +42,13 @@ class Lora:
 
     source: str
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
+            raise RiffusionError(
+                f"--lora {self}: the scale must be a finite number at most {MAX_SCALE:g} in size, "
+                f"got {self.scale:g} (a fused LoRA's weights scale with it)"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Lora:
@@ -59,8 +68,6 @@ class Lora:
                 source = head
         if not source.strip():
             raise RiffusionError(f"--lora {text!r} names no LoRA")
-        if scale != scale or abs(scale) == float("inf"):
-            raise RiffusionError(f"--lora {text!r}: the scale must be a finite number")
         return cls(source, scale)
 
     def __str__(self) -> str:
@@ -270,6 +277,16 @@ def lora_state_dict(lora: Lora, components: Any, *, random_preset: bool, seed: i
     return state_dict
 
 
+def check_finite(lora: Lora, state_dict: dict[str, Any]) -> None:
+    """RiffusionError naming the first weight of the LoRA that holds NaN or inf: fused, it
+    would make every clip NaN (a black spectrogram, full-scale noise)."""
+    import torch
+
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise RiffusionError(f"--lora {lora.source}: weight {key} holds NaN or inf values")
+
+
 def check_fits(lora: Lora, state_dict: dict[str, Any], components: Any) -> None:
     """RiffusionError naming the first weight of the LoRA that fits no layer of the model:
     a component it lacks (an SDXL LoRA's second text encoder), a layer it lacks, or a
@@ -348,6 +365,7 @@ def fuse_loras(pipe: Any, loras: tuple[Lora, ...], *, random_preset: bool, seed:
         raise RiffusionError("--lora needs PEFT: pip install 'riffusion-engine[models]'") from exc
     weights = [lora_state_dict(lora, pipe, random_preset=random_preset, seed=seed) for lora in loras]
     for lora, state_dict in zip(loras, weights, strict=True):
+        check_finite(lora, state_dict)
         check_fits(lora, state_dict, pipe)
     with _quiet():
         for index, (lora, state_dict) in enumerate(zip(loras, weights, strict=True)):

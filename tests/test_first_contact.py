@@ -283,6 +283,8 @@ def test_what_names_nothing_or_cannot_be_written_is_one_line_before_anything_els
         (("generate", "a", "-o", wav, "--artifacts", str(tmp_path / "missing")), ("does not exist",)),
         (("generate", "a", "-o", wav, "--artifacts", str(a_file)), ("is a file, not an export directory",)),
         (("image-to-audio", str(tmp_path), "-o", wav), ("is a directory",)),
+        (("generate", "(jazz:1e30) funk", "-o", wav, *TINY), ("emphasis weight of 'jazz' is 1e+30",)),
+        (("generate", "a", "-o", wav, *TINY, "--lora", "random:lora:1e30"), ("scale", "at most 100")),
         (("generate", "a", "-o", "/proc/riffusion.wav", *TINY, "--steps", "1"), ("cannot write in '/proc'",)),
     ]
     for argv, needles in cases:
@@ -290,3 +292,28 @@ def test_what_names_nothing_or_cannot_be_written_is_one_line_before_anything_els
         one_line(result, *needles)
         assert result.stdout == "", (argv, result.stdout)
         assert not any(out.iterdir()), (argv, list(out.iterdir()))
+
+
+def test_non_finite_weights_are_refused_and_a_non_finite_clip_is_never_written(tmp_path: Path) -> None:
+    """A LoRA file holding NaN is refused, naming the flag and the weight; one whose finite
+    weights overflow once fused makes NaN spectrograms, which the engine refuses instead of
+    writing a black image and full-scale noise with exit 0."""
+    import safetensors.torch
+    from riffusion_engine.export.adapters import random_lora
+    from riffusion_engine.export.models import load_components
+
+    weights = random_lora(load_components("random:tiny").unet, seed=1)
+    first = next(iter(weights))
+    nan = {k: v.clone().contiguous() for k, v in weights.items()}
+    nan[first][0] = float("nan")
+    safetensors.torch.save_file(nan, tmp_path / "nan.safetensors")
+    huge = {k: (v * 1e30).contiguous() for k, v in weights.items()}
+    safetensors.torch.save_file(huge, tmp_path / "huge.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ("generate", "a", "-o", str(out / "a.wav"), *TINY, "--steps", "2", "--lora")
+    one_line(run(*argv, str(tmp_path / "nan.safetensors")), "--lora", "nan.safetensors", first, "NaN or inf")
+    result = run(*argv, str(tmp_path / "huge.safetensors"))  # after the progress bar: the clip was made
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the model's output holds NaN or inf" in result.stderr.strip().splitlines()[-1]
+    assert not any(out.iterdir())

@@ -11,6 +11,7 @@ exactly the tokens and embeddings of a plain tokenizer call.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -24,7 +25,10 @@ from ...kernels.errors import RiffusionError
 log = logging.getLogger(__name__)
 
 EMPHASIS = 1.1
-_TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|]|[^\\()\[\]:]+|:")
+MAX_WEIGHT = 100.0  # the largest emphasis weight, (text:W), in size
+_TOKEN = re.compile(
+    r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\)|\)|]|[^\\()\[\]:]+|:"
+)
 
 
 def parse_weights(prompt: str) -> list[tuple[str, float]]:
@@ -109,6 +113,12 @@ def tokenize(tokenizer: Any, prompt: str, *, allow_empty: bool = False, what: st
         raise RiffusionError(f"{what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     length = tokenizer.model_max_length
     pieces = parse_weights(prompt)
+    for text, weight in pieces:
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise RiffusionError(
+                f"{what}: the emphasis weight of {text.strip()!r} is {weight:g}; weights must be finite "
+                f"and at most {MAX_WEIGHT:g} in size (text embeddings scaled further overflow)"
+            )
     ids: list[int] = []
     weights: list[float] = []
     for text, weight in pieces:
