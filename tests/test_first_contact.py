@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 CLI = [sys.executable, "-m", "riffusion_engine.engine.cli"]
@@ -229,6 +230,34 @@ def test_ctrl_c_in_interpolate_keeps_the_clips_made_and_their_join(tmp_path: Pat
     joined, _ = soundfile.read(out / "joined.wav", dtype="int16", always_2d=True)
     parts = [soundfile.read(c, dtype="int16", always_2d=True)[0] for c in clips]
     assert len(clips) >= 2 and np.array_equal(joined, np.concatenate(parts))
+
+
+@pytest.mark.long
+def test_ctrl_c_in_stream_exits_130_every_time_and_keeps_the_audio(tmp_path: Path) -> None:
+    """Ctrl-C while the stream's thread is inside torch or the audio kernels: exit 130 with
+    the audio kept, not an abort in a C++ runtime at shutdown (exit 134), at two moments of
+    making a clip."""
+    for attempt, delay in enumerate((0.8, 2.4)):
+        out = tmp_path / f"s{attempt}.wav"
+        argv = [*CLI, "stream", "--start", "a", "--end", "b", *TINY, "--steps", "8", "--duration", "60"]
+        process = subprocess.Popen([*argv, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 240
+            # Two clips written (into the output's temporary file): the third is being made.
+            while time.monotonic() < deadline and not any(
+                p.stat().st_size > 800_000 for p in tmp_path.glob(f".s{attempt}.*")
+            ):
+                time.sleep(0.2)
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        text = stderr.decode(errors="replace")
+        assert process.returncode == 130, text[-500:]
+        assert "terminate called" not in text and "Traceback" not in text
+        assert soundfile.info(out).frames > 0
 
 
 def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path: Path) -> None:
