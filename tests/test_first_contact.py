@@ -346,3 +346,10 @@ def test_non_finite_weights_are_refused_and_a_non_finite_clip_is_never_written(t
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "the model's output holds NaN or inf" in result.stderr.strip().splitlines()[-1]
     assert not any(out.iterdir())
+
+
+def test_a_stray_flag_is_refused_by_its_commands_parser(tmp_path: Path) -> None:
+    result = run("generate", "a", "-o", str(tmp_path / "a.wav"), "--bogus")
+    assert result.returncode == 2 and "usage: riffusion-engine generate" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "riffusion-engine generate: error: unrecognized arguments: --bogus"

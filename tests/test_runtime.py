@@ -459,7 +459,7 @@ def test_cli_demo(tmp_path: Path) -> None:
         assert (tmp_path / "demo" / name).is_file(), name
     assert "random weights" in stdout and "riffusion-engine generate" in stdout
     # Both recipes side by side: 3 PNDM steps (4 UNet calls) beside the realtime profile's 4.
-    assert "unet (4 / 4 steps)" in stdout and "real-time factor" in stdout
+    assert "unet (4 / 4 calls)" in stdout and "real-time factor" in stdout
     assert "profile realtime: lcm 4 steps, guidance off" in stdout
     code, stdout, _ = run_cli("demo", "-o", str(tmp_path / "demo"), "--steps", "3")
     assert code == 0 and "cached" in stdout

@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> None:
     cached = [r.cache_hit for r in (result, realtime)]
     print(f"{'stage':<24}{'default (s)':>14}{'realtime (s)':>14}")
     print(f"{'export' + (' (cached)' if all(cached) else ''):<24}{export_s[0]:>14.3f}{export_s[1]:>14.3f}")
-    steps = [f"{int(c.timings['unet_steps'])}" for c in clips]
+    steps = [f"{int(c.timings['unet_steps'])}" for c in clips]  # UNet calls (PNDM: steps + 1)
     for key, name in (
         ("text_encoder", "text encoder"),
-        ("unet", f"unet ({steps[0]} / {steps[1]} steps)"),
+        ("unet", f"unet ({steps[0]} / {steps[1]} calls)"),
         ("vae_decoder", "vae decoder"),
         ("image_to_audio", "image -> audio"),
     ):
