@@ -249,7 +249,8 @@ def test_killed_first_export_leaves_no_complete_looking_directory(tmp_path: Path
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    with pytest.raises(artifacts.ArtifactError, match="not a complete export"):
+    # Nothing there yet (the export builds in a hidden folder), or a folder without a manifest.
+    with pytest.raises(artifacts.ArtifactError, match=r"does not exist|not a complete export"):
         artifacts.load_manifest(out)
 
 
