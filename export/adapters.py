@@ -152,14 +152,19 @@ def check_lora_source(source: str, *, random_preset: bool) -> None:
     random preset), a file, a folder or a hub id's shape. Nothing is read or downloaded."""
     if source == RANDOM_LORA:
         check_random_lora(random_preset)
-        return
-    path = Path(source).expanduser()
+    elif not Path(source).expanduser().exists():
+        _hub_parts(source)
+
+
+def _hub_parts(source: str) -> list[str]:
+    """A LoRA source that is not a local path, as a hub id's parts (owner, name[, file]);
+    RiffusionError where it does not have that shape."""
     parts = source.split("/")
-    if path.exists() or (not source.startswith((".", "/", "~")) and len(parts) in (2, 3) and all(parts)):
-        return
-    raise RiffusionError(
-        f"LoRA {source!r} is not a file, a folder or a hub id (owner/name or owner/name/file.safetensors)"
-    )
+    if source.startswith((".", "/", "~")) or len(parts) not in (2, 3) or not all(parts):
+        raise RiffusionError(
+            f"LoRA {source!r} is not a file, a folder or a hub id (owner/name or owner/name/file.safetensors)"
+        )
+    return parts
 
 
 def lora_file(source: str) -> Path:
@@ -170,11 +175,7 @@ def lora_file(source: str) -> Path:
         return path
     if path.is_dir():
         return _one_lora_file(path, source)
-    parts = source.split("/")
-    if source.startswith((".", "/", "~")) or len(parts) not in (2, 3) or not all(parts):
-        raise RiffusionError(
-            f"LoRA {source!r} is not a file, a folder or a hub id (owner/name or owner/name/file.safetensors)"
-        )
+    parts = _hub_parts(source)
     repo = "/".join(parts[:2])
     patterns = [parts[2]] if len(parts) == 3 else ["*.safetensors"]
     return _one_lora_file(_hub_files(repo, patterns, f"LoRA {source!r}"), source, name=parts[2:])

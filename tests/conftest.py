@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import io
 from pathlib import Path
 
@@ -113,6 +114,20 @@ def reference_pipeline(components, kind: str = "text", scheduler: str = "pndm"):
 
     sched = diffusers_scheduler(components, scheduler)
     return diffusers_pipeline(components, img2img=kind == "img2img", scheduler=sched)
+
+
+def needs(module: str) -> None:
+    """Skip the test where ``module`` is not installed (a GPU test's optional library)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} not installed")
+
+
+def needs_provider(provider: str) -> None:
+    """Skip the test where ONNX Runtime lacks ``provider`` (its CPU build has no GPU ones)."""
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"ONNX Runtime lacks {provider}")
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

@@ -44,7 +44,16 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
     soundfile.write(binary, np.zeros((4410, 1), np.int16), 44100)
     out = tmp_path / "out"
     out.mkdir()  # an existing, empty folder: nothing may be written into it
-    no_model = tmp_path / "no-model"  # loading it would fail: a check that names --width came first
+    # A model that loading would fail on: a check that names --width came first.
+    stream_no_model = (
+        "stream",
+        "--start",
+        "a",
+        "-o",
+        str(out / "s.wav"),
+        "--model",
+        str(tmp_path / "no-model"),
+    )
     here = tmp_path / "cwd"
     here.mkdir()  # the working directory: nothing may be written there either (demo's default)
     cases = [
@@ -81,36 +90,8 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
             ("--end-seed", "0..2**63-1"),
         ),
         # Widths Griffin-Lim or the stream's joins cannot take, before the model is looked for.
-        (
-            (
-                "stream",
-                "--start",
-                "a",
-                "-o",
-                str(out / "s.wav"),
-                "--model",
-                str(no_model),
-                "--width",
-                "16",
-            ),
-            ("--width 16", "24 pixels"),
-        ),
-        (
-            (
-                "stream",
-                "--start",
-                "a",
-                "-o",
-                str(out / "s.wav"),
-                "--model",
-                str(no_model),
-                "--width",
-                "24",
-                "--crossfade",
-                "0.5",
-            ),
-            ("--crossfade 0.5", "--width 24"),
-        ),
+        ((*stream_no_model, "--width", "16"), ("--width 16", "24 pixels")),
+        ((*stream_no_model, "--width", "24", "--crossfade", "0.5"), ("--crossfade 0.5", "--width 24")),
         # A seed image that would run none of the steps: the clip would be the seed image.
         (
             ("generate", "a", "--seed-image", str(png), "-o", str(out / "a.wav"), *TINY, "--steps", "1"),

@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-from conftest import run_cli  # noqa: E402
+from conftest import needs, needs_provider, run_cli  # noqa: E402
 from riffusion_engine import Stream, load  # noqa: E402
 from riffusion_engine.engine.runtime.pipeline import Engine  # noqa: E402
 from riffusion_engine.engine.runtime.requests import PromptInput, Request  # noqa: E402
@@ -28,18 +28,6 @@ from riffusion_engine.export.specs import ShapeProfile  # noqa: E402
 from riffusion_engine.kernels import RiffusionError  # noqa: E402
 
 FP32, FP16 = 1e-2, 0.1  # largest |difference| of the [0, 1] images from the CPU reference
-
-
-def needs(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not installed")
-
-
-def needs_provider(provider: str) -> None:
-    import onnxruntime as ort
-
-    if provider not in ort.get_available_providers():
-        pytest.skip(f"ONNX Runtime lacks {provider}")
 
 
 def requests(count: int, steps: int = 4) -> list[Request]:

@@ -9,7 +9,6 @@ and a blend's texts in parts the text encoder's engine takes.
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from pathlib import Path
 
@@ -19,22 +18,11 @@ import pytest
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
+from conftest import needs, needs_provider  # noqa: E402
 from riffusion_engine import load  # noqa: E402
 from riffusion_engine.engine.runtime.requests import Blend, PromptInput, Request  # noqa: E402
 
 FP16 = 0.1  # largest |difference| of the [0, 1] images from the fp32 run
-
-
-def needs(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not installed")
-
-
-def needs_provider(provider: str) -> None:
-    import onnxruntime as ort
-
-    if provider not in ort.get_available_providers():
-        pytest.skip(f"ONNX Runtime lacks {provider}")
 
 
 def realtime_requests(count: int, scheduler: str = "lcm") -> list[Request]:

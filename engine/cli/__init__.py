@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     class _Sub:
         def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return commands.add_parser(name, parents=[common], formatter_class=HelpFormatter, **kwargs)
+            p = commands.add_parser(name, parents=[common], formatter_class=HelpFormatter, **kwargs)
+            p.set_defaults(command_parser=p)  # its errors come with its own usage
+            return p
 
     sub = _Sub()
 
@@ -123,13 +125,6 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
-    return parser
-
-
 def _exit_now(code: int) -> None:
     """End the process at once, its outputs written and closed (``stream``'s audio file is
     closed when its command returns): after Ctrl-C, threads that ran torch, ONNX Runtime or
@@ -147,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser, with its usage, not the top level's
-        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

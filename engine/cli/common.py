@@ -203,6 +203,12 @@ REQUEST_FLAGS = {
 }
 
 
+def check_seed_arg(seed: int, flag: str = "--seed") -> None:
+    """A seed flag's range (PromptInput's and Griffin-Lim's), checked before any work."""
+    if not 0 <= seed < 2**63:
+        raise RiffusionError(f"{flag} must be an integer in 0..2**63-1, got {seed}")
+
+
 @contextlib.contextmanager
 def as_flags(**flags: str) -> Iterator[None]:
     """An error raised inside that names a field of a config (``steps must be ...``,
@@ -262,16 +268,15 @@ def open_image(path: str | None, what: str) -> Any:
 def check_width_arg(args: argparse.Namespace) -> None:
     """``--width`` against the widest clip the engine flags allow, before anything is
     loaded or made (the engine checks the rest once loaded)."""
-    from ..runtime.checks import over_widest
+    from ...kernels.griffin_lim import GriffinLimOptions
+    from ...kernels.params import SpectrogramParams
+    from ..runtime.checks import fewest_columns, over_widest
     from ..runtime.defaults import MAX_WIDTH
 
     width = args.width
     if width < 8 or width % 8:
         raise RiffusionError(f"--width must be a positive multiple of 8 pixels, got {width}")
-    from ...kernels.griffin_lim import GriffinLimOptions, min_frames
-    from ...kernels.params import SpectrogramParams
-
-    fewest = -(-min_frames(SpectrogramParams(), GriffinLimOptions()) // 8) * 8
+    fewest = fewest_columns(SpectrogramParams(), GriffinLimOptions(), 8)
     if width < fewest:  # the engine's parameters are the defaults; its backend may take fewer pixels
         raise RiffusionError(
             f"--width {width} is below the narrowest clip: {fewest} pixels ({fewest / 100:g} s; the fewest "

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import add_deep_cache_arg, add_variant_args, as_flags
+from .common import add_deep_cache_arg, add_variant_args, as_flags, check_seed_arg
 
 
 def add_parser(sub: Any) -> None:
@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> None:
             f"--height {args.height}: Riffusion's images are {HEIGHT} pixels tall (the spectrogram's mel "
             "bins), and an export of another height could not be run; leave --height out"
         )
-    if not 0 <= args.seed < 2**63:
-        raise RiffusionError(f"--seed must be an integer in 0..2**63-1, got {args.seed}")
+    check_seed_arg(args.seed)
     device = args.device or ("cuda" if args.target == "tensorrt" else "cpu")
     args.profile = args.profile or "default"
     choices = resolve(

@@ -6,8 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from ...kernels.errors import RiffusionError
-from .common import output_dir
+from .common import check_seed_arg, output_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -42,8 +41,7 @@ def run(args: argparse.Namespace) -> None:
     from ...kernels.xp import get_xp
 
     get_xp(args.device)  # a device that cannot run stops here, before any file is written
-    if not 0 <= args.seed < 2**63:
-        raise RiffusionError(f"--seed must be an integer in 0..2**63-1, got {args.seed}")
+    check_seed_arg(args.seed)
     out_dir = output_dir(args.output)
     params = SpectrogramParams()
     source = music_like(5.11, sample_rate=params.sample_rate, seed=args.seed)

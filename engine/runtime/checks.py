@@ -19,6 +19,25 @@ from .requests import PromptInput, Request, leaves
 GRAYSCALE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 
+def fewest_columns(params: SpectrogramParams, options: GriffinLimOptions, multiple: int) -> int:
+    """The narrowest image, in ``multiple``-pixel steps, that Griffin-Lim reconstructs."""
+    return -(-min_frames(params, options) // multiple) * multiple
+
+
+def check_finite(image: Any) -> None:
+    """One clear error where the decoded spectrograms hold NaN or inf, which every backend
+    would otherwise turn into a black image and full-scale noise, written with exit 0. The
+    inputs that cause it are checked where they are given (a LoRA's weights and scale, a
+    prompt's emphasis); what is left is the model's own overflow, in reduced precision."""
+    import torch
+
+    if not bool(torch.isfinite(image).all()):
+        raise RiffusionError(
+            "the model's output holds NaN or inf values (the decoded spectrogram): its weights or a "
+            "reduced precision overflowed; try --precision fp32, a smaller LoRA scale or a milder emphasis"
+        )
+
+
 class RequestChecks:
     """The checks of :class:`~.pipeline.Engine`: each raises RiffusionError, naming the
     range and how to change it, for what the engine cannot run."""
@@ -77,8 +96,7 @@ class RequestChecks:
         return max(low, self._fewest_columns()), high
 
     def _fewest_columns(self) -> int:
-        multiple = self.shape.pixel_multiple
-        return -(-min_frames(self.params, self.griffin_lim) // multiple) * multiple
+        return fewest_columns(self.params, self.griffin_lim, self.shape.pixel_multiple)
 
     def check_width(self, width: int) -> None:
         """Raise RiffusionError, naming the range and how to change it, for a width this

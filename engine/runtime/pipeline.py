@@ -39,7 +39,7 @@ from ...kernels.errors import RiffusionError
 from ...kernels.griffin_lim import GriffinLimOptions
 from ...kernels.params import DEFAULT_MAX_VALUE, SpectrogramParams
 from .backends import Backend
-from .checks import RequestChecks, memory_bound
+from .checks import RequestChecks, check_finite, memory_bound
 from .deep_cache import DeepCache
 from .defaults import WIDTH
 from .profiles import DEFAULT_PROFILE, Choices
@@ -500,20 +500,6 @@ class Engine(RequestChecks):
         from ...kernels.image import image_from_pixels
 
         return image_from_pixels(pixels.cpu().numpy(), self.params, max_value=DEFAULT_MAX_VALUE)
-
-
-def check_finite(image: Any) -> None:
-    """One clear error where the decoded spectrograms hold NaN or inf, which every backend
-    would otherwise turn into a black image and full-scale noise, written with exit 0. The
-    inputs that cause it are checked where they are given (a LoRA's weights and scale, a
-    prompt's emphasis); what is left is the model's own overflow, in reduced precision."""
-    import torch
-
-    if not bool(torch.isfinite(image).all()):
-        raise RiffusionError(
-            "the model's output holds NaN or inf values (the decoded spectrogram): its weights or a "
-            "reduced precision overflowed; try --precision fp32, a smaller LoRA scale or a milder emphasis"
-        )
 
 
 class _timer:
