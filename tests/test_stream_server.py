@@ -222,8 +222,8 @@ def test_the_listener_reads_what_came_before_the_server_closed() -> None:
 
 
 def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_export) -> None:
-    """Over an export (widths 256..1024): a bad when, a width off the 8-pixel grid or
-    outside the export's profile, and now before start are error events."""
+    """Over an export (widths 256..1024): a bad when, a width off the 8-pixel grid, below
+    the export's profile or over the seed image, and now before start are error events."""
     from riffusion_engine import load
 
     engine = load(artifacts=tiny_export[0], backend="onnxruntime")
@@ -234,7 +234,9 @@ def test_steering_and_width_errors_name_the_field_and_the_stream_goes_on(tiny_ex
             (json.dumps({"type": "prompt", "prompt": techno, "when": "now"}), "type", "start message"),
             (start(width=260), "width", "multiple of 8"),
             (start(width=128), "width", "256..1024 pixels (export with --width 128 for shorter clips)"),
-            (start(width=1040), "width", "256..1024 pixels (export with --max-width 1040 for longer clips)"),
+            # wider than og_beat (512 pixels): no export flag could help, and none is named
+            (start(width=1040), "width", "wider than the seed image 'og_beat' (512 pixels)"),
+            (start(width=10**9), "width", "wider than the seed image 'og_beat' (512 pixels)"),
             (start(width=8.5), "width", "integer"),
         ):
             ws.send(bad)
@@ -300,6 +302,32 @@ def test_a_client_that_never_reads_gets_a_bounded_stream(server) -> None:
         # Quiet for several clips' time (these two took this long): no third clip.
         time.sleep(max(4.0, 2 * (time.monotonic() - began)))
         assert sent() == 2
+
+
+def test_a_played_report_of_a_clip_never_sent_is_an_error_event(server) -> None:
+    """``played`` names a clip the client has: one above every clip sent is refused, naming
+    ``clip``, and moves nothing (no credit for clips never sent, no behind events); a
+    clip sent is taken."""
+    url, _ = server
+    no_streams(url)
+    with connect(ws_url(url)) as ws:
+        ws.send(start(width=256, num_inference_steps=1))
+        assert receive(ws)[0]["type"] == "ready"
+        ws.send(json.dumps({"type": "played", "clip": 10**12}))
+        events: list[dict[str, Any]] = []
+        while sum(e["type"] == "clip" for e in events) < 2 or not any(e["type"] == "error" for e in events):
+            events.append(receive(ws, played=False)[0])
+        (error,) = [e for e in events if e["type"] == "error"]
+        assert error["field"] == "clip" and "clip 1000000000000 was never sent" in error["message"], error
+        # Unplayed, the server sends its buffer (2 clips) and waits: the report gave no credit.
+        with pytest.raises(TimeoutError):
+            receive(ws, played=False, timeout=3)
+        assert [e["index"] for e in events if e["type"] == "clip"] == [0, 1]
+        assert not any(e["type"] == "behind" for e in events), events
+        ws.send(json.dumps({"type": "played", "clip": 0}))
+        event, _ = receive(ws, played=False)
+        assert event["type"] == "clip" and event["index"] == 2, event
+        ws.send(json.dumps({"type": "stop"}))
 
 
 def test_a_disconnect_stops_the_work_at_the_next_step(server) -> None:
@@ -389,12 +417,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM} (Debian's chromium package)"
-)
-def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def chromium(tmp_path: Path) -> Any:
+    """Headless Chromium (Debian's) with a fresh profile, closed and removed after."""
     playwright = pytest.importorskip("playwright.sync_api")
-    url, _ = server
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"),
@@ -411,46 +437,99 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
             ],
         )
         try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url + "/?steps=3&alpha_step=1&seed=5")
-            page.click("#play")
-            # Three clips in while the first plays (the server sends two ahead of it).
-            page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)
-            # The server's profile, as its ready event says it.
-            assert page.inner_text("#profile") == "profile default: pndm, 3 steps, guidance 7"
-            page.fill("#prompt", "dub techno with a choir")
-            page.press("#prompt", "Enter")
-            # Steering now drops the clips queued after the one playing.
-            page.wait_for_function("window.riffusionPlayer.rewinds >= 1", timeout=120_000)
-            played = page.evaluate("window.riffusionPlayer.samplesPlayed")
-            page.wait_for_timeout(1500)
-            state = page.evaluate("window.riffusionPlayer")
-            assert state["samplesPlayed"] > played  # the AudioContext plays
-            assert page.evaluate("document.querySelector('#behind') !== null")
-            page.wait_for_function(
-                "window.riffusionPlayer.events.some(e => e.end.prompt === 'dub techno with a choir')",
-                timeout=120_000,
-            )
-            # The page steers now by default, at 256-pixel clips, and shows when the prompt was heard.
-            assert page.evaluate("window.riffusionPlayer.width") == 256
-            page.wait_for_function("window.riffusionPlayer.reactions.length >= 1", timeout=120_000)
-            toward = page.evaluate(
-                "window.riffusionPlayer.events.find(e => e.end.prompt === 'dub techno with a choir')"
-            )
-            assert toward["alpha"] == 1 and toward["prompt_to_ear_s"] > 0  # alpha_step 1: on its way, at once
-            assert "heard" in page.inner_text("#now")
-            assert not errors and not state["errors"], (errors, state["errors"])
-            # A width the server refuses: the page starts again at the seed image's.
-            other = browser.new_page()
-            other.goto(url + "/?steps=3&alpha_step=1&seed=6&width=100")
-            other.click("#play")
-            other.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
-            assert other.evaluate("window.riffusionPlayer.width") == 512
+            yield browser
         finally:
             browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM} (Debian's chromium package)"
+)
+def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> None:
+    url, _ = server
+    with chromium(tmp_path) as browser:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/?steps=3&alpha_step=1&seed=5")
+        page.click("#play")
+        # Three clips in while the first plays (the server sends two ahead of it).
+        page.wait_for_function("window.riffusionPlayer.clips >= 3", timeout=120_000)
+        # The server's profile, as its ready event says it.
+        assert page.inner_text("#profile") == "profile default: pndm, 3 steps, guidance 7"
+        page.fill("#prompt", "dub techno with a choir")
+        page.press("#prompt", "Enter")
+        # Steering now drops the clips queued after the one playing.
+        page.wait_for_function("window.riffusionPlayer.rewinds >= 1", timeout=120_000)
+        played = page.evaluate("window.riffusionPlayer.samplesPlayed")
+        page.wait_for_timeout(1500)
+        state = page.evaluate("window.riffusionPlayer")
+        assert state["samplesPlayed"] > played  # the AudioContext plays
+        assert page.evaluate("document.querySelector('#behind') !== null")
+        page.wait_for_function(
+            "window.riffusionPlayer.events.some(e => e.end.prompt === 'dub techno with a choir')",
+            timeout=120_000,
+        )
+        # The page steers now by default, at 256-pixel clips, and shows when the prompt was heard.
+        assert page.evaluate("window.riffusionPlayer.width") == 256
+        page.wait_for_function("window.riffusionPlayer.reactions.length >= 1", timeout=120_000)
+        toward = page.evaluate(
+            "window.riffusionPlayer.events.find(e => e.end.prompt === 'dub techno with a choir')"
+        )
+        assert toward["alpha"] == 1 and toward["prompt_to_ear_s"] > 0  # alpha_step 1: on its way, at once
+        assert "heard" in page.inner_text("#now")
+        assert not errors and not state["errors"], (errors, state["errors"])
+        # A width the server refuses: the page starts again at the seed image's.
+        other = browser.new_page()
+        other.goto(url + "/?steps=3&alpha_step=1&seed=6&width=100")
+        other.click("#play")
+        other.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+        assert other.evaluate("window.riffusionPlayer.width") == 512
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM} (Debian's chromium package)"
+)
+def test_the_page_takes_the_servers_steps_and_recovers_after_a_refusal_or_a_close(
+    torch_engine, tmp_path: Path
+) -> None:
+    """docs/serving.md's offline server (``--max-steps``): the page plays at the server's
+    default steps; a URL asking for more is refused and said in words, with Play back;
+    when the server stops (1012) the page says so, and Next prompt starts a new stream."""
+    app = create_app(torch_engine, ServerConfig(max_steps=3, stream_buffer=1))
+    with chromium(tmp_path) as browser:
+        with background(app) as url:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url + "/?alpha_step=1&seed=5")
+            page.click("#play")
+            page.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
+            assert page.inner_text("#profile") == "profile default: pndm, 3 steps, guidance 7"
+            refused = browser.new_page()
+            refused.on("pageerror", lambda exc: errors.append(str(exc)))
+            refused.goto(url + "/?steps=50&seed=6")
+            refused.click("#play")
+            refused.wait_for_function("window.riffusionPlayer.state === 'closed'", timeout=60_000)
+            said = refused.inner_text("#status")
+            assert "refused to start" in said and "num_inference_steps: at most 3 on this server" in said
+            assert (
+                refused.inner_text("#play") == "Play"
+                and refused.evaluate("window.riffusionPlayer.clips") == 0
+            )
+        # The server stopped under the playing page.
+        page.wait_for_function("window.riffusionPlayer.state === 'closed'", timeout=60_000)
+        assert "the server stopped or is restarting (1012)" in page.inner_text("#status")
+        assert page.inner_text("#play") == "Play"
+        # Next prompt starts a stream again: here nothing listens any more, which it says.
+        page.fill("#prompt", "dub techno")
+        page.click("#send")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('(1006)')", timeout=30_000
+        )
+        assert "could not be reached" in page.inner_text("#status") and page.inner_text("#play") == "Play"
+        assert not errors, errors
 
 
 def test_clips_due_soonest_run_first_and_share_batches(torch_engine) -> None:

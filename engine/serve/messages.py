@@ -101,14 +101,14 @@ def message_width(engine: Engine, width: int, widest: int, seed_image_id: str) -
     its seed image spans."""
     if width % 8:
         raise MessageError("width", f"must be a multiple of 8 pixels (100 per second), got {width}")
+    if width > widest:  # first: no server flag makes a clip wider than its seed image
+        raise MessageError(
+            "width", f"{width} is wider than the seed image {seed_image_id!r} ({widest} pixels)"
+        )
     try:
         engine.check_width(width)
     except RiffusionError as exc:
         raise MessageError("width", str(exc)) from None
-    if width > widest:
-        raise MessageError(
-            "width", f"{width} is wider than the seed image {seed_image_id!r} ({widest} pixels)"
-        )
     return width
 
 

@@ -16,6 +16,7 @@ class Playback:
     def __init__(self) -> None:
         self.played = -1  # the last clip the client said began playing
         self.sent = -1  # the last clip sent (a steer may drop the ones after the one playing)
+        self.highest = -1  # the highest clip index ever sent (a dropped one's report may still come)
         self.timeline: dict[int, tuple[float, float]] = {}  # sent clip -> (send time, seconds)
         self.anchor: tuple[int, float] | None = None  # the last clip said to begin, and when
         self.toward: list[tuple[Any, float]] = []  # prompts no clip moved toward, and when they came
@@ -24,6 +25,7 @@ class Playback:
     def sent_clip(self, index: int, at: float, seconds: float) -> None:
         self.timeline[index] = (at, seconds)
         self.sent = index
+        self.highest = max(self.highest, index)
 
     def played_clip(self, clip: int, now: float) -> list[float]:
         """The client says ``clip`` began: the prompt-to-ear seconds of the clips toward a

@@ -14,7 +14,8 @@ The client sends JSON control messages; the first must be ``start``::
         playing, sent or not (a rewind event tells the client which)
     {"type": "update", "start": {...}, "end": {...}, "seed_image_id": ..., "mask_image_id": ...}
     {"type": "played", "clip": N}   clip N began playing: the server makes clips up to
-                                    N + buffer (a client that sends none gets ``buffer`` clips)
+                                    N + buffer (a client that sends none gets ``buffer`` clips;
+                                    N above every clip sent is an error event)
     {"type": "pause"} / {"type": "resume"} / {"type": "stop"}
 
 Prompt inputs are the API's (``/run_inference/``'s ``start``/``end``) and are checked
@@ -448,6 +449,10 @@ class _Session:
         stream = self.stream
         assert stream is not None
         if isinstance(message, PlayedMessage):
+            highest = self.heard.highest
+            if message.clip > highest:
+                sent = f"the last clip sent is {highest}" if highest >= 0 else "none is sent yet"
+                raise MessageError("clip", f"clip {message.clip} was never sent: {sent}")
             for seconds in self.heard.played_clip(message.clip, time.monotonic()):
                 self.hub.metrics.stream_prompt_to_ear.observe(seconds)
             self.credit.set()

@@ -2,7 +2,8 @@
 // (each chunk an AudioBuffer scheduled to start where the previous one ends), a
 // scrolling spectrogram, and a "falling behind" indicator. Settings come from the URL
 // query, as in Riffusion's web app: ?steps=50&alpha_step=0.25&seed_image=og_beat&denoising=0.75&seed=N
-// (&profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs;
+// (steps: the server's default, which its --max-steps bounds, unless given;
+// &profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs;
 // &width=256: pixels per clip, 100 per second, 256 by default: shorter clips react sooner;
 // a server whose export does not take it gets the seed image's width instead)
 "use strict";
@@ -42,6 +43,42 @@ function status(text) {
   el("status").textContent = text;
 }
 
+// Why a stream's socket closed, in words (the close codes of RFC 6455 the server uses).
+function closed(close) {
+  const reason = close.reason ? `: ${close.reason}` : "";
+  const words = {
+    1000: `the stream ended${reason}`,
+    1001: "the server went away",
+    1006: "the connection was lost, or the server could not be reached",
+    1008: `the server closed the stream${reason}`,
+    1011: `the server failed${reason}`,
+    1012: "the server stopped or is restarting",
+    1013: `the server is busy${reason}: try again later`,
+  }[close.code] || `the stream closed${reason}`;
+  return `${words} (${close.code}). Press Play to start again.`;
+}
+
+// Back to where Play starts a new stream, with the status saying why.
+function finish(text) {
+  if (socket) {
+    socket.onclose = null;
+    socket.onmessage = null;
+    if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) socket.close(1000);
+  }
+  for (const s of segments) s.source.stop();
+  if (context) context.close();
+  socket = null;
+  context = null;
+  segments = [];
+  pending = null;
+  nextTime = 0;
+  ready = false;
+  player.state = "closed";
+  behind(false);
+  el("play").textContent = "Play";
+  status(text);
+}
+
 function start() {
   context = new AudioContext({ sampleRate: 44100 });
   player.state = "connecting";
@@ -54,10 +91,7 @@ function start() {
     status("waiting for the first clip...");
   };
   socket.onmessage = (message) => (typeof message.data === "string" ? onEvent(JSON.parse(message.data)) : onAudio(message.data));
-  socket.onclose = (close) => {
-    player.state = "closed";
-    status(`stream closed (${close.code}${close.reason ? ": " + close.reason : ""})`);
-  };
+  socket.onclose = (close) => finish(closed(close));
   requestAnimationFrame(frame);
 }
 
@@ -66,7 +100,8 @@ function sendStart() {
     type: "start",
     start: { prompt: el("prompt").value || "a jazz pianist playing a concerto", seed, denoising: number("denoising", 0.75) },
     seed_image_id: query.get("seed_image") || "og_beat",
-    num_inference_steps: number("steps", 50),
+    // the server's default steps unless the URL asks for some
+    ...(query.has("steps") ? { num_inference_steps: number("steps", 50) } : {}),
     alpha_step: number("alpha_step", 0.25),
     // ?profile=realtime or default: the profile this page expects (the server runs one)
     ...(query.has("profile") ? { profile: query.get("profile") } : {}),
@@ -110,6 +145,11 @@ function onEvent(event) {
   } else if (event.type === "error" && !ready && event.field === "width" && width !== null) {
     width = null; // this server's export takes other widths: the seed image's, then
     sendStart();
+  } else if (event.type === "error" && !ready) {
+    // the stream was not started: the page's settings (its URL) were refused
+    player.errors.push(event);
+    finish(`the server refused to start the stream: ${event.field}: ${event.message}. ` +
+      "Change the page's URL settings, then press Play.");
   } else if (event.type === "error") {
     player.errors.push(event);
     status(`refused: ${event.field}: ${event.message}`);
@@ -205,13 +245,13 @@ el("play").addEventListener("click", async () => {
     el("play").textContent = "Pause";
   } else if (context.state === "running") {
     await context.suspend();
-    socket.send(JSON.stringify({ type: "pause" }));
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "pause" }));
     player.state = "paused";
     status("paused");
     el("play").textContent = "Play";
   } else {
     await context.resume();
-    socket.send(JSON.stringify({ type: "resume" }));
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "resume" }));
     player.state = "playing";
     status("playing");
     el("play").textContent = "Pause";
@@ -222,7 +262,20 @@ el("play").addEventListener("click", async () => {
 el("controls").addEventListener("submit", (submit) => {
   submit.preventDefault();
   const prompt = el("prompt").value.trim();
-  if (!prompt || !socket || socket.readyState !== WebSocket.OPEN) return;
+  if (!prompt) {
+    status("type a prompt first");
+    return;
+  }
+  if (!socket) {
+    // nothing is playing: start a stream from this prompt
+    start();
+    el("play").textContent = "Pause";
+    return;
+  }
+  if (socket.readyState !== WebSocket.OPEN) {
+    status("connecting: the prompt can be sent once the stream has started");
+    return;
+  }
   seed += 1;
   const when = el("when").value;
   socket.send(JSON.stringify({ type: "prompt", prompt: { prompt, seed, denoising: number("denoising", 0.75) }, when }));
