@@ -33,6 +33,7 @@ from ..kernels.files import exclusive_lock, umask_mode
 from . import artifacts
 from .adapters import Variant
 from .calibration import CalibrationPlan, CalibrationSet, ClipStore
+from .memory_estimate import check_export_memory
 from .models import DEFAULT_MODEL, is_random_preset, load_components, source_hash
 from .openvino_export import DEFAULT_SCHEME, require_nncf, require_openvino, scheme
 from .specs import SHALLOW, STAGES, Dim, ModelDims, ShapeProfile, StageSpec, stage_specs
@@ -342,6 +343,8 @@ def _build(
     components = load_components(config.model, seed=config.seed, variant=config.variant)
     dims = ModelDims.of(components)
     specs = stage_specs(dims, config.profile)
+    if not config.cuda:  # a GPU's verification allocates on the device, which its runtime checks
+        check_export_memory(components, specs, config.stage_names, dims.vae_factor)
     scratch = work / "scratch"
     scratch.mkdir()
     stages = {}

@@ -19,6 +19,8 @@ STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # DeepCache's stage: the UNet's shallow branch on the feature its full call kept. Exported
 # (beside ``unet``, which then also returns that feature) when a profile names a branch.
 SHALLOW = "unet_shallow"
+# The narrowest clip (pixels) of a dynamic profile whose --width is wider: 2.56 s.
+NARROWEST = 256
 FEATURE = "deep_feature"  # the UNet's second output there, and the shallow stage's last input
 HEIGHT = 512  # image height in pixels: Riffusion's 512 mel bins
 WIDTH = 512  # the default image width in pixels: 512 columns = 5.12 s
@@ -323,7 +325,7 @@ def stage_specs(dims: ModelDims, profile: ShapeProfile) -> dict[str, StageSpec]:
     else:
         clips = Dim("batch", 1, 1, profile.max_batch)
         rows = Dim("batch", 1, per_clip, per_clip * profile.max_batch)
-        widths = (min(profile.width, max(256, dims.pixel_multiple)), profile.width, profile.widest)
+        widths = (min(profile.width, max(NARROWEST, dims.pixel_multiple)), profile.width, profile.widest)
     lh = Dim("latent_height", *(profile.height // f,) * 3)
     lw = Dim("latent_width", *(w // f for w in widths))
     height, width = lh.scaled("height", f), lw.scaled("width", f)

@@ -542,3 +542,45 @@ def test_full_architecture_exports_to_verified_fp32_onnx(tmp_path: Path) -> None
         for report in stage["verification"]["onnx"].values():
             assert report["max_rel"] <= TOLERANCE["fp32"]
     assert result.manifest["stages"]["unet"]["files"]["unet.onnx.data"]["bytes"] > 2**31
+
+
+def test_the_attention_estimate_is_the_largest_score_matrix_the_models_own_attention_makes(tiny) -> None:
+    """Oracle: diffusers' plain attention processor (the one that materializes the scores,
+    as ONNX Runtime's CPU attention does), run on the UNet and the VAE at the spec's opt
+    and min sizes; the estimate's matrix is the largest it made, and the machine's budget
+    decides the refusal and the widest width it names."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+    from riffusion_engine.export.memory_estimate import check_export_memory, largest_scores
+
+    specs = stage_specs(ModelDims.of(tiny), ShapeProfile(width=512))
+    seen: dict[str, int] = {}
+
+    def record(name: str, module: torch.nn.Module) -> None:
+        processors = [m for m in module.modules() if hasattr(m, "get_attention_scores")]
+        for attention in processors:
+            attention.set_processor(AttnProcessor())
+            plain = attention.get_attention_scores
+
+            def scores(*args, plain=plain, **kwargs):
+                probs = plain(*args, **kwargs)
+                seen[name] = max(seen.get(name, 0), probs.numel() * 4)  # float32: batch x heads rows
+                return probs
+
+            attention.get_attention_scores = scores
+
+    for name in ("unet", "vae_decoder"):
+        module = stage_module(tiny, name)
+        record(name, module)
+        with torch.no_grad():
+            for which in ("opt", "min"):
+                inputs = specs[name].sample_inputs(which=which)
+                module(*(torch.from_numpy(v) for v in inputs.values()))
+    for name in ("unet", "vae_decoder"):
+        worst = max((s for s in largest_scores(tiny, specs, (name,), 8)), key=lambda s: s.bytes)
+        assert worst.bytes == seen[name], (name, worst, seen[name])
+    unet = max(largest_scores(tiny, specs, ("unet",), 8), key=lambda s: s.bytes)
+    check_export_memory(tiny, specs, ("unet",), 8, available=2 * unet.bytes)  # fits: no error
+    with pytest.raises(RiffusionError, match=r"needs .* GiB for its attention") as refused:
+        check_export_memory(tiny, specs, ("unet",), 8, available=2 * unet.bytes - 1)
+    assert "about 504 pixels at most" in str(refused.value)  # one 8-pixel step below 512

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
         (("demo", "--prompt", "", "-o", str(out)), ("prompt is empty",)),
         (("generate", "a", "-o", str(out / "a.wav"), *TINY, "--width", "8"), ("24 pixels",)),
         (
+            ("generate", "a", "-o", str(out / "a.wav"), "--model", "random:tiny", "--width", "128"),
+            ("256 pixels", "--backend torch takes clips down to 24 pixels", "--width 128"),
+        ),
+        (
             ("generate", "a", "-o", str(out / "a.wav"), *TINY, "--width", "4096"),
             ("2048 pixels", "--max-width"),
         ),
@@ -85,6 +90,11 @@ def test_bad_values_are_one_line_before_any_output(tmp_path: Path) -> None:
             ("--max-width 256", "--width 512"),
         ),
         (("image-to-audio", str(png), "-o", str(out / "x.wav"), "--iters", "-5"), ("--iters",)),
+        # Attention scores no machine holds (1 TiB at 16384 pixels): refused by the estimate.
+        (
+            ("export", "--model", "random:tiny", "-o", str(out / "wide"), "--width", "16384"),
+            ("verifying the unet at 16384 pixels needs 1024.0 GiB", "--width"),
+        ),
         (
             ("interpolate", "--start", "a", "--end", "b", "-o", str(out / "seq"), *TINY, "--end-seed", "-1"),
             ("--end-seed", "0..2**63-1"),
@@ -239,6 +249,61 @@ def test_ctrl_c_in_stream_exits_130_every_time_and_keeps_the_audio(tmp_path: Pat
         assert process.returncode == 130, text[-500:]
         assert "terminate called" not in text and "Traceback" not in text
         assert soundfile.info(out).frames > 0
+
+
+@pytest.mark.long
+def test_sigterm_in_a_long_unet_call_ends_the_process_within_seconds(tmp_path: Path) -> None:
+    """A UNet call over a 99992-pixel clip runs for minutes in native code, where Python's
+    handler cannot run: the process still ends within a few seconds of SIGTERM, exit 130,
+    nothing written."""
+    from riffusion_engine.engine.cli import GRACE_S
+
+    out = tmp_path / "wide.wav"
+    argv = [*CLI, "generate", "a", *TINY, "--max-width", "100000", "--width", "99992", "--steps", "1"]
+    process = subprocess.Popen([*argv, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    said = bytearray()
+
+    def read() -> None:
+        assert process.stderr is not None
+        while chunk := process.stderr.read1(256):
+            said.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while b"denoising" not in said and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert b"denoising" in said, bytes(said)
+        time.sleep(2)  # inside the first UNet call
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(10)
+    text = said.decode(errors="replace")
+    assert process.returncode == 130 and "Traceback" not in text, text[-500:]
+    assert text.rstrip().endswith("the process ends now)")
+    assert took < GRACE_S + 3, took
+    assert not out.exists() and not list(tmp_path.glob(".wide*"))
+
+
+@pytest.mark.long
+def test_a_clip_wider_than_memory_on_the_default_backend_is_one_line(tmp_path: Path) -> None:
+    """Wider than the machine's memory: one line with the buffer's size, not ONNX Runtime's
+    log and traceback."""
+    common = ("--model", "random:tiny", "--cache-dir", str(tmp_path / "cache"))
+    wide = run(
+        "generate", "a", *common, "--max-width", "16384", "--width", "16384", "-o", str(tmp_path / "w.wav")
+    )
+    assert wide.returncode == 2 and "Traceback" not in wide.stderr, wide.stderr[-2000:]
+    last = wide.stderr.strip().splitlines()[-1]
+    assert "16384 pixels need more memory than this machine has (one buffer of 512.0 GiB)" in last, last
+    assert "[E:onnxruntime" not in wide.stderr  # its log is not said besides the error
+    assert not list(tmp_path.glob("*.wav"))
 
 
 def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path: Path) -> None:

@@ -121,8 +121,60 @@ def _quiet_third_parties() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+# After SIGINT or SIGTERM the main thread unwinds (KeyboardInterrupt) when it next runs
+# Python: a native call (a UNet call over a very wide clip) can hold it for minutes.
+GRACE_S = 3.0
+_unwinding = threading.Event()
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _unwinding.set()
     raise KeyboardInterrupt
+
+
+class _Watchdog:
+    """Python's C-level signal handler writes each signal to a wakeup descriptor at once,
+    whatever the main thread is running; this thread reads it. Where the main thread has not
+    begun to unwind (its Python handler has not run) within ``GRACE_S``, the process ends
+    with 130: an interrupted command stops within seconds, its outputs not yet written (they
+    are written after the work, through temporary names)."""
+
+    def __init__(self, command: str) -> None:
+        import os
+
+        self.command = command
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="riffusion-signals", daemon=True).start()
+
+    def _watch(self) -> None:
+        import os
+
+        stopping = {signal.SIGINT, signal.SIGTERM}  # (a library may handle others, SIGCHLD say)
+        while True:
+            try:
+                received = os.read(self.read, 64)
+            except OSError:
+                return
+            if not received:
+                return  # closed: the command ended
+            if stopping & set(received):
+                break
+        if _unwinding.wait(GRACE_S):
+            return
+        print(
+            f"riffusion-engine {self.command}: interrupted (during a computation that cannot stop "
+            "part-way: the process ends now)",
+            file=sys.stderr,
+        )
+        _exit_now(130)
+
+    def close(self) -> None:
+        import os
+
+        signal.set_wakeup_fd(self.previous)
+        os.close(self.write)  # the watching thread reads the end and returns
 
 
 def _exit_now(code: int) -> None:
@@ -153,9 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds as Ctrl-C does, so finally blocks remove temporary files and folders
     # (the server handles both signals itself: it finishes the requests in flight).
     previous = None
+    watchdog = None
     handles_signals = args.command == "serve" and not args.ray
     if not handles_signals and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, _terminate)
+        if argv is None:  # its own process: a signal in a long native call ends it
+            _unwinding.clear()
+            watchdog = _Watchdog(args.command)
     try:
         func(args)
     except RiffusionError as exc:
@@ -170,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _exit_now(130)
         return 130
     finally:
+        if watchdog is not None:
+            watchdog.close()
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
     return 0

@@ -265,9 +265,10 @@ def open_image(path: str | None, what: str) -> Any:
         raise RiffusionError(f"{what}: {exc}") from exc
 
 
-def check_width_arg(args: argparse.Namespace) -> None:
+def check_width_arg(args: argparse.Namespace, *, first_use: bool = True) -> None:
     """``--width`` against the widest clip the engine flags allow, before anything is
-    loaded or made (the engine checks the rest once loaded)."""
+    loaded or made (the engine checks the rest once loaded); with ``first_use``, against
+    the narrowest clip of an export made on first use too (check_first_use_width)."""
     from ...kernels.griffin_lim import GriffinLimOptions
     from ...kernels.params import SpectrogramParams
     from ..runtime.checks import fewest_columns, over_widest
@@ -286,6 +287,8 @@ def check_width_arg(args: argparse.Namespace) -> None:
         widest = args.max_width or MAX_WIDTH
         if width > widest:
             raise over_widest(width, widest)
+        if first_use:
+            check_first_use_width(args)
         return
     from ...export.artifacts import ArtifactError, read_manifest
 
@@ -297,6 +300,26 @@ def check_width_arg(args: argparse.Namespace) -> None:
         raise RiffusionError(
             f"width {width} is over this export's widest clip, {widest} pixels "
             f"(export with --max-width {width} for longer clips)"
+        )
+
+
+def check_first_use_width(args: argparse.Namespace) -> None:
+    """A --width below the narrowest clip of the export a backend other than torch makes on
+    first use: one line saying what takes it, before that export is made."""
+    from ...export.specs import NARROWEST
+    from ...kernels.griffin_lim import GriffinLimOptions
+    from ...kernels.params import SpectrogramParams
+    from ..runtime.backends import resolve_backend
+    from ..runtime.checks import fewest_columns
+
+    if args.artifacts is not None or args.width >= NARROWEST:
+        return
+    if resolve_backend(args.backend, args.device or "cpu") != "torch":
+        fewest = fewest_columns(SpectrogramParams(), GriffinLimOptions(), 8)
+        raise RiffusionError(
+            f"--width {args.width} is below the narrowest clip of the export made on first use: "
+            f"{NARROWEST} pixels ({NARROWEST / 100:g} s); --backend torch takes clips down to "
+            f"{fewest} pixels, or export with --width {args.width} and run it with --artifacts"
         )
 
 

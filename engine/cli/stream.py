@@ -15,6 +15,7 @@ from .common import (
     add_run_args,
     apply_profile,
     as_flags,
+    check_first_use_width,
     check_width_arg,
     load_engine,
     open_image,
@@ -127,8 +128,9 @@ def run(args: argparse.Namespace) -> None:
             lookahead=args.lookahead,
             pipeline={"auto": None, "on": True, "off": False}[args.pipeline],
         )
-        check_width_arg(args)
+        check_width_arg(args, first_use=False)
         check_joins(settings, SpectrogramParams())  # the engine's parameters: the defaults
+        check_first_use_width(args)
     prompts = _prompts(args.prompts)
 
     def ending(text: str, seed: int) -> PromptInput:

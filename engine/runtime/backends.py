@@ -242,7 +242,9 @@ class OnnxRuntimeBackend(ExportBackend):
         self.trt_cache = Path(trt_cache) if trt_cache is not None else self.directory / "ort-tensorrt"
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.options.log_severity_level = 3
+        # fatal only: a failed run raises with the same message, which the engine words once
+        # (an allocation too large for the machine, memory_bound); logged too, it is said twice
+        self.options.log_severity_level = 4
         if threads:
             self.options.intra_op_num_threads = threads
         self.run_options = ort.RunOptions()

@@ -5,6 +5,7 @@ allocation the machine cannot make, as one error."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,14 +118,19 @@ class RequestChecks:
                 f"{allowed} (export with {hint} clips)"
             )
         if width < low:
+            if low == self._fewest_columns():
+                why = "the fewest columns Griffin-Lim reconstructs"
+            elif self.widen.startswith("export"):
+                why = "its export's profile"
+            else:  # an export made on first use, at its default widths
+                torch = fewest_columns(self.params, self.griffin_lim, 8)  # any multiple of 8
+                why = (
+                    "the profile of the export made on first use; --backend torch takes clips down to "
+                    f"{torch} pixels, or export with --width {width}"
+                )
             raise RiffusionError(
                 f"width {width} is below the narrowest clip this engine takes: {low} pixels "
-                f"({low / 100:g} s; "
-                + (
-                    "the fewest columns Griffin-Lim reconstructs)"
-                    if low == self._fewest_columns()
-                    else "its export's profile)"
-                )
+                f"({low / 100:g} s; {why})"
             )
         if high is not None and width > high:
             raise over_widest(width, high, self.widen)
@@ -153,14 +159,19 @@ def memory_bound(width: int, clips: int) -> Iterator[None]:
         raise RiffusionError(too_wide(width, clips, exc)) from exc
     except RuntimeError as exc:  # torch (CPU allocator, CUDA OutOfMemoryError), ONNX Runtime
         text = str(exc).lower()
-        if "out of memory" not in text and "not enough memory" not in text and "bad_alloc" not in text:
+        needles = ("out of memory", "not enough memory", "bad_alloc", "failed to allocate memory")
+        if not any(needle in text for needle in needles):
             raise
         raise RiffusionError(too_wide(width, clips, exc)) from exc
 
 
 def too_wide(width: int, clips: int, exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    asked = re.search(r"buffer of size (\d+)", str(exc))  # ONNX Runtime's arena says what it asked for
+    if asked is not None:
+        said = f"one buffer of {int(asked.group(1)) / 2**30:.1f} GiB"
+    else:
+        said = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
     return (
-        f"{clips} clip(s) of {width} pixels need more memory than this machine has ({first}); "
+        f"{clips} clip(s) of {width} pixels need more memory than this machine has ({said}); "
         "use a smaller --width or fewer clips per batch"
     )
