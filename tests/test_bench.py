@@ -88,6 +88,9 @@ def test_bench_with_the_realtime_profile(tmp_path: Path) -> None:
         assert cached["rms_gray_levels"] < fewer["rms_gray_levels"]
     assert report["deep_cache_gates"] == {}  # no bf16 row on torch: no yardstick, no gate
     assert "vs default" in stdout and "cpu:" in stdout
+    # The table's header: every row's name (some longer than 26 characters) stands apart.
+    (header,) = [line for line in stdout.splitlines() if line.startswith("stage ")]
+    assert all(f"  {name}" in header for name in report["results"]), header
 
 
 def test_bench_config_errors() -> None:

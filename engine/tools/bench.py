@@ -386,10 +386,16 @@ def precision_gates(results: dict[str, Any], mode_of: dict[str, str]) -> dict[st
     return gates
 
 
+LABEL = 19  # the widest row label, 'uncached within 4', and a gap
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as a terminal table: median (p90) seconds and speedup per stage."""
     names = list(report["results"])
-    lines = [f"{'stage':<16}" + "".join(f"{n:>26}" for n in names)]
+    # columns as wide as the longest row name, labels as the longest label: never run together
+    w = max(26, *(len(n) + 2 for n in names))
+    blank = " " * w
+    lines = [f"{'stage':<{LABEL}}" + "".join(f"{n:>{w}}" for n in names)]
     for stage in STAGES:
         cells = []
         for name in names:
@@ -397,10 +403,10 @@ def format_table(report: dict[str, Any]) -> str:
             s = entry["stages"][stage]
             speed = f" {entry['speedup'][stage]:.2f}x" if "speedup" in entry else ""
             cells.append(f"{s['median_s']:.3f} ({s['p90_s']:.3f}){speed}")
-        lines.append(f"{stage:<16}" + "".join(f"{c:>26}" for c in cells))
+        lines.append(f"{stage:<{LABEL}}" + "".join(f"{c:>{w}}" for c in cells))
     lines.append(
-        f"{'real-time factor':<16}"
-        + "".join(f"{report['results'][n]['real_time_factor']:>26.3f}" for n in names)
+        f"{'real-time factor':<{LABEL}}"
+        + "".join(f"{report['results'][n]['real_time_factor']:>{w}.3f}" for n in names)
     )
     for key, label in (
         ("share_within_one_gray_level", "within 1 gray"),
@@ -408,7 +414,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("spectral_convergence_vs_reference", "SC vs reference"),
     ):
         lines.append(
-            f"{label:<16}" + "".join(f"{report['results'][n]['agreement'][key]:>26.4f}" for n in names)
+            f"{label:<{LABEL}}" + "".join(f"{report['results'][n]['agreement'][key]:>{w}.4f}" for n in names)
         )
     if any("agreement_vs_fp32" in report["results"][n] for n in names):
         for key, label in (
@@ -419,14 +425,14 @@ def format_table(report: dict[str, Any]) -> str:
             ("spectral_convergence_vs_fp32", "SC vs fp32"),
         ):
             cells = [report["results"][n].get("agreement_vs_fp32", {}).get(key) for n in names]
-            lines.append(f"{label:<16}" + "".join(f"{'':>26}" if c is None else f"{c:>26.4f}" for c in cells))
+            lines.append(f"{label:<{LABEL}}" + "".join(blank if c is None else f"{c:>{w}.4f}" for c in cells))
     if any("agreement_vs_uncached" in report["results"][n] for n in names):
         for key, label in (
             ("share_within_4_gray_levels", "uncached within 4"),
             ("rms_gray_levels", "uncached RMS"),
         ):
             cells = [report["results"][n].get("agreement_vs_uncached", {}).get(key) for n in names]
-            lines.append(f"{label:<16}" + "".join(f"{'':>26}" if c is None else f"{c:>26.4f}" for c in cells))
+            lines.append(f"{label:<{LABEL}}" + "".join(blank if c is None else f"{c:>{w}.4f}" for c in cells))
     for name, gate in report.get("deep_cache_gates", {}).items():
         lines.append(
             f"{name}: RMS error against uncached {gate['deep_cache']:.2f} gray levels, bf16's against "
@@ -440,11 +446,11 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if any("speedup_vs_default" in report["results"][n] for n in names):
         lines.append(
-            f"{'vs default':<16}"
+            f"{'vs default':<{LABEL}}"
             + "".join(
-                f"{report['results'][n]['speedup_vs_default']:>25.1f}x"
+                f"{report['results'][n]['speedup_vs_default']:>{w - 1}.1f}x"
                 if "speedup_vs_default" in report["results"][n]
-                else f"{'':>26}"
+                else blank
                 for n in names
             )
         )
