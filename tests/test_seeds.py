@@ -45,11 +45,15 @@ def test_every_mask_is_a_grayscale_strength_map() -> None:
         assert pixels.max() > 0 and pixels.min() < 255
 
 
-def test_a_directory_adds_and_overrides_ids(tmp_path: Path) -> None:
+def test_a_directory_adds_and_overrides_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     Image.new("RGB", (512, 512), (10, 20, 30)).save(tmp_path / "og_beat.png")
     Image.new("L", (512, 512), 200).save(tmp_path / "my_mask.png")
-    (tmp_path / "bad name.png").write_bytes(b"not a png")  # not an id: not read
-    library = SeedLibrary(tmp_path)
+    (tmp_path / "bad name.png").write_bytes(b"not a png")  # not an id: not read, and said
+    (tmp_path / "bad id!.png").write_bytes(b"not a png")
+    with caplog.at_level("WARNING"):
+        library = SeedLibrary(tmp_path)
+    (skipped,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "'bad id!.png', 'bad name.png'" in skipped and "og_beat" not in skipped
     assert "my_mask" in library and "og_beat" in library and "bad name" not in library
     assert np.asarray(library.get("og_beat"))[0, 0].tolist() == [10, 20, 30]
     assert np.asarray(library.get("my_mask"))[0, 0] == 200

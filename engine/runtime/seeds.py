@@ -12,6 +12,7 @@ cannot name a file outside the directory.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from ...kernels import synth
 from ...kernels.errors import RiffusionError
 from ...kernels.params import SpectrogramParams
 from .defaults import WIDTH
+
+log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SIZE = WIDTH  # the built-ins are 512 x 512: 5.12 s
@@ -104,11 +107,15 @@ class SeedLibrary:
             directory = Path(directory)
             if not directory.is_dir():
                 raise RiffusionError(f"seed image directory {str(directory)!r} does not exist")
-            self.files = {
-                p.stem: p
-                for p in sorted(directory.glob("*.png"))
-                if ID_PATTERN.fullmatch(p.stem) and p.is_file()
-            }
+            found = [p for p in sorted(directory.glob("*.png")) if p.is_file()]
+            self.files = {p.stem: p for p in found if ID_PATTERN.fullmatch(p.stem)}
+            skipped = [p.name for p in found if not ID_PATTERN.fullmatch(p.stem)]
+            if skipped:  # said, not silently left out: a request naming one would be "unknown"
+                log.warning(
+                    "seed image files skipped, their names are not ids (1-64 letters, digits, _ or -, "
+                    "then .png): %s",
+                    ", ".join(repr(name) for name in skipped),
+                )
             for image_id in self.files:  # at start-up, not on the first request that names one
                 self._check_file(image_id)
         self._built: dict[str, Any] = {}
