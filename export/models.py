@@ -377,6 +377,20 @@ def _load_checkpoint(path: Path, model_id: str) -> Components:
     )
 
 
+def _no_weight_loading_bar() -> None:
+    """transformers 5 draws a "Loading weights" bar for each model read from disk (a fraction
+    of a second, beside the engine's own output); its tqdm hook (a public API) leaves every
+    other bar, the hub's downloads included, as it is."""
+    from transformers.utils import logging as transformers_logging
+
+    def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    transformers_logging.set_tqdm_hook(hook)
+
+
 def _load_directory(path: Path, model_id: str) -> Components:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -390,6 +404,7 @@ def _load_directory(path: Path, model_id: str) -> Components:
             raise RiffusionError(
                 f"model directory {str(path)!r}: {component}/ holds no weights (.safetensors or .bin)"
             )
+    _no_weight_loading_bar()
     try:
         return Components(
             model_id=model_id,

@@ -108,7 +108,7 @@ def hub_like_repository(tiny, path: Path) -> Path:
     return path
 
 
-def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_path: Path) -> None:
+def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_path: Path, capsys) -> None:
     from riffusion_engine.export.models import _repository_files, select_files
 
     repo = hub_like_repository(tiny, tmp_path / "repo")
@@ -139,7 +139,9 @@ def test_the_real_checkpoint_layout_takes_exactly_the_needed_files(tiny, tmp_pat
         (only / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / name, only / name)
     for source in (only, repo):
+        capsys.readouterr()
         loaded = load_components(str(source))
+        assert "Loading weights" not in capsys.readouterr().err  # transformers' bar, beside ours
         for name in ("text_encoder", "unet", "vae"):
             ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
             assert all(torch.equal(ours[k], theirs[k]) for k in ours)
