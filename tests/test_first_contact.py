@@ -251,6 +251,30 @@ def test_ctrl_c_in_stream_exits_130_every_time_and_keeps_the_audio(tmp_path: Pat
         assert soundfile.info(out).frames > 0
 
 
+def test_an_interrupted_demo_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """Ctrl-C while demo exports, before it has written anything: the folder it made for
+    its outputs is gone again (one it did not make is left as it was)."""
+    for made in (True, False):
+        out = tmp_path / ("new" if made else "old")
+        if not made:
+            out.mkdir()
+        process = subprocess.Popen(
+            [*CLI, "demo", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not out.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # exporting
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 130, stderr.decode(errors="replace")[-800:]
+        assert out.exists() is not made and (made or not any(out.iterdir()))
+
+
 @pytest.mark.long
 def test_sigterm_in_a_long_unet_call_ends_the_process_within_seconds(tmp_path: Path) -> None:
     """A UNet call over a 99992-pixel clip runs for minutes in native code, where Python's

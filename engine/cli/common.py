@@ -394,6 +394,21 @@ def output_dir(path: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def output_dir_kept_if_written(path: str) -> Iterator[Path]:
+    """``output_dir``, removed again where this command made it and an interruption or an
+    error leaves it empty (the command's work comes before its first file)."""
+    out = check_output_dir(path)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def add_io(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
     """The input file and the required -o output of a conversion command."""
     p.add_argument("input", help=input_help)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
-from .common import output_dir
+from .common import output_dir_kept_if_written
 
 
 def add_parser(sub: Any) -> None:
@@ -33,17 +34,22 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..runtime.requests import PromptInput, Request
+
+    # 1. Check the request: bad steps or seed fail before the export.
+    Request(PromptInput(args.prompt, args.seed), steps=args.steps)
+    with output_dir_kept_if_written(args.output) as out_dir:
+        _run(args, out_dir)
+
+
+def _run(args: argparse.Namespace, out_dir: Path) -> None:
     from ...export.adapters import Variant
     from ...export.exporter import ExportConfig, export
     from ...export.specs import ShapeProfile
     from ..runtime.calibration import collect
     from ..runtime.loading import export_fields, load
     from ..runtime.profiles import resolve
-    from ..runtime.requests import PromptInput, Request
 
-    # 1. Check the request: bad steps or seed fail before the export.
-    Request(PromptInput(args.prompt, args.seed), steps=args.steps)
-    out_dir = output_dir(args.output)
     # 2. Riffusion's recipe: random:tiny to ONNX in DIR/export (a cache hit when it is there),
     #    on onnxruntime, --steps PNDM steps at guidance 7.
     begin = time.perf_counter()
