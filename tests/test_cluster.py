@@ -230,6 +230,80 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
         httpx.get(f"{base}/health", timeout=5)
 
 
+def test_the_realtime_profile_serves_on_the_cluster_as_in_one_process(tmp_path: Path):
+    """``serve --ray --profile realtime``: the export made first has the profile's random
+    few-step LoRA and tiny VAE fused in, the replica runs the profile's scheduler, steps,
+    guidance and precision, and answers the web app's request with the single-process
+    server's audio over that export. Ray Serve says nothing per request (no access log
+    line for /health). (Before the module's own Ray instance starts.)"""
+    import signal
+    import subprocess
+
+    from threadpoolctl import threadpool_limits
+
+    port, cache = free_port(), tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    command = [
+        sys.executable,
+        "-m",
+        "riffusion_engine.engine.cli",
+        "serve",
+        "--ray",
+        "--model",
+        "random:tiny",
+    ]
+    command += ["--profile", "realtime", "--port", str(port), "--cache-dir", str(cache)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving random:tiny"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 900
+        while not ready.wait(1.0) and process.poll() is None and time.monotonic() < deadline:
+            pass
+        assert ready.is_set(), "".join(lines[-40:])  # (a refusal ends the command at once)
+        said = "".join(lines)
+        assert "profile realtime: lcm 4 steps, guidance off, backend openvino" in said, said[-2000:]
+        base = f"http://127.0.0.1:{port}"
+        served = len(lines)
+        for _ in range(3):
+            assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        answer = post(base, WAV, timeout=300)
+        assert answer.status_code == 200, answer.text
+        time.sleep(2.0)
+        after = "".join(lines[served:])
+        assert "/health" not in after and "INFO" not in after, after
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    reader.join(30)
+    assert process.returncode == 130, "".join(lines[-40:])
+    (manifest,) = cache.glob("*/manifest.json")
+    exported = json.loads(manifest.read_text())
+    assert exported["run_profile"] == "realtime" and exported["model"]["vae"] != "own"  # the tiny VAE
+    assert len(exported["model"]["loras"]) == 1  # the profile's (random) few-step LoRA
+    # The single-process server over the same export, one thread as the replica.
+    engine = load(artifacts=manifest.parent, threads=1)
+    assert (engine.scheduler, engine.steps, engine.guidance) == ("lcm", 4, 1.0)
+    with threadpool_limits(limits=1), background(create_app(engine, ServerConfig())) as one:
+        alone = post(one, WAV, timeout=300)
+    assert alone.status_code == 200, alone.text
+    assert np.array_equal(samples(answer), samples(alone))
+
+
 def test_the_original_request_gets_the_single_process_servers_audio(url, reference):
     got, expected = post(url, WAV), post(reference, WAV)
     assert got.status_code == expected.status_code == 200, got.text

@@ -147,19 +147,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.ray and (args.profile not in (None, "default") or args.lora or args.vae or args.scheduler):
-        raise RiffusionError(
-            "serve --ray runs the default profile without LoRAs or the tiny VAE; "
-            "--profile, --lora, --vae and --scheduler serve from one process (without --ray)"
-        )
     if args.ray and args.max_width is not None:
         raise RiffusionError(
             "serve --ray runs its exports' widths; --max-width serves from one process (without --ray)"
-        )
-    if args.ray and args.precision in ("bf16", "int8"):
-        raise RiffusionError(
-            f"serve --ray's replicas run fp32 (or fp16 on cuda); --precision {args.precision} serves from "
-            "one process (without --ray)"
         )
     apply_profile(args)
     try:
@@ -245,6 +235,8 @@ def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
     )
     if args.address is None:
         bind(args.host, args.port).close()  # a bad or busy port fails before Ray starts
+    # The profile, LoRAs and VAE that apply_profile resolved: fused into the export made
+    # here, and run by every replica as this process would run them.
     spec = cluster.prepare(
         args.model,
         args.artifacts,
@@ -252,5 +244,13 @@ def _serve_cluster(args: argparse.Namespace, config: Any) -> None:
         device=args.device,
         precision=args.precision,
         cache_dir=args.cache_dir,
+        profile=args.profile,
+        loras=args.lora or (),
+        vae=args.vae,
+        scheduler=args.scheduler,
+        guidance=getattr(args, "guidance", None),
+        deep_cache=args.deep_cache,
     )
-    cluster.run(spec, config, options, address=args.address, host=args.host, port=args.port)
+    cluster.run(
+        spec, config, options, address=args.address, host=args.host, port=args.port, quiet=not args.verbose
+    )

@@ -79,35 +79,20 @@ def load(
             raise RiffusionError(
                 f"--max-width must be a multiple of 8 pixels, at least 64; got {max_width!r}"
             )
-    if artifacts is not None and profile is None:
-        profile = export_run_profile(Path(artifacts))
-    choices = resolve(
-        profile,
-        model=model or DEFAULT_MODEL,
-        device=device,
-        exported=artifacts is not None,
+    choices, backend, precision = _choices(
+        model,
+        artifacts=artifacts,
         backend=backend,
+        device=device,
         precision=precision,
+        loras=loras,
         vae=vae,
-        loras=list(loras),
-        int8=export_has_int8(Path(artifacts)) if artifacts is not None else None,
+        profile=profile,
+        deep_cache=deep_cache,
         scheduler=scheduler,
         steps=steps,
         guidance=guidance,
-        deep_cache=deep_cache,
-        export_branch=export_deep_cache_branch(Path(artifacts)) if artifacts is not None else False,
     )
-    if artifacts is not None and (choices.loras or choices.vae is not None):
-        raise RiffusionError(
-            "LoRAs and the tiny VAE are fused in at export: give them to `export`, not with an export"
-        )
-    backend, precision = choices.backend, choices.precision
-    backend = resolve_backend(backend, device)
-    if precision in ("bf16", "int8") and backend != "openvino":
-        raise RiffusionError(
-            f"{precision} is the openvino backend's precision (--backend openvino); the others run fp32 "
-            "or fp16"
-        )
     if model is not None and artifacts is not None:
         raise RiffusionError("give a model source or an export directory, not both")
     if backend == "torch":
@@ -140,13 +125,7 @@ def load(
         )
         engine.widen = "--max-width {width}"
         return engine
-    if backend == "openvino":
-        # OpenVINO compiles an openvino export's IR; bf16 is its arithmetic, set at compile
-        # time, and int8 an int8 export's UNet (made on first use where asked for).
-        if precision not in ("fp32", "bf16", "int8"):
-            raise RiffusionError(f"the openvino backend runs fp32, bf16 or int8, not {precision}")
-        options.setdefault("inference_precision", precision)
-        precision = "int8" if precision == "int8" else "fp32"
+    precision = _openvino_precision(backend, precision, options)
     from_model = artifacts is None
     if artifacts is None:
         artifacts = export_on_first_use(
@@ -166,6 +145,120 @@ def load(
     if from_model:
         engine.widen = "--max-width {width}"  # a wider export on first use
     return engine
+
+
+def _choices(
+    model: str | None,
+    *,
+    artifacts: str | Path | None,
+    backend: str,
+    device: str,
+    precision: str | None,
+    loras: Sequence[str | Lora],
+    vae: str | None,
+    profile: str | None,
+    deep_cache: str | DeepCache | None,
+    scheduler: str | None,
+    steps: int | None,
+    guidance: float | None,
+) -> tuple[Choices, str, str]:
+    """The profile's choices with the flags given, the backend they resolve to and its
+    precision; the combinations no backend runs are refused here."""
+    if artifacts is not None and profile is None:
+        profile = export_run_profile(Path(artifacts))
+    choices = resolve(
+        profile,
+        model=model or DEFAULT_MODEL,
+        device=device,
+        exported=artifacts is not None,
+        backend=backend,
+        precision=precision,
+        vae=vae,
+        loras=list(loras),
+        int8=export_has_int8(Path(artifacts)) if artifacts is not None else None,
+        scheduler=scheduler,
+        steps=steps,
+        guidance=guidance,
+        deep_cache=deep_cache,
+        export_branch=export_deep_cache_branch(Path(artifacts)) if artifacts is not None else False,
+    )
+    if artifacts is not None and (choices.loras or choices.vae is not None):
+        raise RiffusionError(
+            "LoRAs and the tiny VAE are fused in at export: give them to `export`, not with an export"
+        )
+    backend, precision = choices.backend, choices.precision
+    backend = resolve_backend(backend, device)
+    if precision in ("bf16", "int8") and backend != "openvino":
+        raise RiffusionError(
+            f"{precision} is the openvino backend's precision (--backend openvino); the others run fp32 "
+            "or fp16"
+        )
+    return choices, backend, precision
+
+
+def _openvino_precision(backend: str, precision: str, options: dict[str, Any]) -> str:
+    """The export's precision for ``precision`` on ``backend``: OpenVINO compiles an
+    openvino export's IR; bf16 is its arithmetic, set at compile time (``options``'
+    inference_precision), and int8 an int8 export's UNet (made on first use where asked for)."""
+    if backend != "openvino":
+        return precision
+    if precision not in ("fp32", "bf16", "int8"):
+        raise RiffusionError(f"the openvino backend runs fp32, bf16 or int8, not {precision}")
+    options.setdefault("inference_precision", precision)
+    return "int8" if precision == "int8" else "fp32"
+
+
+def export_for_replicas(
+    model: str | None,
+    *,
+    backend: str,
+    device: str,
+    precision: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    loras: Sequence[str | Lora] = (),
+    vae: str | None = None,
+    profile: str | None = None,
+    deep_cache: str | DeepCache | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> tuple[Path, Choices]:
+    """The export directory ``load(model, ...)`` with these arguments would export on
+    first use and run (exported now unless the cache has it), and the choices it runs
+    with: what a cluster's replicas load (``load(artifacts=...)`` with the choices' run
+    arguments), made once before any replica starts."""
+    check_device(device)
+    choices, backend, precision = _choices(
+        model,
+        artifacts=None,
+        backend=backend,
+        device=device,
+        precision=precision,
+        loras=loras,
+        vae=vae,
+        profile=profile,
+        deep_cache=deep_cache,
+        scheduler=scheduler,
+        steps=steps,
+        guidance=guidance,
+    )
+    if backend == "torch":
+        raise RiffusionError(
+            "the cluster's replicas load an export directory; the torch backend runs from a model "
+            "source: use --backend onnxruntime (or tensorrt, openvino)"
+        )
+    directory = export_on_first_use(
+        model or DEFAULT_MODEL,
+        backend=backend,
+        device=device,
+        precision=_openvino_precision(backend, precision, {}),
+        cache_dir=cache_dir,
+        seed=0,
+        progress=progress,
+        choices=choices,
+    )
+    return directory, choices
 
 
 def export_run_profile(directory: Path) -> str | None:

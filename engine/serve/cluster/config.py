@@ -127,12 +127,19 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What every replica loads: an export directory, its backend and device."""
+    """What every replica loads: an export directory, its backend and device, and what it
+    runs with (None: what the export's own run profile chooses on that node)."""
 
     artifacts: str
     backend: str
     device: str
     model: str  # what /health names
+    profile: str | None = None  # "default" or "realtime" (its scheduler, steps, guidance)
+    precision: str | None = None  # openvino's bf16 / int8, fp16 on cuda
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    deep_cache: str | None = None  # INTERVAL:BRANCH, or "0": off
 
     def check(self, config: ServerConfig | None = None) -> None:
         """The directory holds an export (on this node: every node needs it at this path)
@@ -156,4 +163,15 @@ class EngineSpec:
         options: dict[str, Any] = {}
         if threads and self.backend in ("onnxruntime", "openvino") and self.device == "cpu":
             options["threads"] = threads
-        return load(artifacts=self.artifacts, backend=self.backend, device=self.device, **options)
+        return load(
+            artifacts=self.artifacts,
+            backend=self.backend,
+            device=self.device,
+            profile=self.profile,
+            precision=self.precision,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance=self.guidance,
+            deep_cache=self.deep_cache,
+            **options,
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +28,73 @@ def prepare(
     *,
     backend: str,
     device: str,
-    precision: str,
+    precision: str | None,
     cache_dir: str | None,
+    profile: str | None = None,
+    loras: Sequence[str] = (),
+    vae: str | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    deep_cache: str | None = None,
 ) -> EngineSpec:
     """The engine every replica loads, exported here first where ``artifacts`` is not given
-    (before anything is deployed: no replica exports or builds engines at start-up)."""
+    (before anything is deployed: no replica exports or builds engines at start-up), with
+    the profile's LoRAs and VAE fused in; the replicas run what this process would run
+    (the profile's scheduler, steps, guidance, precision and DeepCache, or the flags')."""
     from ....export.models import DEFAULT_MODEL
     from ...runtime.backends import resolve_backend
-    from ...runtime.loading import export_on_first_use
+    from ...runtime.loading import export_for_replicas
 
-    backend = resolve_backend(backend, device)
-    if backend == "torch":
-        raise RiffusionError(
-            "the cluster's replicas load an export directory; the torch backend runs from a model "
-            "source: use --backend onnxruntime (or tensorrt, openvino)"
-        )
     if artifacts is None:
         source = model or DEFAULT_MODEL
-        directory = export_on_first_use(
+        directory, choices = export_for_replicas(
             source,
             backend=backend,
             device=device,
-            precision="fp32" if backend == "openvino" else precision,
+            precision=precision,
             cache_dir=cache_dir,
-            seed=0,
             progress=True,
+            loras=loras,
+            vae=vae,
+            profile=profile,
+            deep_cache=deep_cache,
+            scheduler=scheduler,
+            steps=steps,
+            guidance=guidance,
+        )
+        spec = EngineSpec(
+            str(Path(directory).resolve()),
+            resolve_backend(choices.backend, device),
+            device,
+            source,
+            profile=choices.profile.name,
+            precision=choices.precision,
+            scheduler=choices.scheduler,
+            steps=choices.steps,
+            guidance=choices.guidance,
+            deep_cache=str(choices.deep_cache) if choices.deep_cache is not None else "0",
         )
     else:
-        source, directory = artifacts, Path(artifacts)
-    spec = EngineSpec(str(Path(directory).resolve()), backend, device, source)
+        backend = resolve_backend(backend, device)
+        if backend == "torch":
+            raise RiffusionError(
+                "the cluster's replicas load an export directory; the torch backend runs from a model "
+                "source: use --backend onnxruntime (or tensorrt, openvino)"
+            )
+        # the export's run profile, and these flags over it, resolved on each replica's node
+        spec = EngineSpec(
+            str(Path(artifacts).resolve()),
+            backend,
+            device,
+            artifacts,
+            profile=profile,
+            precision=precision,
+            scheduler=scheduler,
+            steps=steps,
+            guidance=guidance,
+            deep_cache=deep_cache,
+        )
     spec.check()
     return spec
 
@@ -155,13 +194,17 @@ def deploy(
     port: int = 8000,
     name: str = APP_NAME,
     replica: type = EngineReplica,
+    quiet: bool = True,
 ) -> str:
-    """Deploy the application (waits until every replica is up); its base URL."""
+    """Deploy the application (waits until every replica is up); its base URL. ``quiet``:
+    Ray Serve logs warnings and errors only, without a line per request (its access log,
+    every /health included)."""
     from ray import serve
 
     spec.check(config)  # before anything is deployed
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    serve.run(build(spec, config, cluster, replica), name=name, route_prefix="/")
+    logs = {"log_level": "WARNING", "enable_access_log": False} if quiet else None
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly", logging_config=logs)
+    serve.run(build(spec, config, cluster, replica), name=name, route_prefix="/", logging_config=logs)
     return f"http://{host}:{port}"
 
 
@@ -173,6 +216,7 @@ def run(
     address: str | None,
     host: str,
     port: int,
+    quiet: bool = True,
 ) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM): then the application is deleted, and a
     local Ray started here is stopped, every process of it ended before this returns."""
@@ -180,7 +224,7 @@ def run(
 
     started = connect(address, host=host)
     try:
-        url = deploy(spec, config, cluster, host=host, port=port)
+        url = deploy(spec, config, cluster, host=host, port=port, quiet=quiet)
         shape = (
             f"{cluster.replicas} replica(s)"
             if cluster.replicas is not None
