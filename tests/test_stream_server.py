@@ -562,7 +562,7 @@ def test_clips_due_soonest_run_first_and_share_batches(torch_engine) -> None:
     assert first.future.result().shape == (512, 512, 3)  # a stream's job gives the image row
 
 
-def test_serve_scheduler_samples_every_request_and_stream_with_it(capsys) -> None:
+def test_serve_scheduler_samples_every_request_and_stream_with_it(tiny_export) -> None:
     """serve --scheduler tcd (a TCD LoRA's sampler): the web app's requests and /stream's
     clips run it; a client does not choose it."""
     from riffusion_engine.engine.cli import build_parser
@@ -595,7 +595,8 @@ def test_serve_scheduler_samples_every_request_and_stream_with_it(capsys) -> Non
         assert ready["type"] == "ready" and ready["scheduler"] == "tcd"
         clip, _ = receive(ws)
         assert clip["type"] == "clip"
-    from riffusion_engine.engine.cli import main
+    from riffusion_engine.engine.serve.cluster.config import EngineSpec
 
-    assert main(["serve", "--ray", "--model", "random:tiny", "--scheduler", "tcd"]) == 2
-    assert "--scheduler serve from one process" in capsys.readouterr().err  # --ray: the default's sampler
+    # serve --ray: every replica loads its export with the scheduler the command resolved
+    spec = EngineSpec(str(tiny_export[0]), "onnxruntime", "cpu", "random:tiny", scheduler="tcd")
+    assert spec.load(threads=1).scheduler == "tcd"
