@@ -83,9 +83,11 @@ def add_deep_cache_arg(p: argparse.ArgumentParser, *, export: bool = False) -> N
     )
 
 
-def add_variant_args(p: argparse.ArgumentParser) -> None:
-    """--profile, --lora and --vae."""
+def add_variant_args(p: argparse.ArgumentParser, *, export: bool = False) -> None:
+    """--profile, --lora and --vae (``export``: the export command's, which has no --artifacts)."""
     from ..runtime.profiles import PROFILES
+
+    default = "default" if export else "default, or with --artifacts the profile the export was made for"
 
     p.add_argument(
         "--profile",
@@ -96,8 +98,7 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
         + "); realtime: "
         + PROFILES["realtime"].summary()
         + ", with a few-step LoRA (a random one on the random: presets; a real checkpoint needs "
-        "--lora). Each flag given overrides its own part (default: default, or with --artifacts the "
-        "profile the export was made for)",
+        f"--lora). Each flag given overrides its own part (default: {default})",
     )
     p.add_argument(
         "--lora",

@@ -90,7 +90,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed of random presets (default: 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    add_variant_args(p)
+    add_variant_args(p, export=True)
     add_deep_cache_arg(p, export=True)
     p.set_defaults(func=run)
 
