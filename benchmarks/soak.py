@@ -12,8 +12,12 @@ The mix, in rounds until the time is up:
   stopped after a few clips (``stop``), or dropped (the socket closed without a word),
   in turn.
 
-(Streams run first in the batcher, earliest deadline first, so requests sent alongside
-them wait; the rounds give both their turn.)
+``--mix streams`` runs the web app and streams together instead: ``--streams`` streams
+play for the whole run (each told a clip began as it arrives, so the server keeps making
+clips), and one one-shot request at a time is sent beside them, every
+``--request-every`` seconds. Stream clips are due within seconds, so without a bound
+(``--stream-batches 0``: earliest deadline first alone) the requests wait behind them;
+the server's ``--stream-batches`` (passed through) bounds that wait.
 
 It reports the server's RSS (its process and children) every second: its peak against
 the most it held while starting (loading and warming up), and the peak after the first
@@ -175,6 +179,65 @@ def stream(soak: Soak, n: int, rng: random.Random, clips: int) -> None:
         soak.fail(kind="stream", error=f"{type(exc).__name__}: {exc}")
 
 
+def playing_stream(soak: Soak, n: int, rng: random.Random) -> None:
+    """A stream that plays until the run ends: 256-pixel clips of 2 steps, each told to
+    have begun as it arrives; then stopped."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = soak.url.replace("http", "ws", 1) + "/stream"
+    start = {"type": "start", "start": {"prompt": "lofi beat", "seed": rng.randrange(10**6)}, "width": 256}
+    try:
+        with connect(url, max_size=2**26, open_timeout=60) as ws:
+            ws.send(json.dumps({**start, "num_inference_steps": 2}))
+            with soak.lock:
+                soak.streams["opened"] += 1
+            while not soak.stop.is_set():
+                message = ws.recv(timeout=900)
+                if isinstance(message, bytes):
+                    continue
+                event = json.loads(message)
+                if event.get("type") == "error":
+                    soak.fail(kind="stream", error=event)
+                if event.get("type") == "clip":
+                    with soak.lock:
+                        soak.streams["clips"] += 1
+                    ws.send(json.dumps({"type": "played", "clip": event["index"]}))
+            ws.send(json.dumps({"type": "stop"}))
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    ws.recv(timeout=30)
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd is not None else None
+        if code != 1000:
+            soak.fail(kind="stream", close=code, reason=exc.rcvd.reason if exc.rcvd else "")
+        else:
+            with soak.lock:
+                soak.streams["stopped"] += 1
+    except Exception as exc:
+        soak.fail(kind="stream", error=f"{type(exc).__name__}: {exc}")
+
+
+def streams_and_requests(soak: Soak, args: argparse.Namespace) -> None:
+    """``--mix streams``: the streams play throughout; one request at a time beside them."""
+    import httpx
+
+    rng = random.Random(args.seed)
+    players = [
+        threading.Thread(target=playing_stream, args=(soak, i, random.Random(rng.randrange(2**32))))
+        for i in range(args.streams)
+    ]
+    for t in players:
+        t.start()
+    with httpx.Client(timeout=900) as client:
+        soak.stop.wait(5.0)  # the streams are running
+        while not soak.stop.is_set():
+            burst(soak, client, rng, 1)
+            soak.stop.wait(args.request_every)
+    for t in players:
+        t.join(900)
+
+
 def rounds(soak: Soak, args: argparse.Namespace) -> None:
     """Rounds until the time is up: bursts of every size from ``--max-batch`` down to 1,
     one after another; then ``--streams`` streams at once, with the next options, and a request
@@ -225,6 +288,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
     command += ["--host", "127.0.0.1", "--backend", args.backend, "--max-batch", str(args.max_batch)]
     # Dropped sockets hold their slot until the server notices: room for one each.
     command += ["--max-streams", str(2 * args.streams + 1), "--timeout", "900"]
+    command += ["--stream-batches", str(args.stream_batches)]
     command += ["--artifacts", args.artifacts] if args.artifacts else ["--model", args.model]
     if args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
@@ -295,6 +359,16 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="how long the mix runs (default: 5)")
     p.add_argument("--streams", type=int, default=2, help="stream clients at once (default: 2)")
     p.add_argument("--stream-clips", type=int, default=3, help="clips each stream takes (default: 3)")
+    p.add_argument(
+        "--mix", choices=("rounds", "streams"), default="rounds", help="the work (default: rounds)"
+    )
+    p.add_argument(
+        "--request-every",
+        type=float,
+        default=2.0,
+        help="--mix streams: seconds between requests (default: 2)",
+    )
+    p.add_argument("--stream-batches", type=int, default=3, help="the server's --stream-batches (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=3600.0, help="seconds (default: 3600)")
     p.add_argument("--json", default="soak.json", help="where the report goes (default: soak.json)")
@@ -323,7 +397,8 @@ def main() -> None:
         began = time.monotonic()
         soak = Soak(url, began)
         rss: list[tuple[float, float]] = [(0.0, warm)]
-        clients = [threading.Thread(target=rounds, args=(soak, args))]
+        work = rounds if args.mix == "rounds" else streams_and_requests
+        clients = [threading.Thread(target=work, args=(soak, args))]
         for t in clients:
             t.start()
         while time.monotonic() - began < args.minutes * 60:
@@ -358,7 +433,9 @@ def main() -> None:
             "model": args.artifacts or args.model,
             "backend": args.backend,
             "max_batch": args.max_batch,
+            "stream_batches": args.stream_batches,
         },
+        "mix": args.mix,
         "minutes": args.minutes,
         "startup_s": startup_s,
         "rss_gib": {
@@ -376,6 +453,7 @@ def main() -> None:
             "first_s": soak.latencies[0][1] if soak.latencies else None,
             "p50_s": p50,
             "p99_s": p99,
+            "max_s": max(seconds) if seconds else None,
             "mean_s": statistics.fmean(seconds) if seconds else None,
             "by_batch": {
                 str(b): len([1 for _, _, n in soak.latencies if n == b]) for b in range(1, args.max_batch + 1)
@@ -398,7 +476,10 @@ def main() -> None:
         "of the peak within them"
     )
     if seconds:
-        print(f"one-shot: {len(seconds)} answers, first {seconds[0]:.2f} s, p50 {p50:.2f} s, p99 {p99:.2f} s")
+        print(
+            f"one-shot: {len(seconds)} answers, first {seconds[0]:.2f} s, p50 {p50:.2f} s, p99 {p99:.2f} s, "
+            f"max {max(seconds):.2f} s"
+        )
     print(f"streams: {soak.streams}; failures: {len(soak.failures)}")
     for failure in soak.failures[:20]:
         print("  ", failure)

@@ -562,6 +562,31 @@ def test_clips_due_soonest_run_first_and_share_batches(torch_engine) -> None:
     assert first.future.result().shape == (512, 512, 3)  # a stream's job gives the image row
 
 
+def test_a_one_shot_request_waits_for_at_most_stream_batches_of_clips(torch_engine) -> None:
+    """Busy streams: six clips all due before a one-shot request, one batch each. Earliest
+    deadline first alone (``stream_batches`` 0) runs the request last; with the bound it
+    runs after ``stream_batches`` batches of clips, and the clips go on after it."""
+    from riffusion_engine.engine.serve.batcher import Batcher
+
+    for bound, expected in (
+        (0, ["clip"] * 6 + ["one-shot"]),
+        (3, ["clip"] * 3 + ["one-shot"] + ["clip"] * 3),
+    ):
+        config = ServerConfig(max_batch=1, batch_window_ms=0, timeout_s=300, stream_batches=bound)
+        batcher = Batcher(torch_engine, config)
+        order: list[str] = []
+        job = batcher.submit(Request(PromptInput("a", 1), steps=1, width=256))
+        job.future.add_done_callback(lambda f, order=order: order.append("one-shot"))
+        now = time.monotonic()
+        clips = [Request(PromptInput("b", i), steps=1, width=256) for i in range(6)]
+        for clip in batcher.submit_images(clips, [now + 1 + i for i in range(6)]):
+            clip.future.add_done_callback(lambda f, order=order: order.append("clip"))
+        batcher.start()
+        assert job.future.result(120).audio.shape[-1] > 0
+        batcher.close()
+        assert order == expected, (bound, order)
+
+
 def test_serve_scheduler_samples_every_request_and_stream_with_it(tiny_export) -> None:
     """serve --scheduler tcd (a TCD LoRA's sampler): the web app's requests and /stream's
     clips run it; a client does not choose it."""

@@ -36,6 +36,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--max-queue", type=int, default=32, help="most requests waiting or running (default: 32)")
     p.add_argument(
+        "--stream-batches",
+        type=int,
+        default=3,
+        help="batches of /stream clips that may run in a row while a one-shot request waits; then a "
+        "batch of one-shot requests runs (0: earliest deadline first alone; default: 3)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds before a request answers 504 (default: 300)"
     )
     p.add_argument("--max-steps", type=int, default=100, help="largest num_inference_steps (default: 100)")
@@ -175,6 +182,7 @@ def run(args: argparse.Namespace) -> None:
         stream_lifetime_s=args.stream_lifetime,
         stream_start_timeout_s=args.stream_start_timeout,
         max_unstarted_streams=args.max_unstarted_streams,
+        stream_batches=args.stream_batches,
         warm_up=args.warm_up,
     )
     if args.ray:

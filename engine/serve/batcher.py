@@ -124,6 +124,7 @@ class Batcher:
                 if wait <= 0:
                     for job in batch:
                         self._pending.remove(job)
+                    self.scheduler.taken(batch, self._pending)
                     return batch
                 self._cond.wait(wait)
 

@@ -32,6 +32,10 @@ class ServerConfig:
     stream_start_timeout_s: float = 10.0  # a socket without a valid start after this is closed (1008)
     max_unstarted_streams: int = 16  # most sockets waiting to start at once (they hold no stream slot)
     warm_up: bool = True  # run every stage and batch size once before /health answers
+    # Batches of stream clips that may run in a row while a one-shot request waits: then a
+    # batch of one-shot requests runs, whatever the clips' deadlines. 0: earliest deadline
+    # first alone (busy streams can hold a request back until its timeout).
+    stream_batches: int = 3
 
     def __post_init__(self) -> None:
         finite = math.isfinite
@@ -68,6 +72,7 @@ class ServerConfig:
                 "> 0 seconds",
                 finite(self.stream_start_timeout_s) and self.stream_start_timeout_s > 0,
             ),
+            ("stream_batches", "--stream-batches", ">= 0", self.stream_batches >= 0),
             (
                 "max_unstarted_streams",
                 "--max-unstarted-streams",

@@ -3,8 +3,14 @@ cost model behind the deadline estimate (``--degrade-steps``) and ``Retry-After`
 
 Earliest deadline first: the job due soonest runs first (a one-shot request is due at
 its arrival plus the timeout, a stream's clip when the clip before it ends playing),
-with the jobs that share its batch key, one-shot or stream, up to ``max_batch``. The
-costs are learned from the batches run: seconds per UNet step and for the rest of a
+with the jobs that share its batch key, one-shot or stream, up to ``max_batch``. Clips
+are due within seconds, so busy streams would hold a one-shot request back until its
+timeout: after ``stream_batches`` batches of clips only have run in a row while a
+one-shot request waited, the one-shot request due soonest leads the next batch. So a
+one-shot request at the head of the one-shot queue waits for at most the batch running
+when it came and ``stream_batches`` batches of clips; one with k batches of one-shot
+requests ahead of it, for (k + 1) x (stream_batches + 1) batches and the one running.
+The costs are learned from the batches run: seconds per UNet step and for the rest of a
 request, by image width."""
 
 from __future__ import annotations
@@ -55,21 +61,33 @@ class Scheduler:
         self.costs: dict[int, tuple[float, float]] = {}
         self.running_left = 0.0  # estimated seconds left in the batch being run
         self._steps_done = 0  # UNet steps the running batch has started
+        self.passed_over = 0  # batches of clips only taken in a row while a one-shot request waited
 
     # -- what runs next -----------------------------------------------------------
 
     def next_batch(self, pending: Sequence[Job], now: float, *, closing: bool) -> tuple[list[Job], float]:
         """The next batch from ``pending`` (not empty, none cancelled): the job due soonest
-        and up to max_batch - 1 others with its key (the soonest due first); and how many
+        (the one-shot request due soonest, once ``stream_batches`` batches of clips passed
+        one over) and up to max_batch - 1 others with its key (the soonest due first); and how many
         seconds to wait for others to join it (the batch window from that job's arrival),
         0 where it runs now (full, its window over, or the server closing)."""
-        first = min(pending, key=lambda j: (j.deadline, j.enqueued))
-        same = sorted((j for j in pending if j.key == first.key), key=lambda j: j.deadline)
-        batch = same[: self.config.max_batch]
+        waiting = [j for j in pending if not j.images_only]
+        limit = self.config.stream_batches
+        due = waiting if waiting and limit and self.passed_over >= limit else pending
+        first = min(due, key=lambda j: (j.deadline, j.enqueued))
+        same = sorted((j for j in pending if j.key == first.key and j is not first), key=lambda j: j.deadline)
+        batch = [first, *same][: self.config.max_batch]
         remaining = first.enqueued + self.config.batch_window_ms / 1000 - now
         if len(batch) >= self.config.max_batch or remaining <= 0 or closing:
             return batch, 0.0
         return batch, remaining
+
+    def taken(self, batch: Sequence[Job], pending: Sequence[Job]) -> None:
+        """``batch`` leaves the queue to run; ``pending`` is what stays queued."""
+        if any(not j.images_only for j in batch):
+            self.passed_over = 0
+        elif any(not j.images_only for j in pending):
+            self.passed_over += 1
 
     def retry_after(self, slots: int) -> int:
         """Seconds until one more request would find a slot, where ``slots`` are taken."""
