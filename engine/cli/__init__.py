@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...kernels.errors import RiffusionError
+from ..runtime.interrupts import interrupt, unwinding
 from . import (
     audio_to_image,
     bench,
@@ -124,12 +125,6 @@ def _quiet_third_parties() -> None:
 # After SIGINT or SIGTERM the main thread unwinds (KeyboardInterrupt) when it next runs
 # Python: a native call (a UNet call over a very wide clip) can hold it for minutes.
 GRACE_S = 3.0
-_unwinding = threading.Event()
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    _unwinding.set()
-    raise KeyboardInterrupt
 
 
 class _Watchdog:
@@ -161,7 +156,7 @@ class _Watchdog:
                 return  # closed: the command ended
             if stopping & set(received):
                 break
-        if _unwinding.wait(GRACE_S):
+        if unwinding.wait(GRACE_S):
             return
         print(
             f"riffusion-engine {self.command}: interrupted (during a computation that cannot stop "
@@ -208,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     watchdog = None
     handles_signals = args.command == "serve" and not args.ray
     if not handles_signals and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, _terminate)
+        previous = signal.signal(signal.SIGTERM, interrupt), signal.signal(signal.SIGINT, interrupt)
         if argv is None:  # its own process: a signal in a long native call ends it
-            _unwinding.clear()
+            unwinding.clear()
             watchdog = _Watchdog(args.command)
     try:
         func(args)

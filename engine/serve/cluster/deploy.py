@@ -31,7 +31,7 @@ def prepare(
     precision: str | None,
     cache_dir: str | None,
     profile: str | None = None,
-    loras: Sequence[str] = (),
+    loras: Sequence[Any] = (),  # PATH_OR_HUB_ID[:SCALE] strings or Lora
     vae: str | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
@@ -82,7 +82,7 @@ def prepare(
                 "the cluster's replicas load an export directory; the torch backend runs from a model "
                 "source: use --backend onnxruntime (or tensorrt, openvino)"
             )
-        # the export's run profile, and these flags over it, resolved on each replica's node
+        # the export's run profile (its LoRAs and VAE fused in), with these flags over it
         spec = EngineSpec(
             str(Path(artifacts).resolve()),
             backend,

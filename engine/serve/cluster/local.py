@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ....kernels.errors import RiffusionError
+from ...runtime.interrupts import interrupt
 from .config import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,11 @@ def _loopback_node() -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = constant
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _stop_on_sigterm() -> None:
     """``ray.init`` makes SIGTERM exit the process at once (``sys.exit(15)``); SIGTERM
     unwinds as Ctrl-C does instead, so the caller deletes its application and stops Ray."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def shutdown(grace_s: float = STOP_GRACE_S) -> None:
