@@ -330,6 +330,24 @@ def test_a_clip_wider_than_memory_on_the_default_backend_is_one_line(tmp_path: P
     assert not list(tmp_path.glob("*.wav"))
 
 
+@pytest.mark.long
+def test_the_docs_realtime_export_runs_with_the_realtime_profile(tmp_path: Path) -> None:
+    """docs/cli.md and docs/performance.md: ``export --profile realtime -o DIR``, then
+    ``generate --artifacts DIR`` (with and without ``--profile realtime``): the export is
+    the one the profile runs (OpenVINO's IR), so both run it and say so."""
+    out = tmp_path / "tiny-realtime"
+    made = run("export", "--model", "random:tiny", "--profile", "realtime", "-o", str(out), timeout=900)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["target"] == "openvino"
+    for extra in ((), ("--profile", "realtime")):
+        clip = tmp_path / f"jazz{len(extra)}.wav"
+        result = run("generate", "jazz", "--artifacts", str(out), *extra, "-o", str(clip), timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        said = result.stdout.splitlines()[0]
+        assert said.startswith("profile realtime: lcm 4 steps, guidance off, backend openvino"), said
+        assert soundfile.info(clip).frames > 0
+
+
 def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path: Path) -> None:
     """--profile realtime --guidance 3: the export made on first use is guided (two UNet
     rows per clip), so the run it was made for is not refused."""
