@@ -379,9 +379,13 @@ def _load_checkpoint(path: Path, model_id: str) -> Components:
 
 def _no_weight_loading_bar() -> None:
     """transformers 5 draws a "Loading weights" bar for each model read from disk (a fraction
-    of a second, beside the engine's own output); its tqdm hook (a public API) leaves every
-    other bar, the hub's downloads included, as it is."""
+    of a second, beside the engine's own output); its tqdm hook (a public API since 5.x,
+    which 4.x has no such bar to need) leaves every other bar, the hub's downloads
+    included, as it is."""
     from transformers.utils import logging as transformers_logging
+
+    if not hasattr(transformers_logging, "set_tqdm_hook"):
+        return
 
     def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if kwargs.get("desc") == "Loading weights":
