@@ -147,15 +147,16 @@ class _Watchdog:
         import os
 
         stopping = {signal.SIGINT, signal.SIGTERM}  # (a library may handle others, SIGCHLD say)
-        while True:
-            try:
+        try:
+            while True:
                 received = os.read(self.read, 64)
-            except OSError:
-                return
-            if not received:
-                return  # closed: the command ended
-            if stopping & set(received):
-                break
+                if not received:  # closed: the command ended
+                    os.close(self.read)
+                    return
+                if stopping & set(received):
+                    break
+        except OSError:
+            return
         if unwinding.wait(GRACE_S):
             return
         print(
