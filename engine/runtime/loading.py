@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +227,8 @@ def export_for_replicas(
 ) -> tuple[Path, Choices]:
     """The export directory ``load(model, ...)`` with these arguments would export on
     first use and run (exported now unless the cache has it), and the choices it runs
-    with: what a cluster's replicas load (``load(artifacts=...)`` with the choices' run
-    arguments), made once before any replica starts."""
+    with (their backend resolved): what a cluster's replicas load (``load(artifacts=...)``
+    with the choices' run arguments), made once before any replica starts."""
     check_device(device)
     choices, backend, precision = _choices(
         model,
@@ -243,11 +244,7 @@ def export_for_replicas(
         steps=steps,
         guidance=guidance,
     )
-    if backend == "torch":
-        raise RiffusionError(
-            "the cluster's replicas load an export directory; the torch backend runs from a model "
-            "source: use --backend onnxruntime (or tensorrt, openvino)"
-        )
+    check_replica_backend(backend)
     directory = export_on_first_use(
         model or DEFAULT_MODEL,
         backend=backend,
@@ -258,7 +255,16 @@ def export_for_replicas(
         progress=progress,
         choices=choices,
     )
-    return directory, choices
+    return directory, replace(choices, backend=backend)
+
+
+def check_replica_backend(backend: str) -> None:
+    """A cluster's replicas load an export directory, which the torch backend does not run."""
+    if backend == "torch":
+        raise RiffusionError(
+            "the cluster's replicas load an export directory; the torch backend runs from a model "
+            "source: use --backend onnxruntime (or tensorrt, openvino)"
+        )
 
 
 def export_run_profile(directory: Path) -> str | None:

@@ -44,7 +44,7 @@ def prepare(
     (the profile's scheduler, steps, guidance, precision and DeepCache, or the flags')."""
     from ....export.models import DEFAULT_MODEL
     from ...runtime.backends import resolve_backend
-    from ...runtime.loading import export_for_replicas
+    from ...runtime.loading import check_replica_backend, export_for_replicas
 
     if artifacts is None:
         source = model or DEFAULT_MODEL
@@ -65,7 +65,7 @@ def prepare(
         )
         spec = EngineSpec(
             str(Path(directory).resolve()),
-            resolve_backend(choices.backend, device),
+            choices.backend,
             device,
             source,
             profile=choices.profile.name,
@@ -77,11 +77,7 @@ def prepare(
         )
     else:
         backend = resolve_backend(backend, device)
-        if backend == "torch":
-            raise RiffusionError(
-                "the cluster's replicas load an export directory; the torch backend runs from a model "
-                "source: use --backend onnxruntime (or tensorrt, openvino)"
-            )
+        check_replica_backend(backend)
         # the export's run profile (its LoRAs and VAE fused in), with these flags over it
         spec = EngineSpec(
             str(Path(artifacts).resolve()),
