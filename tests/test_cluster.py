@@ -161,6 +161,53 @@ def listening(processes: list) -> list[tuple[str, str, int]]:
     return found
 
 
+class ServeCommand:
+    """``riffusion-engine serve --ray ARGS`` as a user runs it, in its own process: its
+    output read line by line, ready once it says it serves random:tiny."""
+
+    def __init__(self, *args: str) -> None:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}  # the CLI sets it
+        command = [sys.executable, "-m", "riffusion_engine.engine.cli", "serve", "--ray", *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith("serving random:tiny"):
+                self.ready.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether it serves within ``timeout`` s (False at once where the command ended)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(1.0) and self.process.poll() is None and time.monotonic() < deadline:
+            pass
+        return self.ready.is_set()
+
+    def said(self, last: int = 40) -> str:
+        return "".join(self.lines[-last:])
+
+    def stop(self) -> None:
+        """SIGTERM, as a process manager stops it; its output read to the end."""
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(120)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        self.reader.join(30)
+
+
 def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path):
     """``riffusion-engine serve --ray --replicas 2 --model random:tiny`` as a user runs it:
     the export is made first, Ray starts locally, the original's request is answered, and
@@ -168,31 +215,16 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
     Ray Serve binds to every interface itself: each replica's inter-deployment gRPC
     server), and the command returns only once every process of Ray has ended. (First in
     this module: before the module's own Ray instance starts.)"""
-    import signal
-    import subprocess
-
     import psutil
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}  # the CLI sets it
-    command = [sys.executable, "-m", "riffusion_engine.engine.cli", "serve", "--ray", "--replicas", "2"]
-    command += ["--model", "random:tiny", "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("serving random:tiny"):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    port, cache = free_port(), str(tmp_path / "cache")
+    serving = ServeCommand(
+        "--replicas", "2", "--model", "random:tiny", "--port", str(port), "--cache-dir", cache
+    )  # fmt: skip
+    process = serving.process
     try:
-        assert ready.wait(600), "".join(lines[-40:])
-        assert f"2 replica(s)) on http://127.0.0.1:{port}" in "".join(lines)
+        assert serving.wait_ready(600), serving.said()
+        assert f"2 replica(s)) on http://127.0.0.1:{port}" in "".join(serving.lines)
         base = f"http://127.0.0.1:{port}"
         answer = post(base, ORIGINAL)
         assert answer.status_code == 200, answer.text
@@ -209,15 +241,9 @@ def test_the_command_serves_the_original_request_on_two_replicas(tmp_path: Path)
         replicas = [s for s in exposed if s[0].startswith("ray::ServeReplica:")]
         assert exposed == replicas and len(replicas) <= 3, exposed  # 2 engine replicas, the ingress
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    reader.join(30)
-    assert process.returncode == 130, "".join(lines[-40:])
-    assert lines[-1].strip() == "riffusion-engine serve: interrupted", "".join(lines[-40:])
+        serving.stop()
+    assert process.returncode == 130, serving.said()
+    assert serving.lines[-1].strip() == "riffusion-engine serve: interrupted", serving.said()
 
     def alive(p: psutil.Process) -> bool:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -236,61 +262,28 @@ def test_the_realtime_profile_serves_on_the_cluster_as_in_one_process(tmp_path: 
     guidance and precision, and answers the web app's request with the single-process
     server's audio over that export. Ray Serve says nothing per request (no access log
     line for /health). (Before the module's own Ray instance starts.)"""
-    import signal
-    import subprocess
-
     from threadpoolctl import threadpool_limits
 
     port, cache = free_port(), tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
-    command = [
-        sys.executable,
-        "-m",
-        "riffusion_engine.engine.cli",
-        "serve",
-        "--ray",
-        "--model",
-        "random:tiny",
-    ]
-    command += ["--profile", "realtime", "--port", str(port), "--cache-dir", str(cache)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("serving random:tiny"):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    serving = ServeCommand(
+        "--model", "random:tiny", "--profile", "realtime", "--port", str(port), "--cache-dir", str(cache)
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 900
-        while not ready.wait(1.0) and process.poll() is None and time.monotonic() < deadline:
-            pass
-        assert ready.is_set(), "".join(lines[-40:])  # (a refusal ends the command at once)
-        said = "".join(lines)
+        assert serving.wait_ready(900), serving.said()  # (a refusal ends the command at once)
+        said = "".join(serving.lines)
         assert "profile realtime: lcm 4 steps, guidance off, backend openvino" in said, said[-2000:]
         base = f"http://127.0.0.1:{port}"
-        served = len(lines)
+        served = len(serving.lines)
         for _ in range(3):
             assert httpx.get(f"{base}/health", timeout=30).status_code == 200
         answer = post(base, WAV, timeout=300)
         assert answer.status_code == 200, answer.text
         time.sleep(2.0)
-        after = "".join(lines[served:])
+        after = "".join(serving.lines[served:])
         assert "/health" not in after and "INFO" not in after, after
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    reader.join(30)
-    assert process.returncode == 130, "".join(lines[-40:])
+        serving.stop()
+    assert serving.process.returncode == 130, serving.said()
     (manifest,) = cache.glob("*/manifest.json")
     exported = json.loads(manifest.read_text())
     assert exported["run_profile"] == "realtime" and exported["model"]["vae"] != "own"  # the tiny VAE
