@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import socket
 import statistics
@@ -118,21 +119,17 @@ STREAM_OPTIONS = (
 )
 
 
-def stream(soak: Soak, n: int, rng: random.Random, clips: int) -> None:
-    """Stream ``n``: the ``n``-th options, steered after its first clip, its seed image
-    updated and paused and resumed after its second; stopped after ``clips`` clips
-    (even ``n``) or dropped (odd ``n``: the socket closed without a word)."""
+def listen(soak: Soak, start: dict[str, Any], *, clips: float, drop: bool = False, after: Any = None) -> None:
+    """One ``/stream`` listener: ``start`` sent, each clip told to have begun as it arrives
+    (then ``after(ws, clips_so_far)``), until ``clips`` clips or the run's end; then
+    stopped, or dropped (the socket closed without a word, as a closed laptop is)."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     url = soak.url.replace("http", "ws", 1) + "/stream"
-    options = STREAM_OPTIONS[n % len(STREAM_OPTIONS)]
-    start = {"type": "start", "start": {"prompt": "lofi beat", "seed": rng.randrange(10**6)}}
-    start["end"] = {"prompt": "string quartet", "seed": rng.randrange(10**6)}
-    drop = n % 2 == 1
     try:
         with connect(url, max_size=2**26, open_timeout=60) as ws:
-            ws.send(json.dumps({**start, **options}))
+            ws.send(json.dumps(start))
             with soak.lock:
                 soak.streams["opened"] += 1
             got = 0
@@ -149,16 +146,10 @@ def stream(soak: Soak, n: int, rng: random.Random, clips: int) -> None:
                 with soak.lock:
                     soak.streams["clips"] += 1
                 ws.send(json.dumps({"type": "played", "clip": event["index"]}))
-                if got == 1:
-                    when = ("now", "jump", "wrap")[n % 3]
-                    prompt = {"prompt": "bossa nova", "seed": rng.randrange(10**6)}
-                    ws.send(json.dumps({"type": "prompt", "prompt": prompt, "when": when}))
-                elif got == 2:
-                    ws.send(json.dumps({"type": "update", "seed_image_id": rng.choice(SEED_IMAGES)}))
-                    ws.send(json.dumps({"type": "pause"}))
-                    ws.send(json.dumps({"type": "resume"}))
+                if after is not None:
+                    after(ws, got)
             if drop:
-                ws.socket.close()  # gone without a word, as a closed laptop is
+                ws.socket.close()
                 with soak.lock:
                     soak.streams["dropped"] += 1
                 return
@@ -179,43 +170,31 @@ def stream(soak: Soak, n: int, rng: random.Random, clips: int) -> None:
         soak.fail(kind="stream", error=f"{type(exc).__name__}: {exc}")
 
 
-def playing_stream(soak: Soak, n: int, rng: random.Random) -> None:
-    """A stream that plays until the run ends: 256-pixel clips of 2 steps, each told to
-    have begun as it arrives; then stopped."""
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
+def stream(soak: Soak, n: int, rng: random.Random, clips: int) -> None:
+    """Stream ``n``: the ``n``-th options, steered after its first clip, its seed image
+    updated and paused and resumed after its second; stopped after ``clips`` clips
+    (even ``n``) or dropped (odd ``n``: the socket closed without a word)."""
+    options = STREAM_OPTIONS[n % len(STREAM_OPTIONS)]
+    start = {"type": "start", "start": {"prompt": "lofi beat", "seed": rng.randrange(10**6)}}
+    start["end"] = {"prompt": "string quartet", "seed": rng.randrange(10**6)}
 
-    url = soak.url.replace("http", "ws", 1) + "/stream"
-    start = {"type": "start", "start": {"prompt": "lofi beat", "seed": rng.randrange(10**6)}, "width": 256}
-    try:
-        with connect(url, max_size=2**26, open_timeout=60) as ws:
-            ws.send(json.dumps({**start, "num_inference_steps": 2}))
-            with soak.lock:
-                soak.streams["opened"] += 1
-            while not soak.stop.is_set():
-                message = ws.recv(timeout=900)
-                if isinstance(message, bytes):
-                    continue
-                event = json.loads(message)
-                if event.get("type") == "error":
-                    soak.fail(kind="stream", error=event)
-                if event.get("type") == "clip":
-                    with soak.lock:
-                        soak.streams["clips"] += 1
-                    ws.send(json.dumps({"type": "played", "clip": event["index"]}))
-            ws.send(json.dumps({"type": "stop"}))
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    ws.recv(timeout=30)
-    except ConnectionClosed as exc:
-        code = exc.rcvd.code if exc.rcvd is not None else None
-        if code != 1000:
-            soak.fail(kind="stream", close=code, reason=exc.rcvd.reason if exc.rcvd else "")
-        else:
-            with soak.lock:
-                soak.streams["stopped"] += 1
-    except Exception as exc:
-        soak.fail(kind="stream", error=f"{type(exc).__name__}: {exc}")
+    def steer(ws: Any, got: int) -> None:
+        if got == 1:
+            when = ("now", "jump", "wrap")[n % 3]
+            prompt = {"prompt": "bossa nova", "seed": rng.randrange(10**6)}
+            ws.send(json.dumps({"type": "prompt", "prompt": prompt, "when": when}))
+        elif got == 2:
+            ws.send(json.dumps({"type": "update", "seed_image_id": rng.choice(SEED_IMAGES)}))
+            ws.send(json.dumps({"type": "pause"}))
+            ws.send(json.dumps({"type": "resume"}))
+
+    listen(soak, {**start, **options}, clips=clips, drop=n % 2 == 1, after=steer)
+
+
+def playing_stream(soak: Soak, rng: random.Random) -> None:
+    """A stream that plays until the run ends (256-pixel clips of 2 steps); then stopped."""
+    prompt = {"prompt": "lofi beat", "seed": rng.randrange(10**6)}
+    listen(soak, {"type": "start", "start": prompt, "width": 256, "num_inference_steps": 2}, clips=math.inf)
 
 
 def streams_and_requests(soak: Soak, args: argparse.Namespace) -> None:
@@ -224,8 +203,8 @@ def streams_and_requests(soak: Soak, args: argparse.Namespace) -> None:
 
     rng = random.Random(args.seed)
     players = [
-        threading.Thread(target=playing_stream, args=(soak, i, random.Random(rng.randrange(2**32))))
-        for i in range(args.streams)
+        threading.Thread(target=playing_stream, args=(soak, random.Random(rng.randrange(2**32))))
+        for _ in range(args.streams)
     ]
     for t in players:
         t.start()
