@@ -266,19 +266,27 @@ def open_image(path: str | None, what: str) -> Any:
         raise RiffusionError(f"{what}: {exc}") from exc
 
 
+def _fewest_columns() -> int:
+    """The narrowest clip Griffin-Lim reconstructs at the default spectrogram parameters, in
+    8-pixel steps (any multiple of 8: what the torch backend takes)."""
+    from ...kernels.griffin_lim import GriffinLimOptions
+    from ...kernels.params import SpectrogramParams
+    from ..runtime.checks import fewest_columns
+
+    return fewest_columns(SpectrogramParams(), GriffinLimOptions(), 8)
+
+
 def check_width_arg(args: argparse.Namespace, *, first_use: bool = True) -> None:
     """``--width`` against the widest clip the engine flags allow, before anything is
     loaded or made (the engine checks the rest once loaded); with ``first_use``, against
     the narrowest clip of an export made on first use too (check_first_use_width)."""
-    from ...kernels.griffin_lim import GriffinLimOptions
-    from ...kernels.params import SpectrogramParams
-    from ..runtime.checks import fewest_columns, over_widest
+    from ..runtime.checks import over_widest
     from ..runtime.defaults import MAX_WIDTH
 
     width = args.width
     if width < 8 or width % 8:
         raise RiffusionError(f"--width must be a positive multiple of 8 pixels, got {width}")
-    fewest = fewest_columns(SpectrogramParams(), GriffinLimOptions(), 8)
+    fewest = _fewest_columns()
     if width < fewest:  # the engine's parameters are the defaults; its backend may take fewer pixels
         raise RiffusionError(
             f"--width {width} is below the narrowest clip: {fewest} pixels ({fewest / 100:g} s; the fewest "
@@ -308,19 +316,15 @@ def check_first_use_width(args: argparse.Namespace) -> None:
     """A --width below the narrowest clip of the export a backend other than torch makes on
     first use: one line saying what takes it, before that export is made."""
     from ...export.specs import NARROWEST
-    from ...kernels.griffin_lim import GriffinLimOptions
-    from ...kernels.params import SpectrogramParams
     from ..runtime.backends import resolve_backend
-    from ..runtime.checks import fewest_columns
 
     if args.artifacts is not None or args.width >= NARROWEST:
         return
     if resolve_backend(args.backend, args.device or "cpu") != "torch":
-        fewest = fewest_columns(SpectrogramParams(), GriffinLimOptions(), 8)
         raise RiffusionError(
             f"--width {args.width} is below the narrowest clip of the export made on first use: "
             f"{NARROWEST} pixels ({NARROWEST / 100:g} s); --backend torch takes clips down to "
-            f"{fewest} pixels, or export with --width {args.width} and run it with --artifacts"
+            f"{_fewest_columns()} pixels, or export with --width {args.width} and run it with --artifacts"
         )
 
 
