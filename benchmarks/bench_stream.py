@@ -25,7 +25,10 @@ default now) each N clips, at a random moment (seeded) of the clip playing. For 
 ``--widths`` clip width and ``--stream-buffers`` depth it reports ``prompt_to_ear_s`` (from
 sending a prompt to hearing the first clip that moves toward it, on the client's clock,
 and the server's own figure), the margin (audio seconds received per wall second) and
-the underruns after the first clip.
+the underruns after the first clip. ``--format opus`` has the stream sent as Opus, which
+the listener decodes (PyAV): the rows add the bytes received per second of audio and the
+latency Opus adds (the server's encoding, the decoding, the audio a chunk holds back for
+the next one's packets). ``benchmarks/bench_opus.py`` compares the formats in full.
 """
 
 from __future__ import annotations
@@ -131,6 +134,8 @@ STEER = Table(
         Column("p2e med", 8, ".2f"),
         Column("p2e p90", 8, ".2f"),
         Column("server med", 10, ".2f"),
+        Column("kbit/s", 7, ".0f"),
+        Column("added ms", 8, ".1f"),
     ],
     sep=" ",
 )
@@ -138,7 +143,15 @@ PROMPTS = ("church bells on sunday", "dub techno with a choir", "lofi hip hop be
 
 
 def run_listener(
-    engine: Any, *, width: int, steps: int, buffer: int, duration: float, every: int, when: str
+    engine: Any,
+    *,
+    width: int,
+    steps: int,
+    buffer: int,
+    duration: float,
+    every: int,
+    when: str,
+    audio_format: str = "pcm_s16le",
 ) -> dict[str, Any]:
     """One stream through the server to a real-time listener that steers every ``every``
     clips; what it heard."""
@@ -152,7 +165,15 @@ def run_listener(
     start = {"prompt": PROMPTS[0], "seed": 1, "guidance": engine.guidance}
     with background(app) as url, connect(url.replace("http://", "ws://") + "/stream") as ws:
         listener = Listener(ws)
-        listener.send({"type": "start", "start": start, "num_inference_steps": steps, "width": width})
+        listener.send(
+            {
+                "type": "start",
+                "start": start,
+                "num_inference_steps": steps,
+                "width": width,
+                "format": audio_format,
+            }
+        )
         ready = listener.next_event(600)
         if ready["type"] != "ready":
             raise SystemExit(f"bench_stream: the server refused the stream: {ready}")
@@ -187,6 +208,7 @@ def run_listener(
         "margin": listener.audio_s / wall,
         "underruns": listener.underruns,
         "prompts": len(listener.reactions),
+        "audio": listener.report(),  # format, bytes per second; Opus: the latency it adds
         "prompt_to_ear_s": client,
         "server_prompt_to_ear_s": server,
         "reactions": [
@@ -250,12 +272,20 @@ def main() -> None:
         help="clip widths, comma-separated; without --steer the rows run the first (default: 512)",
     )
     parser.add_argument(
+        "--format",
+        default="pcm_s16le",
+        choices=("pcm_s16le", "opus"),
+        help="with --steer: the stream's audio (default: pcm_s16le); opus adds bytes/s and latency",
+    )
+    parser.add_argument(
         "--stream-buffers", default="3", help="with --steer: the server's --stream-buffer values (default: 3)"
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.steer is not None and args.steer < 1:
         raise SystemExit("bench_stream: --steer takes a number of clips >= 1")
+    if args.format != "pcm_s16le" and args.steer is None:
+        raise SystemExit("bench_stream: --format is the listener's (--steer N); without it no audio is sent")
 
     from riffusion_engine import load
     from riffusion_engine.engine.runtime.cpu import cpu_features
@@ -340,7 +370,14 @@ def steer(engine: Any, args: argparse.Namespace) -> None:
             "bench_stream: --widths and --stream-buffers take integers, comma-separated"
         ) from None
     run_listener(
-        engine, width=widths[0], steps=args.steps, buffer=1, duration=1, every=1, when=args.when
+        engine,
+        width=widths[0],
+        steps=args.steps,
+        buffer=1,
+        duration=1,
+        every=1,
+        when=args.when,
+        audio_format=args.format,
     )  # warm-up
     rows = []
     print(STEER.header())
@@ -353,6 +390,7 @@ def steer(engine: Any, args: argparse.Namespace) -> None:
             duration=args.duration,
             every=args.steer,
             when=args.when,
+            audio_format=args.format,
         )
         rows.append(row)
         client, server = row["prompt_to_ear_s"] or {}, row["server_prompt_to_ear_s"] or {}
@@ -367,6 +405,8 @@ def steer(engine: Any, args: argparse.Namespace) -> None:
                 client.get("median_s", nan),
                 client.get("p90_s", nan),
                 server.get("median_s", nan),
+                row["audio"]["bytes_per_s"] * 8 / 1000,
+                row["audio"].get("added_latency_ms", 0.0),
             )
         )
     if args.json:
@@ -378,6 +418,7 @@ def steer(engine: Any, args: argparse.Namespace) -> None:
             "cpu_features": list(cpu_features()),
             "duration_s": args.duration,
             "steer_every_clips": args.steer,
+            "format": args.format,
             "rows": rows,
         }
         write_json(args.json, out)

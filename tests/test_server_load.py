@@ -168,6 +168,10 @@ def test_server_options_are_checked(torch_engine, tiny_export) -> None:
         ServerConfig(max_batch=0)
     with pytest.raises(RiffusionError, match="timeout_s"):
         ServerConfig(timeout_s=float("nan"))
+    with pytest.raises(
+        RiffusionError, match=r"--stream-opus-kbps \(stream_opus_kbps\) must be in 16..256, got 8"
+    ):
+        ServerConfig(stream_opus_kbps=8)
     exported = load(artifacts=tiny_export[0], backend="onnxruntime")
     with pytest.raises(RiffusionError, match="export with a larger --max-batch"):
         create_app(exported, ServerConfig(max_batch=exported.shape.max_batch + 1))

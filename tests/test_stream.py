@@ -4,6 +4,7 @@ crossfade written here, the walk's rules as the web app states them."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import time
 from pathlib import Path
@@ -389,7 +390,30 @@ def test_cli_stream_writes_the_duration_and_prints_the_margin(tmp_path: Path, ca
     audio, rate = sf.read(out)
     assert rate == 44100 and len(audio) == 12 * 44100
     assert "real-time margin" in stdout and "3 clips" in stdout
+    if importlib.util.find_spec("av") is not None:  # the serve extra's PyAV
+        _the_opus_file_decodes_to_the_wav(argv, audio, tmp_path)
     code, _, stderr = run_cli(*argv, "--duration", "0", "-o", str(tmp_path / "x.wav"))
     assert code == 2 and "--duration" in stderr and not (tmp_path / "x.wav").exists()
     code, _, stderr = run_cli("stream", "--start", "a", "--prompts", str(tmp_path / "none"), "-o", str(out))
     assert code == 2 and "--prompts" in stderr
+
+
+def _the_opus_file_decodes_to_the_wav(argv: tuple[str, ...], wav: np.ndarray, tmp_path: Path) -> None:
+    """``stream -o x.opus``: Ogg Opus that FFmpeg's own demuxer and decoder (PyAV) read as
+    the WAV's audio at 48 kHz, its length exactly and its mel spectrogram within 5 %."""
+    import av
+    from riffusion_engine.engine.tools.listener import against_pcm
+    from riffusion_engine.kernels.params import SpectrogramParams
+
+    out = tmp_path / "long.opus"
+    code, _, stderr = run_cli(*argv, "--backend", "torch", "--duration", "12", "--steps", "2", "-o", str(out))
+    assert code == 0, stderr
+    with av.open(str(out)) as container:
+        assert container.format.name == "ogg" and container.streams.audio[0].codec_context.name == "opus"
+        decoded = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=-1)
+    assert decoded.shape == (1, 12 * 48000)
+    pcm = (wav * 32768)[None]
+    found = against_pcm(decoded * 32768, pcm, SpectrogramParams(), [])
+    assert found["spectral_convergence"] <= 0.05, found
+    code, _, stderr = run_cli(*argv, "--opus-kbps", "8", "-o", str(tmp_path / "x.opus"))
+    assert code == 2 and "--opus-kbps" in stderr and not (tmp_path / "x.opus").exists()

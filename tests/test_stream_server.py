@@ -6,6 +6,7 @@ AudioContext."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import socket
@@ -480,12 +481,46 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path: Path) -> 
         assert toward["alpha"] == 1 and toward["prompt_to_ear_s"] > 0  # alpha_step 1: on its way, at once
         assert "heard" in page.inner_text("#now")
         assert not errors and not state["errors"], (errors, state["errors"])
-        # A width the server refuses: the page starts again at the seed image's.
+        # Chromium decodes Opus (WebCodecs): each chunk scheduled is the samples its event
+        # says it yields, in order through the rewind, with no jump where chunks meet.
+        state = page.evaluate("window.riffusionPlayer")
+        assert state["format"] == "opus" and "Opus at 104 kbit/s" in page.inner_text("#audio")
+        assert state["bytesPerSecond"] < 44100 * 2 / 6  # a sixth of PCM's bytes or less
+        events = {e["index"]: e for e in state["events"] if e["type"] == "clip"}  # the last of each
+        chunks = state["chunks"]
+        assert [c["index"] for c in chunks] == list(
+            range(chunks[0]["index"], chunks[0]["index"] + len(chunks))
+        )
+        assert all(c["count"] == events[c["index"]]["decoded"] for c in chunks)
+        own = _pcm_steps(url, prompt="a jazz pianist playing a concerto", seed=5)
+        assert max(abs(b["first"] - a["last"]) for a, b in itertools.pairwise(chunks)) <= own
+        # A width the server refuses: the page starts again at the seed image's. A browser
+        # without WebCodecs asks for PCM.
         other = browser.new_page()
+        other.add_init_script("delete window.AudioDecoder")
         other.goto(url + "/?steps=3&alpha_step=1&seed=6&width=100")
         other.click("#play")
         other.wait_for_function("window.riffusionPlayer.clips >= 1", timeout=120_000)
         assert other.evaluate("window.riffusionPlayer.width") == 512
+        assert other.evaluate("window.riffusionPlayer.format") == "pcm_s16le"
+        other.wait_for_function("document.querySelector('#audio').textContent.includes('16-bit PCM')")
+
+
+def _pcm_steps(url: str, **prompt: Any) -> float:
+    """The 99.9th percentile step between neighbouring samples (-1..1) of the PCM stream of
+    the page's start, resampled to Opus's 48 kHz: the oracle of a chunk join's jump."""
+    import soxr
+
+    with connect(ws_url(url)) as ws:
+        listener = Listener(ws)
+        listener.send(
+            json.loads(start(prompt["prompt"], alpha_step=1, width=256))
+            | {"start": {**prompt, "denoising": 0.75}, "seed_image_id": "og_beat"}
+        )
+        for _ in range(3):
+            listener.next_clip()
+    pcm = np.concatenate([np.frombuffer(a, "<i2") for _, a in listener.clips]) / 32768
+    return float(np.percentile(np.abs(np.diff(soxr.resample(pcm, 44100, 48000))), 99.9))
 
 
 @pytest.mark.skipif(

@@ -91,6 +91,13 @@ def add_parser(sub: Any) -> None:
         help="clips a stream makes ahead of its listener's playback (default: 3); deeper rides out slow "
         "clips and drops more work when a prompt steers now",
     )
+    p.add_argument(
+        "--stream-opus-kbps",
+        type=int,
+        default=104,
+        help="bitrate of an Opus /stream (a start message with format opus and no bitrate), in kbit/s "
+        "(16..256; default: 104, about 1/6.5 of 16-bit PCM's 706)",
+    )
     p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
     p.add_argument(
         "--stream-start-timeout",
@@ -183,6 +190,7 @@ def run(args: argparse.Namespace) -> None:
         stream_start_timeout_s=args.stream_start_timeout,
         max_unstarted_streams=args.max_unstarted_streams,
         stream_batches=args.stream_batches,
+        stream_opus_kbps=args.stream_opus_kbps,
         warm_up=args.warm_up,
     )
     if args.ray:

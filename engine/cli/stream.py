@@ -63,7 +63,19 @@ def add_parser(sub: Any) -> None:
     )
     add_engine_args(p)
     add_run_args(p)
-    p.add_argument("-o", "--output", required=True, help="output audio file (.wav .flac .ogg .mp3)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output audio file (.wav .flac .ogg .mp3, or .opus: Ogg Opus at 48 kHz, encoded as a "
+        "/stream's Opus is), written as the clips come",
+    )
+    p.add_argument(
+        "--opus-kbps",
+        type=int,
+        default=104,
+        help="a .opus output's bitrate in kbit/s (16..256; default: 104)",
+    )
     p.set_defaults(func=run)
 
 
@@ -107,13 +119,19 @@ def run(args: argparse.Namespace) -> None:
     apply_profile(args)
     from tqdm.auto import tqdm
 
-    from ...kernels.audio import audio_writer, check_audio_output
+    from ...kernels.audio import AUDIO_FORMATS, audio_writer
+    from ...kernels.files import check_output_path
     from ...kernels.params import SpectrogramParams
     from ..runtime.requests import PromptInput
     from ..stream import Stream, StreamSettings, clips_for
+    from ..stream.opus import check_bitrate, import_av, ogg_opus_writer
     from ..stream.settings import check_joins
 
-    out = check_audio_output(args.output)
+    out = check_output_path(args.output, [*AUDIO_FORMATS, ".opus"])
+    opus = out.suffix.lower() == ".opus"
+    if opus:
+        check_bitrate(args.opus_kbps * 1000, "--opus-kbps (in bits per second)")
+        import_av()
     if not math.isfinite(args.duration) or not 0 < args.duration <= 24 * 3600:
         raise RiffusionError(f"--duration must be in (0, 86400] seconds, got {args.duration}")
     with as_flags(**FLAGS):
@@ -150,7 +168,11 @@ def run(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     try:
         with (
-            audio_writer(out, rate, 2 if engine.params.stereo else 1) as write,
+            (
+                ogg_opus_writer(out, rate, engine.params.channels, args.opus_kbps * 1000)
+                if opus
+                else audio_writer(out, rate, engine.params.channels)
+            ) as write,
             Stream(
                 engine, start, end, settings=settings, seed_image=seed_image, mask=mask, max_clips=clips
             ) as stream,

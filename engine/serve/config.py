@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...kernels.errors import RiffusionError
 from ..runtime.defaults import STEPS as DEFAULT_STEPS  # the original API's default too
+from ..stream.opus import DEFAULT_BITRATE, MAX_BITRATE, MIN_BITRATE
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ServerConfig:
     # batch of one-shot requests runs, whatever the clips' deadlines. 0: earliest deadline
     # first alone (busy streams can hold a request back until its timeout).
     stream_batches: int = 3
+    stream_opus_kbps: int = (
+        DEFAULT_BITRATE // 1000
+    )  # an Opus stream's kbit/s unless its start message gives one
 
     def __post_init__(self) -> None:
         finite = math.isfinite
@@ -73,6 +77,12 @@ class ServerConfig:
                 finite(self.stream_start_timeout_s) and self.stream_start_timeout_s > 0,
             ),
             ("stream_batches", "--stream-batches", ">= 0", self.stream_batches >= 0),
+            (
+                "stream_opus_kbps",
+                "--stream-opus-kbps",
+                f"in {MIN_BITRATE // 1000}..{MAX_BITRATE // 1000}",
+                MIN_BITRATE <= self.stream_opus_kbps * 1000 <= MAX_BITRATE,
+            ),
             (
                 "max_unstarted_streams",
                 "--max-unstarted-streams",

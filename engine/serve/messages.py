@@ -13,6 +13,7 @@ from ..runtime.defaults import SEED_IMAGE
 from ..runtime.pipeline import Engine
 from ..runtime.requests import PromptInput
 from ..runtime.seeds import ID_PATTERN, SeedLibrary
+from ..stream.opus import MAX_BITRATE, MIN_BITRATE
 from .api import ApiPromptInput, JsonInt, prompt_input
 from .config import FieldError
 
@@ -34,6 +35,10 @@ class StartMessage(_Message):
     width: JsonInt | None = Field(None, ge=8)  # pixels per clip; None: the seed image's
     # The profile the client expects; the server runs one (serve --profile), and refuses another.
     profile: Literal["default", "realtime"] | None = None
+    # The audio frames' codec: 16-bit PCM, or Opus (48 kHz; its bits per second: bitrate,
+    # by default the server's --stream-opus-kbps).
+    format: Literal["pcm_s16le", "opus"] = "pcm_s16le"
+    bitrate: JsonInt | None = Field(None, ge=MIN_BITRATE, le=MAX_BITRATE)
 
 
 class PromptMessage(_Message):

@@ -53,6 +53,12 @@ class Metrics:
             registry=self.registry,
         )
         self.stream_clips = Counter("riffusion_stream_clips", "Clips sent to streams", registry=self.registry)
+        self.stream_audio_bytes = Counter(
+            "riffusion_stream_audio_bytes",
+            "Audio frame bytes sent to streams, by format (pcm_s16le, opus)",
+            ["format"],
+            registry=self.registry,
+        )
         self.stream_underruns = Counter(
             "riffusion_stream_underruns",
             "Stream clips ready after they were due to start playing",

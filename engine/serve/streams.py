@@ -6,7 +6,9 @@ The client sends JSON control messages; the first must be ``start``::
     {"type": "start", "start": {"prompt": "jazz", "seed": 1}, "end": {...} (optional),
      "seed_image_id": "og_beat", "mask_image_id": null, "num_inference_steps": 50,
      "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false,
-     "width": 256 (optional: the clip's pixels, 100 per second; the seed image's by default)}
+     "width": 256 (optional: the clip's pixels, 100 per second; the seed image's by default),
+     "format": "pcm_s16le" (the default) or "opus", "bitrate": 96000 (Opus only: bits per
+     second, 16000..256000; by default the server's --stream-opus-kbps)}
     {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}, "when": "wrap"}
         wrap (the default): the end from the next wrap; now: the clip after the one
         playing walks from where the music is to it (already at alpha_step); jump: that
@@ -21,17 +23,27 @@ The client sends JSON control messages; the first must be ``start``::
 Prompt inputs are the API's (``/run_inference/``'s ``start``/``end``) and are checked
 the same way. The server sends JSON events and binary audio:
 
-    {"type": "ready", "sample_rate": 44100, "channels": 1, "format": "pcm_s16le",
+    {"type": "ready", "format": "pcm_s16le", "sample_rate": 44100, "channels": 1, "bitrate": 705600,
      "profile": "realtime", "scheduler": "lcm", "steps": 4, "guidance": 1.0, ...}
+        (Opus: "format": "opus", "sample_rate": 48000, "bitrate": 96000, "frame_samples": 960,
+        "encoder_delay": 312, "source_sample_rate": 44100)
     {"type": "clip", "index": N, "start": {...}, "end": {...}, "alpha": 0.25, "start_s": ...,
      "samples": ..., "image": "data:image/jpeg;base64,...", "margin": 1.8, "ahead_s": 3.2,
      "behind": false, "prompt_to_ear_s": 2.4 (the first clip toward a prompt: from its message
      to when playback reaches this clip, for a client that plays audio as soon as it has it)}
-                        followed by one binary frame: the chunk's audio, 16-bit PCM
-                        little-endian, channels interleaved, to play right after the last
+                        followed by one binary frame: the chunk's audio, to play right after
+                        the last. PCM: 16-bit little-endian samples, channels interleaved.
+                        Opus: "packets": K whole Opus packets, each as its length (16-bit
+                        little-endian) and its bytes; they yield "decoded" samples of the
+                        stream's audio (samples: the chunk's own length at 48 kHz; the rest
+                        comes with the next chunk's packets, the last chunk's all and more:
+                        drop that padding). "pre_skip": P on the first chunk and on the first
+                        after a rewind: a new encoder run; decode it with a new decoder (no
+                        OpusHead) and drop its first P samples (docs/streams.md)
     {"type": "rewind", "after": N}   a steer dropped the clips after N: drop their audio (not
                                      yet playing); the next chunk is clip N + 1 again, to
-                                     play right after clip N
+                                     play right after clip N (Opus: after what clip N's
+                                     packets yielded; the next chunk starts a new run)
     {"type": "behind", "index": N, "late_s": 0.4}   the clip was ready after it was due
     {"type": "error", "field": "start.prompt", "message": "..."}   a refused message; the stream goes on
     {"type": "stopped", "reason": "..."}   then the socket closes (1000)
@@ -80,6 +92,7 @@ from .messages import (
 from .metrics import Metrics
 from .playback import Playback
 from .scheduler import QueueFull
+from .stream_audio import stream_audio
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +202,7 @@ class _Session:
         self.send_lock = asyncio.Lock()  # a clip is sent whole before a steer, or dropped by it
         self.heard = Playback()  # the client's playback: clips sent and played, prompts on their way
         self.last_request: Any = None  # the request of the last clip sent
+        self.audio: Any = None  # the audio frames' format (stream_audio.PcmAudio or OpusAudio)
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.socket.send_text(json.dumps(payload))
@@ -292,6 +306,8 @@ class _Session:
         end = message_prompt(engine, "end", message.end) if message.end is not None else None
         seed_image = message_image(seeds, "seed_image_id", message.seed_image_id, "RGB")
         mask = message_image(seeds, "mask_image_id", message.mask_image_id, "L")
+        params = engine.params
+        self.audio = stream_audio(message, config, params.sample_rate, params.channels)
         width = seed_image.width
         if message.width is not None:
             width = message_width(engine, message.width, seed_image.width, message.seed_image_id)
@@ -336,9 +352,7 @@ class _Session:
         await self.send_json(
             {
                 "type": "ready",
-                "sample_rate": params.sample_rate,
-                "channels": 1,
-                "format": "pcm_s16le",
+                **self.audio.ready(),
                 "clip_s": clip_samples(self.stream.settings, params) / params.sample_rate,
                 "width": self.stream.settings.width,
                 "overlap_s": self.stream.overlap_samples / params.sample_rate,
@@ -388,9 +402,10 @@ class _Session:
             "type": "tail" if chunk.final else "clip",
             "index": chunk.index,
             "start_s": chunk.start_s,
-            "samples": int(chunk.audio.shape[-1]),
             "margin": round(margin, 3),
         }
+        fields, frame = await asyncio.to_thread(self.audio.encode, chunk)
+        event.update(fields)
         if not chunk.final:
             request = self.last_request = chunk.request
             event.update(
@@ -410,8 +425,8 @@ class _Session:
                 self.hub.metrics.stream_underruns.inc()
                 await self.send_json({"type": "behind", "index": chunk.index, "late_s": round(late, 3)})
         await self.send_json(event)
-        # channels interleaved, little-endian 16-bit
-        await self.socket.send_bytes(chunk.audio.T.astype("<i2").tobytes())
+        await self.socket.send_bytes(frame)
+        self.hub.metrics.stream_audio_bytes.labels(self.audio.format).inc(len(frame))
         self.heard.sent_clip(chunk.index, now, chunk.duration_s)
 
     async def _receive_controls(self) -> None:
@@ -482,6 +497,7 @@ class _Session:
                     keep = self.heard.playing_at(time.monotonic() + REWIND_MARGIN_S + (make or 0.0))
                     await asyncio.to_thread(stream.queue, prompt, message.when, after=keep)
                     if keep < self.heard.sent:  # sent, not yet playing: the client drops them
+                        await asyncio.to_thread(self.audio.rewind, keep)
                         await self.send_json({"type": "rewind", "after": keep})
                         self.made_s -= self.heard.drop_after(keep)  # never heard
                     self.credit.set()  # a chunk waiting for credit is dropped now

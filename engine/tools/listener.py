@@ -5,7 +5,10 @@ names before they play, as the player page does. It measures
 what a listener hears: underruns (a chunk that came after the one before had ended) and,
 for each prompt it sends, the seconds from sending it to hearing the first clip that
 moves toward it (the server's ``prompt_to_ear_s``, measured on the client's side).
-``benchmarks/bench_stream.py --steer`` and the tests drive streams with it."""
+An Opus stream (``format: "opus"`` in its start message) is decoded with PyAV as it
+comes (a new decoder for each encoder run, its ``pre_skip`` dropped), and the listener
+counts the bytes received and the latency Opus adds. ``benchmarks/bench_stream.py
+--steer`` and the tests drive streams with it."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 
@@ -36,8 +40,11 @@ class Reaction:
 class Listener:
     """Listens to one ``/stream`` socket (a ``websockets.sync`` connection) in real time."""
 
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, ws: Any, *, decode: bool = True) -> None:
         self.ws = ws
+        # False: Opus frames are timed by the samples their events say they yield, not
+        # decoded (a load test's many listeners measure the server, not their own CPU)
+        self.decode = decode
         self.sample_rate = 44100
         self.channels = 1
         self.play_end: float | None = None  # when the audio received so far ends playing
@@ -49,6 +56,15 @@ class Listener:
         self.underruns = 0  # chunks after the first that came after the one before had ended
         self.cuts = 0  # rewinds that came after a dropped clip had begun playing
         self.audio_s = 0.0
+        self.format = "pcm_s16le"
+        self.bytes = 0  # audio frames' bytes received
+        self.frames = 0  # audio frames received
+        self.decode_s = 0.0  # seconds spent decoding Opus
+        self.encode_ms: list[float] = []  # each Opus chunk's encoding on the server (its event's)
+        self.held_ms: list[float] = []  # each Opus chunk: its audio that comes with the next chunk
+        self._decoder: Any = None
+        self._skip = 0  # samples the decoder's run still drops
+        self._decoded = np.zeros((0,), np.int16)  # decoded samples not yet yielded (interleaved)
 
     def tell(self) -> None:
         """Say ``played`` for the clips that have begun. Once the server has closed the
@@ -105,11 +121,70 @@ class Listener:
         self.events.append(event)
         if event["type"] == "ready":
             self.sample_rate, self.channels = event["sample_rate"], event["channels"]
+            self.format = event.get("format", "pcm_s16le")  # a server before Opus says none
         if event["type"] in ("clip", "tail"):
-            self._schedule(event, self.ws.recv(timeout=120.0))
+            frame = self.ws.recv(timeout=120.0)
+            self.bytes += len(frame)
+            self.frames += 1
+            self._schedule(event, self._decode(event, frame) if self.format == "opus" else frame)
         if event["type"] == "rewind":
             self._rewind(event["after"])
         return event
+
+    def _decode(self, event: dict[str, Any], frame: bytes) -> bytes:
+        """An Opus frame's packets decoded: the ``decoded`` samples it yields, as 16-bit PCM."""
+        import av
+
+        from ..stream.opus import opus_decoder, unpack
+
+        if "encode_ms" in event:
+            self.encode_ms.append(event["encode_ms"])
+        owed = sum(e["samples"] - e["decoded"] for e, _ in self.clips) + event["samples"] - event["decoded"]
+        self.held_ms.append(1000 * owed / self.sample_rate)
+        if not self.decode:
+            return bytes(2 * self.channels * event["decoded"])
+        began = time.perf_counter()
+        if "pre_skip" in event:  # a new encoder run: a new decoder
+            self._decoder, self._skip = opus_decoder(self.channels), event["pre_skip"]
+            self._decoded = np.zeros((0,), np.int16)
+        parts = [self._decoded]
+        for packet in unpack(frame):
+            for out in self._decoder.decode(av.Packet(packet)):
+                samples = out.to_ndarray().reshape(-1)  # s16, channels interleaved
+                drop = min(self._skip * self.channels, samples.size)
+                self._skip -= drop // self.channels
+                parts.append(samples[drop:])
+        decoded = np.concatenate(parts)
+        take = event["decoded"] * self.channels
+        if decoded.size < take:
+            raise ValueError(f"clip {event['index']}'s packets decode to {decoded.size} samples, not {take}")
+        self._decoded = decoded[take:]
+        self.decode_s += time.perf_counter() - began
+        return decoded[:take].astype("<i2").tobytes()
+
+    def report(self) -> dict[str, Any]:
+        """What the stream cost this listener: bytes per second of audio, and for Opus the
+        latency it adds to a chunk's first sample (the server's encoding, before the frame
+        leaves, and the decoding here) and the audio a chunk holds back for the next
+        chunk's packets (its playable audio ends that much before the clip's end)."""
+        out: dict[str, Any] = {
+            "format": self.format,
+            "frames": self.frames,
+            "bytes": self.bytes,
+            "audio_s": round(self.audio_s, 3),
+            "bytes_per_s": round(self.bytes / self.audio_s, 1) if self.audio_s else None,
+            "underruns": self.underruns,
+        }
+        if self.format == "opus" and self.frames:
+            encode, held = np.array(self.encode_ms or [0.0]), np.array(self.held_ms)
+            out.update(
+                encode_ms_p50=round(float(np.median(encode)), 2),
+                encode_ms_max=round(float(encode.max()), 2),
+                decode_ms_per_frame=round(1000 * self.decode_s / self.frames, 2),
+                held_ms_max=round(float(held.max()), 2),
+                added_latency_ms=round(float(encode.max()) + 1000 * self.decode_s / self.frames, 2),
+            )
+        return out
 
     def _seconds(self, audio: bytes) -> float:
         return len(audio) / 2 / self.channels / self.sample_rate
@@ -167,3 +242,31 @@ class Listener:
                     begins,
                     event["prompt_to_ear_s"],
                 )
+
+
+def against_pcm(decoded: np.ndarray, pcm: np.ndarray, params: Any, joins: list[int]) -> dict[str, float]:
+    """Opus's decoded audio (``(channels, samples)`` at 48 kHz) against the PCM stream's
+    (at ``params.sample_rate``): the mel spectral convergence of the decoded audio, back at
+    the PCM's rate, against the PCM's mel spectrogram; and at the PCM stream's joins
+    (``joins``: sample indices at its rate), the largest step between neighbouring decoded
+    samples, beside the 99.9th percentile of the resampled PCM's own steps."""
+    import soxr
+
+    from ...kernels.audio import spectrogram_from_waveform
+    from ...kernels.metrics import spectral_convergence
+    from ..stream.opus import RATE
+
+    rate = params.sample_rate
+    decoded = np.atleast_2d(decoded).astype(np.float32)
+    pcm = np.atleast_2d(pcm).astype(np.float32)
+    back = soxr.resample(decoded.T, RATE, rate).T[:, : pcm.shape[-1]]
+    if back.shape[-1] != pcm.shape[-1]:
+        raise ValueError(
+            f"the decoded audio has {back.shape[-1]} samples at {rate} Hz, the PCM {pcm.shape[-1]}"
+        )
+    sc = spectral_convergence(back, spectrogram_from_waveform(pcm, params), params)
+    resampled = soxr.resample(pcm.T, rate, RATE).T
+    step = float(np.percentile(np.abs(np.diff(resampled, axis=-1)), 99.9))
+    at = [round(j * RATE / rate) for j in joins if 0 < j < pcm.shape[-1]]
+    jump = max((float(np.abs(decoded[:, i] - decoded[:, i - 1]).max()) for i in at), default=0.0)
+    return {"spectral_convergence": sc, "join_jump_max": jump, "pcm_step_p999": step}

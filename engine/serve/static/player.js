@@ -1,6 +1,8 @@
 // The stream player: one WebSocket to /stream, gapless playback with Web Audio
 // (each chunk an AudioBuffer scheduled to start where the previous one ends), a
-// scrolling spectrogram, and a "falling behind" indicator. Settings come from the URL
+// scrolling spectrogram, and a "falling behind" indicator. The audio comes as Opus,
+// decoded by WebCodecs' AudioDecoder (one decoder per encoder run), where the browser
+// has it; else (or with ?format=pcm) as 16-bit PCM. Settings come from the URL
 // query, as in Riffusion's web app: ?steps=50&alpha_step=0.25&seed_image=og_beat&denoising=0.75&seed=N
 // (steps: the server's default, which its --max-steps bounds, unless given;
 // &profile=realtime: expect the server's realtime profile, whose steps and scheduler it runs;
@@ -21,6 +23,10 @@ const player = {
   reactions: [], // prompt_to_ear_s of each prompt: from sending it to hearing the music move
   errors: [],
   width: null, // the clip width the server runs (its ready event's)
+  format: null, // the audio's format, as the ready event says: "opus" or "pcm_s16le"
+  bytes: 0, // audio frames' bytes received
+  audioSeconds: 0, // seconds of audio received
+  chunks: [], // the last chunks scheduled: {index, count, first, last} (channel 0's first and last samples)
   state: "idle",
 };
 window.riffusionPlayer = player;
@@ -32,12 +38,26 @@ let context = null; // AudioContext
 let socket = null;
 let sampleRate = 44100;
 let channels = 1;
+let bitrate = 0; // the audio's bits per second (the ready event's)
 let nextTime = 0; // context time where the next chunk starts
 let pending = null; // the clip event whose audio frame comes next
 let segments = []; // {start, duration, index, image, told}
 let seed = number("seed", Math.floor(Math.random() * 1e6));
 let width = number("width", 256); // null once the server refused it: the seed image's width
 let ready = false;
+let format = "pcm_s16le"; // what this page asks for (sendStart): opus where WebCodecs decodes it
+let run = null; // Opus: the current encoder run's decoder {decoder, skip, parts, have, time}
+let waiting = []; // Opus: frames received, in order, waiting for their decoded samples
+
+// Opus where this browser's WebCodecs decodes it, else PCM (and ?format=pcm asks for PCM).
+const opusDecodes = (async () => {
+  if (query.get("format") === "pcm" || !("AudioDecoder" in window)) return false;
+  try {
+    return (await AudioDecoder.isConfigSupported({ codec: "opus", sampleRate: 48000, numberOfChannels: 1 })).supported;
+  } catch {
+    return false;
+  }
+})();
 
 function status(text) {
   el("status").textContent = text;
@@ -67,6 +87,9 @@ function finish(text) {
   }
   for (const s of segments) s.source.stop();
   if (context) context.close();
+  if (run && run.decoder.state !== "closed") run.decoder.close();
+  run = null;
+  waiting = [];
   socket = null;
   context = null;
   segments = [];
@@ -80,12 +103,16 @@ function finish(text) {
 }
 
 function start() {
-  context = new AudioContext({ sampleRate: 44100 });
+  // Opus decodes at 48 kHz, PCM comes at 44.1 kHz (the context plays either rate).
+  const opus = query.get("format") !== "pcm" && "AudioDecoder" in window;
+  context = new AudioContext({ sampleRate: opus ? 48000 : 44100 });
   player.state = "connecting";
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   socket = new WebSocket(`${scheme}//${location.host}/stream`);
   socket.binaryType = "arraybuffer";
-  socket.onopen = () => {
+  socket.onopen = async () => {
+    format = (await opusDecodes) ? "opus" : "pcm_s16le";
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
     sendStart();
     player.state = "playing";
     status("waiting for the first clip...");
@@ -106,6 +133,8 @@ function sendStart() {
     // ?profile=realtime or default: the profile this page expects (the server runs one)
     ...(query.has("profile") ? { profile: query.get("profile") } : {}),
     ...(width !== null ? { width } : {}),
+    format, // the server's --stream-opus-kbps, unless the URL gives ?bitrate= (bits per second)
+    ...(format === "opus" && query.has("bitrate") ? { bitrate: number("bitrate", 96000) } : {}),
   }));
 }
 
@@ -121,6 +150,8 @@ function onEvent(event) {
     player.width = event.width;
     sampleRate = event.sample_rate;
     channels = event.channels;
+    player.format = event.format;
+    bitrate = event.bitrate;
     player.profile = event.profile;
     el("profile").textContent = `profile ${event.profile}: ${event.scheduler}, ${event.steps} steps, ` +
       (event.guidance > 1 ? `guidance ${event.guidance}` : "guidance off");
@@ -169,6 +200,8 @@ function rewind(after) {
     }
   }
   segments = kept;
+  waiting = waiting.filter((f) => f.event.index <= after); // Opus: not yet decoded, not to be played
+  player.chunks = player.chunks.filter((c) => c.index <= after);
   const last = kept[kept.length - 1];
   nextTime = last ? last.start + last.duration : 0;
   player.rewinds = (player.rewinds || 0) + 1;
@@ -181,13 +214,99 @@ function behind(on) {
 function onAudio(data) {
   const event = pending;
   pending = null;
-  const pcm = new Int16Array(data);
-  const frames = pcm.length / channels;
-  const buffer = context.createBuffer(channels, frames, sampleRate);
-  for (let c = 0; c < channels; c++) {
-    const out = buffer.getChannelData(c);
-    for (let i = 0; i < frames; i++) out[i] = pcm[i * channels + c] / 32768;
+  player.bytes += data.byteLength;
+  if (format === "opus") {
+    decodeOpus(event, data);
+    return;
   }
+  const pcm = new Int16Array(data);
+  const count = pcm.length / channels;
+  const planes = [];
+  for (let c = 0; c < channels; c++) {
+    const out = new Float32Array(count);
+    for (let i = 0; i < count; i++) out[i] = pcm[i * channels + c] / 32768;
+    planes.push(out);
+  }
+  schedule(event, planes);
+}
+
+// An Opus frame: its packets (each a 16-bit little-endian length and the bytes) go to the
+// run's decoder; its audio is scheduled, in order, once "decoded" samples have come out.
+// A frame with pre_skip starts a new encoder run: a new decoder that drops that many samples
+// (configured without an OpusHead, so that WebCodecs drops none itself).
+function decodeOpus(event, data) {
+  if (event.pre_skip !== undefined) {
+    if (run && !waiting.some((f) => f.run === run)) run.decoder.close();
+    const r = { skip: event.pre_skip, parts: [], have: 0, time: 0 };
+    r.decoder = new AudioDecoder({
+      output: (audio) => decoded(r, audio),
+      error: (e) => finish(`the browser could not decode the stream's Opus: ${e.message}. Try ?format=pcm.`),
+    });
+    r.decoder.configure({ codec: "opus", sampleRate: 48000, numberOfChannels: channels });
+    run = r;
+  }
+  waiting.push({ event, need: event.decoded, run });
+  const view = new DataView(data);
+  for (let at = 0; at < data.byteLength; ) {
+    const size = view.getUint16(at, true);
+    run.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: run.time, data: new Uint8Array(data, at + 2, size) }));
+    run.time += 20000; // microseconds: 20 ms packets
+    at += 2 + size;
+  }
+  drain();
+}
+
+function decoded(r, audio) {
+  const n = audio.numberOfFrames;
+  const skip = Math.min(r.skip, n);
+  r.skip -= skip;
+  if (skip < n) {
+    const planes = [];
+    for (let c = 0; c < channels; c++) {
+      const plane = new Float32Array(n);
+      audio.copyTo(plane, { planeIndex: c, format: "f32-planar" });
+      planes.push(plane.subarray(skip));
+    }
+    r.parts.push(planes);
+    r.have += n - skip;
+  }
+  audio.close();
+  drain();
+}
+
+// Schedule the frames, in order, whose samples have been decoded.
+function drain() {
+  while (waiting.length && waiting[0].run.have >= waiting[0].need) {
+    const { event, need, run: r } = waiting.shift();
+    const planes = [];
+    for (let c = 0; c < channels; c++) planes.push(new Float32Array(need));
+    for (let got = 0; got < need; ) {
+      const part = r.parts[0];
+      const take = Math.min(part[0].length, need - got);
+      for (let c = 0; c < channels; c++) planes[c].set(part[c].subarray(0, take), got);
+      if (take === part[0].length) r.parts.shift();
+      else r.parts[0] = part.map((p) => p.subarray(take));
+      got += take;
+    }
+    r.have -= need;
+    // a run before a rewind: closed once its kept frames are out
+    if (r !== run && !waiting.some((f) => f.run === r) && r.decoder.state !== "closed") r.decoder.close();
+    if (context) schedule(event, planes);
+  }
+}
+
+// A chunk's samples (one Float32Array per channel) played right after the previous chunk.
+function schedule(event, planes) {
+  const count = planes[0].length;
+  player.audioSeconds += count / sampleRate;
+  player.bytesPerSecond = player.bytes / player.audioSeconds;
+  el("audio").textContent = `audio: ${player.format === "opus" ? `Opus at ${(bitrate / 1000).toFixed(0)} kbit/s` : "16-bit PCM"}, ` +
+    `${(player.bytesPerSecond / 1000).toFixed(1)} kB received per second of audio`;
+  if (!count) return;
+  player.chunks.push({ index: event ? event.index : -1, count, first: planes[0][0], last: planes[0][count - 1] });
+  if (player.chunks.length > 200) player.chunks.shift();
+  const buffer = context.createBuffer(channels, count, sampleRate);
+  for (let c = 0; c < channels; c++) buffer.copyToChannel(planes[c], c);
   const source = context.createBufferSource();
   source.buffer = buffer;
   source.connect(context.destination);
@@ -208,7 +327,7 @@ function onAudio(data) {
   }
   segments.push(segment);
   nextTime += buffer.duration;
-  player.samplesScheduled += frames;
+  player.samplesScheduled += count;
 }
 
 function frame() {
