@@ -40,9 +40,16 @@ prompt = st.fixed_dictionaries(
 # The documented messages, valid: cheap clips (1 step, 256 px on random:tiny).
 valid = st.one_of(
     st.builds(
-        lambda start, width: {"type": "start", "start": start, "num_inference_steps": 1, "width": width},
+        lambda start, width, audio: {
+            "type": "start",
+            "start": start,
+            "num_inference_steps": 1,
+            "width": width,
+            **audio,
+        },
         prompt,
         st.sampled_from([256, 512]),
+        st.sampled_from([{}, {"format": "opus"}, {"format": "opus", "bitrate": 32000}]),
     ),
     st.builds(
         lambda p, when: {"type": "prompt", "prompt": p, "when": when},
