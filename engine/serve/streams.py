@@ -7,7 +7,7 @@ The client sends JSON control messages; the first must be ``start``::
      "seed_image_id": "og_beat", "mask_image_id": null, "num_inference_steps": 50,
      "alpha_step": 0.25, "crossfade_s": 0.2, "continuation": false,
      "width": 256 (optional: the clip's pixels, 100 per second; the seed image's by default),
-     "format": "pcm_s16le" (the default) or "opus", "bitrate": 96000 (Opus only: bits per
+     "format": "pcm_s16le" (the default) or "opus", "bitrate": 104000 (Opus only: bits per
      second, 16000..256000; by default the server's --stream-opus-kbps)}
     {"type": "prompt", "prompt": {"prompt": "techno", "seed": 7}, "when": "wrap"}
         wrap (the default): the end from the next wrap; now: the clip after the one
@@ -25,7 +25,7 @@ the same way. The server sends JSON events and binary audio:
 
     {"type": "ready", "format": "pcm_s16le", "sample_rate": 44100, "channels": 1, "bitrate": 705600,
      "profile": "realtime", "scheduler": "lcm", "steps": 4, "guidance": 1.0, ...}
-        (Opus: "format": "opus", "sample_rate": 48000, "bitrate": 96000, "frame_samples": 960,
+        (Opus: "format": "opus", "sample_rate": 48000, "bitrate": 104000, "frame_samples": 960,
         "encoder_delay": 312, "source_sample_rate": 44100)
     {"type": "clip", "index": N, "start": {...}, "end": {...}, "alpha": 0.25, "start_s": ...,
      "samples": ..., "image": "data:image/jpeg;base64,...", "margin": 1.8, "ahead_s": 3.2,

@@ -134,7 +134,7 @@ function sendStart() {
     ...(query.has("profile") ? { profile: query.get("profile") } : {}),
     ...(width !== null ? { width } : {}),
     format, // the server's --stream-opus-kbps, unless the URL gives ?bitrate= (bits per second)
-    ...(format === "opus" && query.has("bitrate") ? { bitrate: number("bitrate", 96000) } : {}),
+    ...(format === "opus" && query.has("bitrate") ? { bitrate: number("bitrate", 104000) } : {}),
   }));
 }
 
