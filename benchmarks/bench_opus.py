@@ -74,7 +74,7 @@ def chunks_of(engine: Any, *, width: int, steps: int, duration: float) -> list[A
 def encoder_row(engine: Any, chunks: list[Any], bitrate: int) -> dict[str, Any]:
     """One stream's chunks through one Opus encoder, decoded back as a client does."""
     import av
-    from riffusion_engine.engine.stream.opus import OpusStream, opus_decoder
+    from riffusion_engine.engine.stream.opus import OpusStream, decoded_int16, opus_decoder
     from riffusion_engine.engine.tools.listener import against_pcm
 
     rate, channels = engine.params.sample_rate, engine.params.channels
@@ -95,7 +95,7 @@ def encoder_row(engine: Any, chunks: list[Any], bitrate: int) -> dict[str, Any]:
         parts = [rest]
         for packet in encoded.packets:
             for frame in decoder.decode(av.Packet(packet)):
-                y = frame.to_ndarray().reshape(-1, channels).T  # (channels, samples)
+                y = decoded_int16(frame).reshape(-1, channels).T  # (channels, samples)
                 drop = min(skip, y.shape[-1])
                 skip -= drop
                 parts.append(y[:, drop:])

@@ -123,6 +123,12 @@ def test_a_rewind_to_before_the_first_chunk_starts_again_and_bad_values_are_refu
             OpusStream(44100, 1, bad)
     with pytest.raises(RiffusionError, match="runs past its end"):
         unpack(b"\x05\x00abc")
+    # A rewind past the chunks kept is the caller's defect, not a user's error.
+    short = OpusStream(44100, 1, 64_000, keep=2)
+    for i in range(4):
+        short.encode(i, music(0.5, seed=i))
+    with pytest.raises(RuntimeError, match="cannot rewind to chunk 0"):
+        short.rewind(0)
 
 
 # -- through the server ----------------------------------------------------------------------

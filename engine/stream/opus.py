@@ -95,6 +95,18 @@ def opus_encoder(channels: int, bitrate: int) -> Any:
     return codec
 
 
+def decoded_int16(frame: Any) -> np.ndarray:
+    """A decoded PyAV audio frame's samples as int16, channels interleaved (libopus's
+    decoder gives s16; a float format is scaled)."""
+    samples = frame.to_ndarray()
+    if frame.format.is_planar:
+        samples = samples.T  # (samples, channels)
+    samples = samples.reshape(-1)
+    if samples.dtype.kind == "f":
+        return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+    return samples.astype(np.int16)
+
+
 def opus_decoder(channels: int) -> Any:
     """A libopus decoder (PyAV) with no OpusHead: it drops no samples itself."""
     av = import_av()
@@ -155,8 +167,9 @@ class OpusStream:
         self._run(0, 0)
 
     def _run(self, start: int, through: int) -> None:
-        """A new resampler and encoder whose input begins at stream position ``start`` (a
-        multiple of 160: a source position too) and whose listener has audio to ``through``."""
+        """A new resampler and encoder whose input begins at stream position ``start`` (on
+        the grid both rates share, so a source position too) and whose listener has audio
+        to ``through``."""
         import soxr
 
         self.resampler = soxr.ResampleStream(self.sample_rate, RATE, self.channels, dtype="float32")
@@ -221,15 +234,15 @@ class OpusStream:
         while self.marks and self.marks[-1][0] > after:
             self.marks.pop()
         if after < 0 or not self.marks:
-            if after >= 0:
-                raise RiffusionError(f"cannot rewind to chunk {after}: only {self.keep} chunks are kept")
+            if after >= 0:  # a caller's defect (a rewind keeps a recent chunk), not a user's
+                raise RuntimeError(f"cannot rewind to chunk {after}: only {self.keep} chunks are kept")
             self.in_samples = self.out_samples = 0
             self.history.clear()
             self._run(0, 0)
             return
         index, end, through = self.marks[-1]
         if index != after:
-            raise RiffusionError(f"cannot rewind to chunk {after}: it was not encoded")
+            raise RuntimeError(f"cannot rewind to chunk {after}: it was not encoded")
         self.in_samples, self.out_samples = end, round(end * RATE / self.sample_rate)
         audio = np.concatenate([a for _, a in self.history], axis=-1)  # (channels, samples)
         first = self.history[0][0]
@@ -241,7 +254,8 @@ class OpusStream:
         if source < first:  # no more history: as far back as it goes, on the grid
             source = -(-first // step_in) * step_in
             start = source // step_in * step_out
-        assert start <= through, "the history reaches back past the listener's position"
+        if start > through:
+            raise RuntimeError(f"cannot rewind to chunk {after}: the history kept begins after its end")
         while self.history and self.history[-1][0] >= end:
             self.history.pop()
         self._run(start, through)

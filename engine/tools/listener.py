@@ -135,7 +135,7 @@ class Listener:
         """An Opus frame's packets decoded: the ``decoded`` samples it yields, as 16-bit PCM."""
         import av
 
-        from ..stream.opus import opus_decoder, unpack
+        from ..stream.opus import decoded_int16, opus_decoder, unpack
 
         if "encode_ms" in event:
             self.encode_ms.append(event["encode_ms"])
@@ -150,7 +150,7 @@ class Listener:
         parts = [self._decoded]
         for packet in unpack(frame):
             for out in self._decoder.decode(av.Packet(packet)):
-                samples = out.to_ndarray().reshape(-1)  # s16, channels interleaved
+                samples = decoded_int16(out)  # channels interleaved
                 drop = min(self._skip * self.channels, samples.size)
                 self._skip -= drop // self.channels
                 parts.append(samples[drop:])

@@ -87,7 +87,9 @@ function finish(text) {
   }
   for (const s of segments) s.source.stop();
   if (context) context.close();
-  if (run && run.decoder.state !== "closed") run.decoder.close();
+  for (const r of new Set([run, ...waiting.map((f) => f.run)])) {
+    if (r && r.decoder.state !== "closed") r.decoder.close();
+  }
   run = null;
   waiting = [];
   socket = null;
@@ -107,12 +109,16 @@ function start() {
   const opus = query.get("format") !== "pcm" && "AudioDecoder" in window;
   context = new AudioContext({ sampleRate: opus ? 48000 : 44100 });
   player.state = "connecting";
+  player.bytes = 0;
+  player.audioSeconds = 0;
+  player.chunks = [];
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   socket = new WebSocket(`${scheme}//${location.host}/stream`);
   socket.binaryType = "arraybuffer";
+  const opened = socket;
   socket.onopen = async () => {
     format = (await opusDecodes) ? "opus" : "pcm_s16le";
-    if (!socket || socket.readyState !== WebSocket.OPEN) return;
+    if (socket !== opened || opened.readyState !== WebSocket.OPEN) return; // closed meanwhile
     sendStart();
     player.state = "playing";
     status("waiting for the first clip...");
@@ -299,6 +305,7 @@ function drain() {
 function schedule(event, planes) {
   const count = planes[0].length;
   player.audioSeconds += count / sampleRate;
+  if (!player.audioSeconds) return;
   player.bytesPerSecond = player.bytes / player.audioSeconds;
   el("audio").textContent = `audio: ${player.format === "opus" ? `Opus at ${(bitrate / 1000).toFixed(0)} kbit/s` : "16-bit PCM"}, ` +
     `${(player.bytesPerSecond / 1000).toFixed(1)} kB received per second of audio`;
