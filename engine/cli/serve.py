@@ -96,7 +96,7 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=104,
         help="bitrate of an Opus /stream (a start message with format opus and no bitrate), in kbit/s "
-        "(16..256; default: 104, about 1/6.5 of 16-bit PCM's 706)",
+        "(16..256; default: 104; 16-bit PCM is 706)",
     )
     p.add_argument("--stream-lifetime", type=float, default=3600.0, help="seconds a stream may last")
     p.add_argument(
