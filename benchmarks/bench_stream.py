@@ -26,7 +26,8 @@ default now) each N clips, at a random moment (seeded) of the clip playing. For 
 sending a prompt to hearing the first clip that moves toward it, on the client's clock,
 and the server's own figure), the margin (audio seconds received per wall second) and
 the underruns after the first clip. ``--format opus`` has the stream sent as Opus, which
-the listener decodes (PyAV): the rows add the bytes received per second of audio and the
+the listener decodes (PyAV): the rows add the bits received per second of audio kept
+(the clips a steer dropped were received too) and the
 latency Opus adds (the server's encoding, the decoding, the audio a chunk holds back for
 the next one's packets). ``benchmarks/bench_opus.py`` compares the formats in full.
 """

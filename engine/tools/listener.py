@@ -163,7 +163,8 @@ class Listener:
         return decoded[:take].astype("<i2").tobytes()
 
     def report(self) -> dict[str, Any]:
-        """What the stream cost this listener: bytes per second of audio, and for Opus the
+        """What the stream cost this listener: the bytes received per second of audio kept
+        (a steered stream's dropped clips cost bytes that no audio is kept for), and for Opus the
         latency it adds to a chunk's first sample (the server's encoding, before the frame
         leaves, and the decoding here) and the audio a chunk holds back for the next
         chunk's packets (its playable audio ends that much before the clip's end)."""
