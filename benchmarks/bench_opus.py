@@ -73,14 +73,12 @@ def chunks_of(engine: Any, *, width: int, steps: int, duration: float) -> list[A
 
 def encoder_row(engine: Any, chunks: list[Any], bitrate: int) -> dict[str, Any]:
     """One stream's chunks through one Opus encoder, decoded back as a client does."""
-    import av
-    from riffusion_engine.engine.stream.opus import OpusStream, decoded_int16, opus_decoder
+    from riffusion_engine.engine.stream.opus import OpusDecoding, OpusStream
     from riffusion_engine.engine.tools.listener import against_pcm
 
     rate, channels = engine.params.sample_rate, engine.params.channels
-    opus = OpusStream(rate, channels, bitrate)
+    opus, client = OpusStream(rate, channels, bitrate), OpusDecoding(channels)
     cpu, wall, held, out, size = 0.0, [], [], [], 0
-    decoder, skip, rest = None, 0, np.zeros((channels, 0), np.int16)
     owed = 0
     for chunk in chunks:
         c0, w0 = time.thread_time(), time.perf_counter()
@@ -90,18 +88,7 @@ def encoder_row(engine: Any, chunks: list[Any], bitrate: int) -> dict[str, Any]:
         size += sum(2 + len(p) for p in encoded.packets)
         owed += encoded.samples - encoded.decoded
         held.append(1000 * owed / 48000)
-        if encoded.pre_skip is not None:
-            decoder, skip = opus_decoder(channels), encoded.pre_skip
-        parts = [rest]
-        for packet in encoded.packets:
-            for frame in decoder.decode(av.Packet(packet)):
-                y = decoded_int16(frame).reshape(-1, channels).T  # (channels, samples)
-                drop = min(skip, y.shape[-1])
-                skip -= drop
-                parts.append(y[:, drop:])
-        y = np.concatenate(parts, axis=-1)
-        out.append(y[:, : encoded.decoded])
-        rest = y[:, encoded.decoded :]
+        out.append(client.frame(encoded.packets, encoded.decoded, encoded.pre_skip))
     pcm = np.concatenate([c.audio for c in chunks], axis=-1)
     seconds = pcm.shape[-1] / rate
     joins = list(np.cumsum([c.audio.shape[-1] for c in chunks[:-1]]))

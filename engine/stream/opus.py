@@ -32,7 +32,6 @@ import collections
 import contextlib
 import os
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +46,8 @@ FRAME = 960  # samples per packet: 20 ms
 ENCODER_DELAY = 312  # libopus's lookahead at 48 kHz (its pre-skip): 6.5 ms
 PRE_ROLL = 3840  # samples fed to a new run before the listener's position: 80 ms
 MIN_BITRATE, MAX_BITRATE = 16_000, 256_000  # bits per second, per channel pair
-DEFAULT_BITRATE = (
-    104_000  # 1/6.5 of 16-bit PCM's 706 kbit/s, mel spectral convergence <= 0.05 (docs/streams.md)
-)
+# 1/6.8 of 16-bit PCM's 706 kbit/s, mel spectral convergence <= 0.05 (docs/streams.md)
+DEFAULT_BITRATE = 104_000
 # Riffusion's audio holds nothing above its mel scale's top (10 kHz): Opus's super-wideband
 # band (12 kHz) spends the bits below it, not on fullband's 12-20 kHz.
 CUTOFF = 12000
@@ -74,11 +72,30 @@ def import_av() -> Any:
     return av
 
 
+def _layout(channels: int) -> str:
+    return "stereo" if channels == 2 else "mono"
+
+
+def _resample(resampler: Any, audio: np.ndarray, *, last: bool = False) -> np.ndarray:
+    """Source int16 ``(channels, samples)`` through a soxr stream: float32 ``(samples, channels)``
+    at 48 kHz, as much as the resampler gives back now (``last``: all the rest)."""
+    x = np.ascontiguousarray(np.atleast_2d(audio).T, dtype=np.float32) / 32768.0
+    return resampler.resample_chunk(x, last=last).reshape(-1, x.shape[1])
+
+
+def _audio_frame(samples: np.ndarray, pts: int) -> Any:
+    """float32 ``(samples, channels)`` at 48 kHz as a PyAV frame for the encoder."""
+    av = import_av()
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout=_layout(samples.shape[1]))
+    frame.sample_rate, frame.pts = RATE, pts
+    return frame
+
+
 def _configure(codec: Any, channels: int, bitrate: int) -> Any:
     """A libopus encoder's settings: 48 kHz float32 interleaved, libopus's defaults otherwise
     (20 ms frames, VBR, complexity 10, the "audio" application)."""
     codec.sample_rate = RATE
-    codec.layout = "stereo" if channels == 2 else "mono"
+    codec.layout = _layout(channels)
     codec.format = "flt"
     codec.bit_rate = bitrate
     codec.options = {"cutoff": str(CUTOFF)}
@@ -112,8 +129,44 @@ def opus_decoder(channels: int) -> Any:
     av = import_av()
     codec = av.CodecContext.create("libopus", "r")
     codec.sample_rate = RATE
-    codec.layout = "stereo" if channels == 2 else "mono"
+    codec.layout = _layout(channels)
     return codec
+
+
+class OpusDecoding:
+    """A ``/stream`` client's side of Opus (docs/streams.md#opus): a new decoder (no
+    OpusHead) at each frame that starts an encoder run, its first ``pre_skip`` samples
+    dropped (across frames if need be), then each frame's ``decoded`` samples in order;
+    what is left after the last frame is its padding."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.decoder: Any = None
+        self.skip = 0  # samples the run still drops
+        self.rest = np.zeros(0, np.int16)  # decoded, not yet yielded (channels interleaved)
+
+    def frame(self, packets: list[bytes], decoded: int, pre_skip: int | None) -> np.ndarray:
+        """One frame's packets: the ``decoded`` samples they yield, int16 ``(channels, decoded)``."""
+        av = import_av()
+        if pre_skip is not None:
+            self.decoder, self.skip, self.rest = opus_decoder(self.channels), pre_skip, np.zeros(0, np.int16)
+        if self.decoder is None:
+            raise RiffusionError("an Opus frame before any frame that starts a run (pre_skip)")
+        parts = [self.rest]
+        for packet in packets:
+            for out in self.decoder.decode(av.Packet(packet)):
+                samples = decoded_int16(out)
+                drop = min(self.skip * self.channels, samples.size)
+                self.skip -= drop // self.channels
+                parts.append(samples[drop:])
+        samples = np.concatenate(parts)
+        take = decoded * self.channels
+        if samples.size < take:
+            raise RiffusionError(
+                f"an Opus frame's packets decode to {samples.size // self.channels} samples, not {decoded}"
+            )
+        self.rest = samples[take:]
+        return samples[:take].reshape(-1, self.channels).T
 
 
 def pack(packets: list[bytes]) -> bytes:
@@ -163,7 +216,6 @@ class OpusStream:
         self.marks: collections.deque[tuple[int, int, int]] = collections.deque()
         # (source start, audio) of the chunks a rewind may go back into
         self.history: collections.deque[tuple[int, np.ndarray]] = collections.deque()
-        self.encoded_s = 0.0  # seconds spent encoding (resampling included)
         self._run(0, 0)
 
     def _run(self, start: int, through: int) -> None:
@@ -183,22 +235,15 @@ class OpusStream:
 
     def _feed(self, audio: np.ndarray, *, last: bool = False) -> None:
         """Source audio (int16 ``(channels, samples)``) through the resampler into whole frames."""
-        av = import_av()
-        x = np.ascontiguousarray(audio.T, dtype=np.float32) / 32768.0  # (samples, channels)
-        y = self.resampler.resample_chunk(x, last=last).reshape(-1, self.channels)
-        self.fifo = np.concatenate([self.fifo, y])
+        self.fifo = np.concatenate([self.fifo, _resample(self.resampler, audio, last=last)])
         if last and len(self.fifo) % FRAME:
             pad = FRAME - len(self.fifo) % FRAME  # the encoder's last frame is whole: the rest is padding
             self.fifo = np.concatenate([self.fifo, np.zeros((pad, self.channels), np.float32)])
         whole = len(self.fifo) // FRAME * FRAME
-        layout = "stereo" if self.channels == 2 else "mono"
         for at in range(0, whole, FRAME):
-            frame = av.AudioFrame.from_ndarray(
-                self.fifo[None, at : at + FRAME].reshape(1, -1), format="flt", layout=layout
+            self.pending.extend(
+                bytes(p) for p in self.encoder.encode(_audio_frame(self.fifo[at : at + FRAME], self.fed))
             )
-            frame.sample_rate = RATE
-            frame.pts = self.fed
-            self.pending.extend(bytes(p) for p in self.encoder.encode(frame))
             self.fed += FRAME
         self.fifo = self.fifo[whole:]
         if last:
@@ -206,7 +251,6 @@ class OpusStream:
 
     def encode(self, index: int, audio: np.ndarray, *, final: bool = False) -> Encoded:
         """Chunk ``index``'s audio as packets (``final``: the stream's last chunk)."""
-        began = time.perf_counter()
         audio = np.atleast_2d(audio)
         before = self.out_samples
         self.in_samples += audio.shape[-1]
@@ -225,7 +269,6 @@ class OpusStream:
             self.history.popleft()
         if any(len(p) > MAX_PACKET for p in encoded.packets):
             raise RiffusionError("an Opus packet is longer than a frame's 16-bit length field")
-        self.encoded_s += time.perf_counter() - began
         return encoded
 
     def rewind(self, after: int) -> None:
@@ -285,18 +328,15 @@ def ogg_opus_writer(
     av = import_av()
     check_bitrate(bitrate, "the Opus bitrate")
     resampler = soxr.ResampleStream(sample_rate, RATE, channels, dtype="float32")
-    layout = "stereo" if channels == 2 else "mono"
     fed = 0
 
     def encode(out: Any, stream: Any, audio: np.ndarray, last: bool = False) -> None:
         nonlocal fed
-        x = np.ascontiguousarray(np.atleast_2d(audio).T, dtype=np.float32) / 32768.0
-        y = resampler.resample_chunk(x, last=last).reshape(1, -1)
-        if y.size:
-            frame = av.AudioFrame.from_ndarray(y, format="flt", layout=layout)
-            frame.sample_rate, frame.pts = RATE, fed
-            fed += y.size // channels
-            out.mux(stream.encode(frame))  # PyAV cuts the frames to the encoder's 960 samples
+        y = _resample(resampler, audio, last=last)
+        if len(y):
+            # PyAV cuts the frames to the encoder's 960 samples
+            out.mux(stream.encode(_audio_frame(y, fed)))
+            fed += len(y)
         if last:
             out.mux(stream.encode(None))
 

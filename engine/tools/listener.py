@@ -60,11 +60,7 @@ class Listener:
         self.bytes = 0  # audio frames' bytes received
         self.frames = 0  # audio frames received
         self.decode_s = 0.0  # seconds spent decoding Opus
-        self.encode_ms: list[float] = []  # each Opus chunk's encoding on the server (its event's)
-        self.held_ms: list[float] = []  # each Opus chunk: its audio that comes with the next chunk
-        self._decoder: Any = None
-        self._skip = 0  # samples the decoder's run still drops
-        self._decoded = np.zeros((0,), np.int16)  # decoded samples not yet yielded (interleaved)
+        self._opus: Any = None  # stream.opus.OpusDecoding, for an Opus stream that is decoded
 
     def tell(self) -> None:
         """Say ``played`` for the clips that have begun. Once the server has closed the
@@ -133,41 +129,24 @@ class Listener:
 
     def _decode(self, event: dict[str, Any], frame: bytes) -> bytes:
         """An Opus frame's packets decoded: the ``decoded`` samples it yields, as 16-bit PCM."""
-        import av
+        from ..stream.opus import OpusDecoding, unpack
 
-        from ..stream.opus import decoded_int16, opus_decoder, unpack
-
-        if "encode_ms" in event:
-            self.encode_ms.append(event["encode_ms"])
-        owed = sum(e["samples"] - e["decoded"] for e, _ in self.clips) + event["samples"] - event["decoded"]
-        self.held_ms.append(1000 * owed / self.sample_rate)
         if not self.decode:
             return bytes(2 * self.channels * event["decoded"])
         began = time.perf_counter()
-        if "pre_skip" in event:  # a new encoder run: a new decoder
-            self._decoder, self._skip = opus_decoder(self.channels), event["pre_skip"]
-            self._decoded = np.zeros((0,), np.int16)
-        parts = [self._decoded]
-        for packet in unpack(frame):
-            for out in self._decoder.decode(av.Packet(packet)):
-                samples = decoded_int16(out)  # channels interleaved
-                drop = min(self._skip * self.channels, samples.size)
-                self._skip -= drop // self.channels
-                parts.append(samples[drop:])
-        decoded = np.concatenate(parts)
-        take = event["decoded"] * self.channels
-        if decoded.size < take:
-            raise ValueError(f"clip {event['index']}'s packets decode to {decoded.size} samples, not {take}")
-        self._decoded = decoded[take:]
+        if self._opus is None:
+            self._opus = OpusDecoding(self.channels)
+        audio = self._opus.frame(unpack(frame), event["decoded"], event.get("pre_skip"))
         self.decode_s += time.perf_counter() - began
-        return decoded[:take].astype("<i2").tobytes()
+        return audio.T.astype("<i2").tobytes()  # channels interleaved
 
     def report(self) -> dict[str, Any]:
         """What the stream cost this listener: the bytes received per second of audio kept
         (a steered stream's dropped clips cost bytes that no audio is kept for), and for Opus the
         latency it adds to a chunk's first sample (the server's encoding, before the frame
         leaves, and the decoding here) and the audio a chunk holds back for the next
-        chunk's packets (its playable audio ends that much before the clip's end)."""
+        chunk's packets (its playable audio ends that much before the clip's end; over the
+        chunks kept)."""
         out: dict[str, Any] = {
             "format": self.format,
             "frames": self.frames,
@@ -177,12 +156,15 @@ class Listener:
             "underruns": self.underruns,
         }
         if self.format == "opus" and self.frames:
-            encode, held = np.array(self.encode_ms or [0.0]), np.array(self.held_ms)
+            chunks = [e for e in self.events if e["type"] in ("clip", "tail")]
+            encode = np.array([e["encode_ms"] for e in chunks if "encode_ms" in e] or [0.0])
+            kept = [e for e, _ in self.clips]
+            held = 1000 * np.cumsum([e["samples"] - e["decoded"] for e in kept]) / self.sample_rate
             out.update(
                 encode_ms_p50=round(float(np.median(encode)), 2),
                 encode_ms_max=round(float(encode.max()), 2),
                 decode_ms_per_frame=round(1000 * self.decode_s / self.frames, 2),
-                held_ms_max=round(float(held.max()), 2),
+                held_ms_max=round(float(held.max()), 2) if held.size else 0.0,
                 added_latency_ms=round(float(encode.max()) + 1000 * self.decode_s / self.frames, 2),
             )
         return out
