@@ -25,7 +25,7 @@ const player = {
   width: null, // the clip width the server runs (its ready event's)
   format: null, // the audio's format, as the ready event says: "opus" or "pcm_s16le"
   bytes: 0, // audio frames' bytes received
-  audioSeconds: 0, // seconds of audio received
+  audioSeconds: 0, // seconds of audio received (the frames' own, before decoding)
   chunks: [], // the last chunks scheduled: {index, count, first, last} (channel 0's first and last samples)
   state: "idle",
 };
@@ -220,7 +220,15 @@ function behind(on) {
 function onAudio(data) {
   const event = pending;
   pending = null;
+  // What a listener costs: the bytes received per second of the audio they carry, counted
+  // as each frame arrives (before decoding; a rewind's dropped clips were received too).
   player.bytes += data.byteLength;
+  player.audioSeconds += (format === "opus" ? event.decoded : data.byteLength / 2 / channels) / sampleRate;
+  if (player.audioSeconds) {
+    player.bytesPerSecond = player.bytes / player.audioSeconds;
+    el("audio").textContent = `audio: ${player.format === "opus" ? `Opus at ${(bitrate / 1000).toFixed(0)} kbit/s` : "16-bit PCM"}, ` +
+      `${(player.bytesPerSecond / 1000).toFixed(1)} kB received per second of audio`;
+  }
   if (format === "opus") {
     decodeOpus(event, data);
     return;
@@ -304,11 +312,6 @@ function drain() {
 // A chunk's samples (one Float32Array per channel) played right after the previous chunk.
 function schedule(event, planes) {
   const count = planes[0].length;
-  player.audioSeconds += count / sampleRate;
-  if (!player.audioSeconds) return;
-  player.bytesPerSecond = player.bytes / player.audioSeconds;
-  el("audio").textContent = `audio: ${player.format === "opus" ? `Opus at ${(bitrate / 1000).toFixed(0)} kbit/s` : "16-bit PCM"}, ` +
-    `${(player.bytesPerSecond / 1000).toFixed(1)} kB received per second of audio`;
   if (!count) return;
   player.chunks.push({ index: event ? event.index : -1, count, first: planes[0][0], last: planes[0][count - 1] });
   if (player.chunks.length > 200) player.chunks.shift();
