@@ -92,6 +92,8 @@ def test_serve_refuses_a_batch_over_the_torch_bound() -> None:
 def test_the_server_runs_every_shape_before_it_is_ready(torch_engine, monkeypatch) -> None:
     """After the warm-up, a batch of three requests (the web app's, at 512) and a 256 px
     stream's clip run no shape that the warm-up did not already run."""
+    from collections import OrderedDict
+
     from fastapi.testclient import TestClient
     from riffusion_engine.engine.runtime.requests import PromptInput, Request
     from riffusion_engine.engine.runtime.seeds import seed_image
@@ -99,6 +101,8 @@ def test_the_server_runs_every_shape_before_it_is_ready(torch_engine, monkeypatc
     from riffusion_engine.engine.serve.config import ServerConfig
 
     calls = _spy(torch_engine, monkeypatch)
+    # A fresh server's prompt cache: another test's server may have warmed up this session's engine.
+    monkeypatch.setattr(torch_engine, "_embeddings", OrderedDict())
     ready = []
     app = create_app(torch_engine, ServerConfig(max_batch=3), on_event=lambda *event: ready.append(event))
     with TestClient(app) as client:
