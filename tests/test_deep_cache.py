@@ -107,7 +107,8 @@ def test_torch_equals_deepcache_on_diffusers(components, seed_image, interval, b
     both_modes(engine, components, interval, branch, seed_image)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.long)])
+@pytest.mark.long  # an export with the shallow stage per backend; the torch backend runs in every run
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_exported_backends_equal_deepcache_on_diffusers(components, seed_image, backend, tmp_path) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")

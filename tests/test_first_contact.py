@@ -350,6 +350,7 @@ def test_the_docs_realtime_export_runs_with_the_realtime_profile(tmp_path: Path)
         assert soundfile.info(clip).frames > 0
 
 
+@pytest.mark.long  # a first-use export in a subprocess
 def test_a_flag_that_overrides_the_profile_reaches_the_export_it_causes(tmp_path: Path) -> None:
     """--profile realtime --guidance 3: the export made on first use is guided (two UNet
     rows per clip), so the run it was made for is not refused."""

@@ -55,6 +55,7 @@ def test_first_use_makes_an_openvino_export(openvino_engine, cache) -> None:
     assert openvino_engine.backend.model_cache == directory / "openvino-cache"
 
 
+@pytest.mark.long  # one more export
 def test_an_unfused_onnx_export_still_runs(openvino_engine, torch_engine, tmp_path) -> None:
     """Exports made before the openvino target (unfused fp32 ONNX): compiled from ONNX."""
     from riffusion_engine.export.exporter import ExportConfig, export
