@@ -102,6 +102,7 @@ def test_a_failed_path_fails_the_command(monkeypatch, tmp_path: Path) -> None:
     assert [c["status"] for c in json.loads((tmp_path / "d.json").read_text())["checks"]] == ["ok", "failed"]
 
 
+@pytest.mark.long  # the server row: three realtime requests at once on the CPU
 def test_the_realtime_rows_need_cuda_and_their_logic_runs_on_the_cpu(tmp_path: Path) -> None:
     """doctor --device cuda has realtime-profile rows, skipped here naming what they need;
     the server row's code runs here on the CPU (torch fp32): three requests at once, each

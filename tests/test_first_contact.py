@@ -414,6 +414,7 @@ def test_what_names_nothing_or_cannot_be_written_is_one_line_before_anything_els
         assert not any(out.iterdir()), (argv, list(out.iterdir()))
 
 
+@pytest.mark.long  # commands as subprocesses, one with a fused LoRA
 def test_non_finite_weights_are_refused_and_a_non_finite_clip_is_never_written(tmp_path: Path) -> None:
     """A LoRA file holding NaN is refused, naming the flag and the weight; one whose finite
     weights overflow once fused makes NaN spectrograms, which the engine refuses instead of

@@ -133,6 +133,7 @@ def test_int8_runs_near_fp32_and_far_from_another_clip(int8_export) -> None:
         assert np.abs(b - a).mean() < 0.25 * np.abs(other - a).mean()
 
 
+@pytest.mark.long  # one more quantization; a corrupted weight is refused in every run
 def test_the_held_out_check_refuses_a_calibration_scaled_by_1e3(int8_export, calibration, tmp_path) -> None:
     scaled = replace(
         calibration,

@@ -508,6 +508,7 @@ def test_an_allocation_the_machine_cannot_make_is_one_clear_error() -> None:
         raise RuntimeError("shape mismatch")  # other failures pass through unchanged
 
 
+@pytest.mark.long  # an export at --max-batch 1
 def test_every_stage_call_fits_the_exports_batch_maximum_on_every_device(torch_engine, tmp_path) -> None:
     """A steered stream's blend encodes all its leaf texts in one batch, which can outnumber
     the text encoder's ``per_clip x max_batch`` rows; TensorRT refuses such a batch
