@@ -59,7 +59,6 @@ stops its work at the next UNet step.
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,8 +72,6 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import QueueFull
 from .stream_session import StreamSession
-
-log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code (RFC 6455 registry): the server is at capacity
 
