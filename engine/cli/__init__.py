@@ -186,6 +186,16 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _forget_unhandled_interrupt() -> None:
+    """The KeyboardInterrupt is handled: say so to CPython. A signal can land in code that
+    a library compiles with exec() (dataclasses build their methods so, on import): CPython
+    then records the KeyboardInterrupt as unhandled, even once it is caught, and a process
+    started with ``python -m`` ends by SIGINT (-2) instead of with the 130 returned. Each
+    exec() of a string clears that record as it begins; one that raises nothing leaves it
+    clear."""
+    exec("pass")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -217,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"riffusion-engine {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _forget_unhandled_interrupt()
         print(f"riffusion-engine {args.command}: interrupted", file=sys.stderr)
         if argv is None and args.command == "stream":  # its own process, its threads in native code
             _exit_now(130)
